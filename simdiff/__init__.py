@@ -1,0 +1,29 @@
+"""simdiff: depth pruning of causal language models with the SimDiff criterion and its baselines."""
+
+from simdiff.api import Calibration, PruneResult, prune, score
+from simdiff.criteria import CRITERIA, Options, get_criterion
+from simdiff.errors import SimdiffError
+from simdiff.model import find_decoder_layers, load_model
+from simdiff.save import save_model
+from simdiff.select import select_block, select_layers
+from simdiff.surgery import bypass_layers, remove_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CRITERIA",
+    "Calibration",
+    "Options",
+    "PruneResult",
+    "SimdiffError",
+    "bypass_layers",
+    "find_decoder_layers",
+    "get_criterion",
+    "load_model",
+    "prune",
+    "remove_layers",
+    "save_model",
+    "score",
+    "select_block",
+    "select_layers",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from simdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""The Python API behind each CLI command: score layers, prune a model and save it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
+from simdiff.data import batches, calibration_windows
+from simdiff.data.windows import Batch
+from simdiff.model.layers import find_decoder_layers
+from simdiff.model.load import load_model
+from simdiff.pipeline import (
+    ScoreResult,
+    Selection,
+    block_sizes_for,
+    choose_iterative,
+    choose_one_shot,
+    gather_evidence,
+    importance,
+    needs_of,
+)
+from simdiff.save import check_output_dir, provenance, save_model
+from simdiff.select import resolve_count
+from simdiff.surgery import remove_layers
+
+log = logging.getLogger(__name__)
+
+FREE_CRITERIA = [name for name, c in CRITERIA.items() if c.needs <= {LAYER_STATS}]
+
+
+@dataclass
+class Calibration:
+    """Where calibration windows come from."""
+
+    source: str = "wikitext2"
+    samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+    seed: int = 0
+    data_dir: str | None = None
+
+    def batches(self, tokenizer) -> list[Batch]:
+        windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)
+        return batches(windows, self.batch_size)
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did: the selection, every computed score, the kept layers and the output path."""
+
+    selection: Selection
+    scores: ScoreResult
+    kept_layers: list[int]
+    out: Path | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+def score(model, tokenizer, criteria: list[str], calibration: Calibration | None = None,
+          options: Options | None = None, block_sizes: tuple[int, ...] = ()) -> ScoreResult:
+    """Score every decoder layer of an in-memory model with each criterion (one pass per evidence kind)."""
+    from simdiff.pipeline import score_layers
+
+    calibration = calibration or Calibration()
+    for name in criteria:
+        get_criterion(name)
+    return score_layers(model, calibration.batches(tokenizer), criteria, options or Options(), block_sizes)
+
+
+def select_for_model(model, tokenizer, criterion: str, count: int, calibration: Calibration, options: Options,
+                     iterative: bool = False, keep_first: int = 0, keep_last: int = 0) -> tuple[Selection, ScoreResult]:
+    """Choose ``count`` layers with ``criterion``; also score every criterion the same pass gives for free."""
+    get_criterion(criterion)
+    calib_batches = calibration.batches(tokenizer)
+    reported = sorted({criterion, *FREE_CRITERIA}, key=list(CRITERIA).index)
+    evidence = gather_evidence(model, calib_batches, needs_of(reported), block_sizes_for(reported, [count]))
+    result = ScoreResult(evidence, options, {name: importance(name, evidence, options) for name in reported})
+    if iterative:
+        selection = choose_iterative(model, calib_batches, criterion, count, options, keep_first, keep_last)
+    else:
+        selection = choose_one_shot(criterion, evidence, count, options, keep_first, keep_last)
+    return selection, result
+
+
+def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio: float | None = None,
+          criterion: str = "simdiff", calibration: Calibration | None = None, options: Options | None = None,
+          iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "float32",
+          device: str | None = None, device_map: str | None = None, overwrite: bool = False) -> PruneResult:
+    """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``."""
+    calibration = calibration or Calibration()
+    options = options or Options()
+    get_criterion(criterion)
+    out_path = check_output_dir(out, overwrite)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
+    total = len(find_decoder_layers(model))
+    count = resolve_count(total, num_layers, ratio)
+    selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
+                                         iterative, keep_first, keep_last)
+    log.info("%s removes layers %s of %d", criterion, selection.removed, total)
+    kept = remove_layers(model, selection.removed)
+    metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
+                              iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype)
+    saved = save_model(model, tokenizer, out_path, metadata, overwrite=overwrite)
+    return PruneResult(selection, scores, kept, saved, metadata)
+
+
+def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, kept: list[int], total: int,
+                   calibration: Calibration, options: Options, **settings) -> dict:
+    """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores)."""
+    return {
+        "removed_layers": selection.removed,
+        "kept_layers": kept,
+        "criterion": selection.criterion,
+        "scores": {k: v.tolist() for k, v in scores.scores.items()},
+        "layer_map": {str(new): old for new, old in enumerate(kept)},
+        "base_model": model_name,
+        "num_layers_before": total,
+        "num_layers_after": len(kept),
+        "options": asdict(options),
+        "calibration": asdict(calibration),
+        "settings": settings,
+        "selection_steps": selection.steps,
+        "statistics": scores.to_dict()["statistics"],
+        **provenance(),
+    }

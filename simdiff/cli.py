@@ -1,0 +1,139 @@
+"""The ``simdiff`` command line: one subcommand per step of the pruning workflow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from simdiff.cli_options import (
+    add_calibration_options,
+    add_criterion_options,
+    add_model_options,
+    add_selection_options,
+    calibration_from,
+    options_from,
+)
+from simdiff.errors import SimdiffError
+from simdiff.progress import set_progress
+
+log = logging.getLogger("simdiff")
+
+
+# -- simdiff score -------------------------------------------------------------------------------------
+def add_score_command(subparsers) -> None:
+    parser = subparsers.add_parser("score", help="score every decoder layer with one or more criteria")
+    add_model_options(parser)
+    parser.add_argument("--criteria", default="simdiff,block_influence,angular_block,mssd,masd",
+                        help="comma-separated criterion names, or 'all'")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="also collect angular distances of blocks of this many layers")
+    parser.add_argument("--json", default=None, help="write scores and raw statistics to this JSON file")
+    parser.add_argument("--plot", default=None, help="write a PNG of the score profiles to this file")
+    add_calibration_options(parser)
+    add_criterion_options(parser)
+    parser.set_defaults(run=run_score)
+
+
+def parse_criteria(value: str) -> list[str]:
+    from simdiff.criteria import CRITERIA, get_criterion
+
+    names = list(CRITERIA) if value == "all" else [n.strip() for n in value.split(",") if n.strip()]
+    for name in names:
+        get_criterion(name)
+    return names
+
+
+def run_score(args: argparse.Namespace) -> None:
+    from simdiff.api import score
+    from simdiff.model import load_model
+    from simdiff.report.tables import format_score_table
+    from simdiff.save import provenance
+
+    criteria = parse_criteria(args.criteria)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map)
+    sizes = (args.block_size,) if args.block_size else ()
+    result = score(model, tokenizer, criteria, calibration_from(args), options_from(args), sizes)
+    print(format_score_table(result.scores))
+    document = {"model": args.model, "options": vars(options_from(args)),
+                "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        log.info("wrote %s", args.json)
+    if args.plot:
+        from simdiff.report.plots import plot_score_profiles
+
+        plot_score_profiles(result.scores, args.plot, title=f"layer scores: {args.model}")
+        log.info("wrote %s", args.plot)
+
+
+# -- simdiff prune -------------------------------------------------------------------------------------
+def add_prune_command(subparsers) -> None:
+    parser = subparsers.add_parser("prune", help="remove the least important decoder layers and save the model")
+    add_model_options(parser)
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_selection_options(parser)
+    add_calibration_options(parser)
+    add_criterion_options(parser)
+    parser.set_defaults(run=run_prune)
+
+
+def run_prune(args: argparse.Namespace) -> None:
+    from simdiff.api import prune
+
+    result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
+                   calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
+                   keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
+                   device_map=args.device_map, overwrite=args.overwrite)
+    before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
+    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
+    print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
+
+
+# -- entry point ---------------------------------------------------------------------------------------
+COMMANDS = [add_score_command, add_prune_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simdiff", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "matplotlib", "httpx"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    set_progress(not quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        args.run(args)
+    except SimdiffError as exc:
+        print(f"simdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("simdiff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"simdiff: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

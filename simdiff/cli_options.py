@@ -1,0 +1,80 @@
+"""Option groups shared by the CLI commands, and their conversion into API objects.
+
+The criterion options are generated from the :class:`simdiff.criteria.Options` dataclass, so the CLI and
+the Python API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from simdiff.api import Calibration
+from simdiff.criteria import CRITERIA, NORMALIZERS, Options
+from simdiff.criteria.simdiff import DIFF_SCALES
+
+OPTION_HELP = {
+    "alpha": "SimDiff weight of the similarity term (1 - alpha goes to the difference terms)",
+    "beta": "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)",
+    "normalize": "how each SimDiff metric is normalised across layers",
+    "diff_scale": "MSSD/MASD of y - x in the model's scale, or relative to each token's input RMS",
+    "seed": "seed for calibration sampling and the random criterion",
+}
+OPTION_CHOICES = {"normalize": list(NORMALIZERS), "diff_scale": list(DIFF_SCALES)}
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory, hub id (org/name), or built-in name (smollm2-135m)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    group.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    group.add_argument("--device-map", default=None, help="accelerate placement, e.g. auto (several GPUs + CPU)")
+
+
+def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding wikitext-2/ and piqa/ (default: $SIMDIFF_DATA_DIR, else download)")
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    defaults = Calibration()
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--calib", default=defaults.source,
+                       help="wikitext2 (validation split), or a .txt/.jsonl file or folder")
+    group.add_argument("--samples", type=int, default=defaults.samples, help="number of calibration windows")
+    group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window (BOS included)")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    add_data_dir_option(group)
+
+
+def add_criterion_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`Options` (``--alpha``, ``--beta``, ``--normalize``, ``--diff-scale``, ``--seed``)."""
+    group = parser.add_argument_group("criterion options")
+    for f in dataclasses.fields(Options):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"default": f.default, "help": f"{OPTION_HELP[f.name]} (default: {f.default})"}
+        if f.name in OPTION_CHOICES:
+            kwargs["choices"] = OPTION_CHOICES[f.name]
+        else:
+            kwargs["type"] = type(f.default)
+        group.add_argument(flag, **kwargs)
+
+
+def add_selection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("selection")
+    count = group.add_mutually_exclusive_group(required=True)
+    count.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
+    count.add_argument("--ratio", type=float, help="fraction of decoder layers to remove (rounded)")
+    group.add_argument("--criterion", default="simdiff", help=f"one of: {', '.join(CRITERIA)}")
+    group.add_argument("--iterative", action="store_true", help="re-score after each removal (one layer at a time)")
+    group.add_argument("--keep-first", type=int, default=0, help="never remove the first N layers")
+    group.add_argument("--keep-last", type=int, default=0, help="never remove the last N layers")
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    return Options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Options)})
+
+
+def calibration_from(args: argparse.Namespace) -> Calibration:
+    return Calibration(source=args.calib, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                       seed=args.seed, data_dir=args.data_dir)

@@ -1,0 +1,33 @@
+"""Model-based and trivial baselines: perplexity when skipped, Taylor, reverse order, random."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simdiff.criteria.registry import SKIP_LOSS, TAYLOR, Evidence, Options, register, require
+
+
+@register("ppl_skip", "calibration loss increase when the layer alone is skipped (SLEB-style with --iterative)",
+          "Kim et al., Shortened LLaMA, arXiv 2402.02834; Song et al., SLEB, arXiv 2402.09025", needs={SKIP_LOSS})
+def ppl_skip(evidence: Evidence, options: Options) -> np.ndarray:
+    return require(evidence, "skip_loss_increase", "ppl_skip")
+
+
+@register("taylor", "first-order Taylor importance: sum over the layer's weights of |w * dL/dw|",
+          "Kim et al., Shortened LLaMA, arXiv 2402.02834", needs={TAYLOR})
+def taylor(evidence: Evidence, options: Options) -> np.ndarray:
+    return require(evidence, "taylor", "taylor")
+
+
+@register("reverse", "drop the last layers before the final one (deepest first)",
+          "Gromov et al., arXiv 2403.17887 (reverse-order baseline)")
+def reverse(evidence: Evidence, options: Options) -> np.ndarray:
+    n = evidence.num_layers
+    importance = np.arange(n, 0, -1, dtype=np.float64)  # layer i -> n - i: deeper = less important
+    importance[-1] = n + 1  # the final layer is kept
+    return importance
+
+
+@register("random", "uniformly random order (seeded by --seed)", "control")
+def random_order(evidence: Evidence, options: Options) -> np.ndarray:
+    return np.random.default_rng(options.seed).random(evidence.num_layers)

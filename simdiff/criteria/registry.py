@@ -1,0 +1,83 @@
+"""The criterion registry: name -> pure function from per-layer evidence to per-layer importance.
+
+Importance is "higher = keep": selection removes the layers (or block) with the lowest importance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from simdiff.collect.stats import LayerStatistics
+from simdiff.errors import SimdiffError, did_you_mean
+
+# What a criterion can need; the pipeline runs one collector per kind, once, for all criteria.
+LAYER_STATS = "layer_stats"  # one streaming hook pass (cosine, MSSD, MASD, angular blocks)
+SKIP_LOSS = "skip_loss"  # one loss pass per layer with that layer bypassed
+TAYLOR = "taylor"  # one forward+backward pass for |w * dL/dw|
+
+
+@dataclass
+class Evidence:
+    """Everything criteria are computed from; fields a criterion does not need may be None."""
+
+    num_layers: int
+    layer_stats: LayerStatistics | None = None
+    skip_loss_increase: np.ndarray | None = None
+    taylor: np.ndarray | None = None
+
+
+@dataclass
+class Options:
+    """Criterion options (the SimDiff knobs and the seed of ``random``)."""
+
+    alpha: float = 0.5
+    beta: float = 0.5
+    normalize: str = "rank"
+    diff_scale: str = "relative"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    description: str
+    reference: str
+    needs: frozenset[str]
+    score: Callable[[Evidence, Options], np.ndarray]
+    block_score: Callable[[Evidence, int], np.ndarray] | None = field(default=None)
+
+    @property
+    def is_block(self) -> bool:
+        return self.block_score is not None
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register(name: str, description: str, reference: str, needs: set[str] | frozenset[str] = frozenset(),
+             block_score: Callable[[Evidence, int], np.ndarray] | None = None):
+    """Decorator registering ``fn(evidence, options) -> importance`` under ``name``."""
+
+    def wrap(fn: Callable[[Evidence, Options], np.ndarray]):
+        CRITERIA[name] = Criterion(name, description, reference, frozenset(needs), fn, block_score)
+        return fn
+
+    return wrap
+
+
+def get_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise SimdiffError(
+            f"unknown criterion {name!r}; available: {', '.join(CRITERIA)}.{did_you_mean(name, list(CRITERIA))}"
+        )
+    return CRITERIA[name]
+
+
+def require(evidence: Evidence, attr: str, name: str):
+    value = getattr(evidence, attr)
+    if value is None:
+        raise SimdiffError(f"criterion {name!r} needs {attr}, which was not collected")
+    return value

@@ -1,0 +1,13 @@
+"""User-facing errors: each message names the offending value and how to fix it."""
+
+
+class SimdiffError(ValueError):
+    """A problem with the user's input or environment; the CLI prints it as one line and exits 2."""
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """Return a ' Did you mean X?' hint for a misspelt name (empty when nothing is close)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,15 @@
+"""Model loading and decoder-layer discovery."""
+
+from simdiff.model.layers import DecoderLayers, find_decoder_layers, num_layers_in_config
+from simdiff.model.load import BUILTIN_MODELS, cache_dir, load_model, model_device, resolve_model_path
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DecoderLayers",
+    "cache_dir",
+    "find_decoder_layers",
+    "load_model",
+    "model_device",
+    "num_layers_in_config",
+    "resolve_model_path",
+]
