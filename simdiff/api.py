@@ -9,6 +9,7 @@ from pathlib import Path
 from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
 from simdiff.data import batches, calibration_windows
 from simdiff.data.windows import Batch
+from simdiff.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import load_model
 from simdiff.pipeline import (
@@ -24,6 +25,7 @@ from simdiff.pipeline import (
 from simdiff.save import check_output_dir, provenance, save_model
 from simdiff.select import resolve_count
 from simdiff.surgery import remove_layers
+from simdiff.tune import reject_auto, resolve_alpha
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +60,33 @@ class PruneResult:
 
 
 def score(model, tokenizer, criteria: list[str], calibration: Calibration | None = None,
-          options: Options | None = None, block_sizes: tuple[int, ...] = ()) -> ScoreResult:
-    """Score every decoder layer of an in-memory model with each criterion (one pass per evidence kind)."""
+          options: Options | None = None, block_sizes: tuple[int, ...] = (),
+          offload_device: str | None = None) -> ScoreResult:
+    """Score every decoder layer of an in-memory model with each criterion (one pass per evidence kind).
+
+    ``offload_device``: collect the statistics one decoder layer at a time on that device (layer-wise offload).
+    """
     from simdiff.pipeline import score_layers
 
     calibration = calibration or Calibration()
+    reject_auto(options)
     for name in criteria:
         get_criterion(name)
-    return score_layers(model, calibration.batches(tokenizer), criteria, options or Options(), block_sizes)
+    return score_layers(model, calibration.batches(tokenizer), criteria, options or Options(), block_sizes,
+                        offload_device=offload_device)
 
 
 def select_for_model(model, tokenizer, criterion: str, count: int, calibration: Calibration, options: Options,
-                     iterative: bool = False, keep_first: int = 0, keep_last: int = 0) -> tuple[Selection, ScoreResult]:
+                     iterative: bool = False, keep_first: int = 0, keep_last: int = 0,
+                     offload_device: str | None = None) -> tuple[Selection, ScoreResult]:
     """Choose ``count`` layers with ``criterion``; also score every criterion the same pass gives for free."""
     get_criterion(criterion)
+    if iterative and offload_device is not None:
+        raise SimdiffError("--offload layerwise supports one-shot selection only; drop --iterative or --offload")
     calib_batches = calibration.batches(tokenizer)
     reported = sorted({criterion, *FREE_CRITERIA}, key=list(CRITERIA).index)
-    evidence = gather_evidence(model, calib_batches, needs_of(reported), block_sizes_for(reported, [count]))
+    evidence = gather_evidence(model, calib_batches, needs_of(reported), block_sizes_for(reported, [count]),
+                               offload_device=offload_device)
     result = ScoreResult(evidence, options, {name: importance(name, evidence, options) for name in reported})
     if iterative:
         selection = choose_iterative(model, calib_batches, criterion, count, options, keep_first, keep_last)
@@ -86,21 +98,32 @@ def select_for_model(model, tokenizer, criterion: str, count: int, calibration: 
 def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio: float | None = None,
           criterion: str = "simdiff", calibration: Calibration | None = None, options: Options | None = None,
           iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "float32",
-          device: str | None = None, device_map: str | None = None, overwrite: bool = False) -> PruneResult:
-    """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``."""
+          device: str | None = None, device_map: str | None = None, overwrite: bool = False,
+          offload: str | None = None) -> PruneResult:
+    """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``.
+
+    ``offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on ``device``.
+    """
     calibration = calibration or Calibration()
     options = options or Options()
     get_criterion(criterion)
     out_path = check_output_dir(out, overwrite)
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
+    offload_device = (device or "cpu") if offload == "layerwise" else None
+    model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
+                                  device_map=device_map)
     total = len(find_decoder_layers(model))
     count = resolve_count(total, num_layers, ratio)
+    # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
+    options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, iterative,
+                                          keep_first, keep_last)
     selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                         iterative, keep_first, keep_last)
+                                         iterative, keep_first, keep_last, offload_device=offload_device)
     log.info("%s removes layers %s of %d", criterion, selection.removed, total)
     kept = remove_layers(model, selection.removed)
     metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
                               iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype)
+    if alpha_search is not None:
+        metadata["alpha_search"] = alpha_search.to_dict()
     saved = save_model(model, tokenizer, out_path, metadata, overwrite=overwrite)
     return PruneResult(selection, scores, kept, saved, metadata)
 

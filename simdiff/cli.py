@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from simdiff.bench.cli import add_bench_command
 from simdiff.cli_options import (
     add_calibration_options,
     add_criterion_options,
@@ -17,7 +18,9 @@ from simdiff.cli_options import (
     options_from,
 )
 from simdiff.errors import SimdiffError
+from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
 from simdiff.progress import set_progress
+from simdiff.recover.cli import add_recover_command
 
 log = logging.getLogger("simdiff")
 
@@ -25,7 +28,7 @@ log = logging.getLogger("simdiff")
 # -- simdiff score -------------------------------------------------------------------------------------
 def add_score_command(subparsers) -> None:
     parser = subparsers.add_parser("score", help="score every decoder layer with one or more criteria")
-    add_model_options(parser)
+    add_model_options(parser, offload=True)
     parser.add_argument("--criteria", default="simdiff,block_influence,angular_block,mssd,masd",
                         help="comma-separated criterion names, or 'all'")
     parser.add_argument("--block-size", type=int, default=None,
@@ -53,9 +56,11 @@ def run_score(args: argparse.Namespace) -> None:
     from simdiff.save import provenance
 
     criteria = parse_criteria(args.criteria)
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map)
+    offload_device = (args.device or "cpu") if args.offload == "layerwise" else None
+    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else args.device, args.device_map)
     sizes = (args.block_size,) if args.block_size else ()
-    result = score(model, tokenizer, criteria, calibration_from(args), options_from(args), sizes)
+    result = score(model, tokenizer, criteria, calibration_from(args), options_from(args), sizes,
+                   offload_device=offload_device)
     print(format_score_table(result.scores))
     document = {"model": args.model, "options": vars(options_from(args)),
                 "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
@@ -72,7 +77,7 @@ def run_score(args: argparse.Namespace) -> None:
 # -- simdiff prune -------------------------------------------------------------------------------------
 def add_prune_command(subparsers) -> None:
     parser = subparsers.add_parser("prune", help="remove the least important decoder layers and save the model")
-    add_model_options(parser)
+    add_model_options(parser, offload=True)
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_selection_options(parser)
@@ -87,14 +92,15 @@ def run_prune(args: argparse.Namespace) -> None:
     result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
-                   device_map=args.device_map, overwrite=args.overwrite)
+                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload)
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
     print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
 
 
 # -- entry point ---------------------------------------------------------------------------------------
-COMMANDS = [add_score_command, add_prune_command]
+COMMANDS = [add_score_command, add_prune_command, add_recover_command, add_eval_command, add_compare_command,
+            add_demo_command, add_bench_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

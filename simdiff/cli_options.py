@@ -23,12 +23,16 @@ OPTION_HELP = {
 OPTION_CHOICES = {"normalize": list(NORMALIZERS), "diff_scale": list(DIFF_SCALES)}
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, offload: bool = False) -> None:
     parser.add_argument("model", help="model directory, hub id (org/name), or built-in name (smollm2-135m)")
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     group.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     group.add_argument("--device-map", default=None, help="accelerate placement, e.g. auto (several GPUs + CPU)")
+    if offload:
+        group.add_argument("--offload", default=None, choices=["layerwise"],
+                           help="layerwise: keep the model in CPU memory and score it one decoder layer at a time "
+                                "on --device (for models bigger than device memory)")
 
 
 def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +59,22 @@ def add_criterion_options(parser: argparse.ArgumentParser) -> None:
         kwargs = {"default": f.default, "help": f"{OPTION_HELP[f.name]} (default: {f.default})"}
         if f.name in OPTION_CHOICES:
             kwargs["choices"] = OPTION_CHOICES[f.name]
+        elif f.name == "alpha":
+            kwargs["type"] = alpha_value
+            kwargs["help"] += "; 'auto' tunes it by ternary search on held-out calibration perplexity"
         else:
             kwargs["type"] = type(f.default)
         group.add_argument(flag, **kwargs)
+
+
+def alpha_value(text: str) -> float | str:
+    """``--alpha``: a number, or ``auto`` (tuned per model and layer count, see simdiff.tune)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
 
 
 def add_selection_options(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from simdiff.collect.hooks import collect_layer_statistics
 from simdiff.collect.model_passes import skip_loss_increase, taylor_importance
+from simdiff.collect.offload import collect_layer_statistics_offloaded
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Evidence, Options, get_criterion
 from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
@@ -22,13 +23,24 @@ log = logging.getLogger(__name__)
 
 
 def gather_evidence(model: nn.Module, batches: Sequence[Batch], needs: set[str], block_sizes: Sequence[int] = (),
-                    removed: Sequence[int] = ()) -> Evidence:
-    """Run each needed collector once; layers in ``removed`` are bypassed and get no evidence."""
+                    removed: Sequence[int] = (), offload_device: str | None = None) -> Evidence:
+    """Run each needed collector once; layers in ``removed`` are bypassed and get no evidence.
+
+    With ``offload_device`` the statistics are collected one decoder layer at a time on that device
+    (:mod:`simdiff.collect.offload`); only the statistic-based criteria support that.
+    """
     n = len(find_decoder_layers(model))
     active = [i for i in range(n) if i not in set(removed)]
     evidence = Evidence(num_layers=n)
+    if offload_device is not None and needs - {LAYER_STATS}:
+        raise SimdiffError(f"--offload layerwise collects hidden-state statistics only; criteria needing "
+                           f"{', '.join(sorted(needs - {LAYER_STATS}))} need the model in memory (drop --offload)")
     with bypass_layers(model, list(removed)):
-        if LAYER_STATS in needs:
+        if LAYER_STATS in needs and offload_device is not None:
+            evidence.layer_stats, _ = collect_layer_statistics_offloaded(
+                model, batches, block_sizes, active_layers=None if not removed else active, device=offload_device
+            )
+        elif LAYER_STATS in needs:
             evidence.layer_stats = collect_layer_statistics(
                 model, batches, block_sizes, active_layers=None if not removed else active
             )
@@ -78,11 +90,12 @@ class ScoreResult:
 
 
 def score_layers(model: nn.Module, batches: Sequence[Batch], criteria: Sequence[str],
-                 options: Options | None = None, block_sizes: Sequence[int] = ()) -> ScoreResult:
+                 options: Options | None = None, block_sizes: Sequence[int] = (),
+                 offload_device: str | None = None) -> ScoreResult:
     """Score every decoder layer with each criterion, collecting each kind of evidence once."""
     options = options or Options()
     sizes = sorted(set(block_sizes) | set(block_sizes_for(criteria, [])))
-    evidence = gather_evidence(model, batches, needs_of(criteria), sizes)
+    evidence = gather_evidence(model, batches, needs_of(criteria), sizes, offload_device=offload_device)
     result = ScoreResult(evidence, options)
     for name in criteria:
         result.scores[name] = importance(name, evidence, options)

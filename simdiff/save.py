@@ -64,25 +64,27 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _write_model_card(folder: Path, metadata: dict) -> None:
-    removed = metadata.get("removed_layers", [])
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [simdiff, depth-pruning]",
-        "---",
-        f"# {metadata.get('base_model', 'model')} with {len(removed)} decoder layers removed",
-        "",
-        f"Pruned by [simdiff](https://pypi.org/project/simdiff/) with criterion `{metadata.get('criterion')}`.",
-        f"Removed layers (original numbering): {removed}.",
-        f"Layers: {metadata.get('num_layers_before')} -> {metadata.get('num_layers_after')}.",
+    removed = metadata.get("removed_layers")
+    base = metadata.get("base_model", "model")
+    lines = ["---", "library_name: transformers", "tags: [simdiff, depth-pruning]", "---"]
+    if removed is not None:
+        lines += [
+            f"# {base} with {len(removed)} decoder layers removed",
+            "",
+            f"Pruned by simdiff with criterion `{metadata.get('criterion')}`.",
+            f"Removed layers (original numbering): {removed}.",
+            f"Layers: {metadata.get('num_layers_before')} -> {metadata.get('num_layers_after')}.",
+        ]
+    else:
+        lines += [f"# {base}", "", "Saved by simdiff."]
+    lines += [
         "",
         "It is a plain checkpoint: `AutoModelForCausalLM.from_pretrained(path)` loads it.",
-        "Full settings and per-layer scores are in `simdiff.json`.",
-        "",
-        f"Command: `{metadata.get('command', '')}`",
-        "",
+        "Settings and per-layer scores are in `simdiff.json`.",
     ]
-    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    if metadata.get("command"):
+        lines += ["", f"Command: `{metadata['command']}`"]
+    (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 @torch.no_grad()
@@ -96,8 +98,8 @@ def verify_reload(folder: Path, reference: nn.Module | None = None, tokenizer=No
     ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids if tokenizer is not None else None
     if ids is None or ids.shape[1] == 0:
         ids = torch.arange(1, 6).unsqueeze(0) % vocab
-    generated = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                                  use_cache=True, pad_token_id=reloaded.config.eos_token_id or 0)
+    generated = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                  do_sample=False, use_cache=True, pad_token_id=reloaded.config.eos_token_id or 0)
     if generated.shape[1] != ids.shape[1] + 4:
         raise SimdiffError(f"reloaded model in {folder} did not generate 4 new tokens")
     if reference is not None:
@@ -112,9 +114,13 @@ def verify_reload(folder: Path, reference: nn.Module | None = None, tokenizer=No
 def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: dict, overwrite: bool = False,
                verify: bool = True) -> Path:
     """Save ``model`` + tokenizer + ``simdiff.json`` + model card to ``out`` atomically, verified by a reload."""
+    from simdiff.surgery import check_config_consistent
+
     target = check_output_dir(out, overwrite)
+    check_config_consistent(model)  # refuse to write a config that would not rebuild this model
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _make_readable(tmp)
     try:
         steps = ["weights", "tokenizer", "metadata", "verify"] if verify else ["weights", "tokenizer", "metadata"]
         for step in progress(steps, desc="saving", leave=False):
@@ -133,6 +139,13 @@ def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: di
         raise
     log.info("saved %s", target)
     return target
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp creates 0700 folders; give the output the permissions of a normal mkdir (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
 
 
 def _replace_dir(src: Path, target: Path) -> None:

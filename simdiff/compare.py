@@ -1,0 +1,219 @@
+"""Compare pruning criteria on one loaded model: one calibration pass, every (criterion, count) bypassed.
+
+All statistic-based criteria share a single hook pass over the calibration windows (``ppl_skip`` and
+``taylor`` add their own passes, in the same ``gather_evidence`` call). Each candidate's layers are
+bypassed in place (no copies, no reloads) and evaluated; candidates removing the same layers are
+evaluated once. ``simdiff:alpha=auto`` tunes alpha per count on held-out calibration windows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from simdiff.criteria import Options, get_criterion
+from simdiff.data import batches, calibration_windows
+from simdiff.errors import SimdiffError
+from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
+from simdiff.model.layers import find_decoder_layers
+from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
+from simdiff.save import check_output_dir, provenance
+from simdiff.surgery import bypass_layers
+from simdiff.tune import is_auto, tune_alpha
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+PROFILES_PNG, PPL_PNG = "score_profiles.png", "perplexity_vs_removed.png"
+OPTION_TYPES = {"alpha": float, "beta": float, "normalize": str, "diff_scale": str, "seed": int}
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """A criterion with optional option overrides, written ``name`` or ``name:key=value[:key=value]``."""
+
+    label: str
+    criterion: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> CandidateSpec:
+        name, *parts = [p.strip() for p in text.strip().split(":")]
+        get_criterion(name)
+        overrides = []
+        for part in parts:
+            key, sep, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in OPTION_TYPES:
+                raise SimdiffError(f"bad criterion option {part!r} in {text!r}; write name:key=value with key one "
+                                   f"of {', '.join(OPTION_TYPES)} (e.g. simdiff:alpha=auto)")
+            if key == "alpha" and is_auto(value):
+                overrides.append((key, "auto"))
+                continue
+            try:
+                overrides.append((key, OPTION_TYPES[key](value)))
+            except ValueError:
+                raise SimdiffError(f"bad value {value!r} for {key} in {text!r}") from None
+        return cls(text.strip(), name, tuple(overrides))
+
+    def options(self, base: Options) -> Options:
+        return replace(base, **dict(self.overrides))
+
+
+def parse_candidates(value: str) -> list[CandidateSpec]:
+    """Comma-separated candidate specs (``all`` = every registered criterion); duplicates are an error."""
+    from simdiff.criteria import CRITERIA
+
+    texts = list(CRITERIA) if value.strip() == "all" else [t for t in value.split(",") if t.strip()]
+    specs = [CandidateSpec.parse(t) for t in texts]
+    labels = [s.label for s in specs]
+    if not specs or len(set(labels)) != len(labels):
+        raise SimdiffError(f"--criteria must list distinct criteria, got {value!r}")
+    return specs
+
+
+@dataclass
+class CompareSetup:
+    """Everything a comparison needs besides the model."""
+
+    specs: list[CandidateSpec]
+    counts: list[int]
+    calibration: object  # simdiff.api.Calibration
+    options: Options = field(default_factory=Options)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    keep_first: int = 0
+    keep_last: int = 0
+    metric: str = "acc"
+
+
+def _check_counts(counts: list[int], total: int) -> list[int]:
+    if not counts:
+        raise SimdiffError("give at least one layer count (--num-layers 4,8 or --ratios 0.25)")
+    for count in counts:
+        if not 1 <= count < total:
+            raise SimdiffError(f"cannot remove {count} of {total} layers; counts must lie in [1, {total - 1}]")
+    return sorted(set(counts))
+
+
+def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = "") -> dict:
+    """Evaluate the dense model and every (criterion, count) candidate; returns the results document."""
+    total = len(find_decoder_layers(model))
+    counts = _check_counts(setup.counts, total)
+    cal = setup.calibration
+    windows = calibration_windows(tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, cal.data_dir)
+    calib_batches = batches(windows, cal.batch_size)
+    criteria = list(dict.fromkeys(s.criterion for s in setup.specs))
+    start = time.perf_counter()
+    evidence = gather_evidence(model, calib_batches, needs_of(criteria), block_sizes_for(criteria, counts))
+    calibration_seconds = time.perf_counter() - start
+    evaluator = Evaluator(model, tokenizer, setup.evaluation)
+    log.info("evaluating the dense model")
+    dense = evaluator("dense")
+    rows = [{"label": "dense", "criterion": "dense", "count": 0, "removed_layers": [], **dense,
+             "mean_" + setup.metric: mean_accuracy(dense, setup.metric), "seconds": dense["eval_seconds"]}]
+    done: dict[tuple[int, ...], dict] = {}
+    profiles: dict[str, np.ndarray] = {}
+    for spec in setup.specs:
+        for count in counts:
+            rows.append(_candidate(model, evaluator, evidence, windows, spec, count, setup, dense, done, profiles))
+    return {
+        "model": model_name,
+        "num_layers": total,
+        "counts": counts,
+        "criteria": [s.label for s in setup.specs],
+        "calibration": {**vars(cal), "windows": int(windows.shape[0]), "seconds": calibration_seconds,
+                        "passes": sorted(needs_of(criteria))},
+        "evaluation": {**vars(setup.evaluation), "metric_for_retained": setup.metric},
+        "options": vars(setup.options),
+        "keep_first": setup.keep_first,
+        "keep_last": setup.keep_last,
+        "rows": rows,
+        "profiles": {k: v.tolist() for k, v in profiles.items()},
+        **provenance(),
+    }
+
+
+def _candidate(model, evaluator, evidence, windows, spec: CandidateSpec, count: int, setup: CompareSetup,
+               dense: dict, done: dict, profiles: dict) -> dict:
+    start = time.perf_counter()
+    options = spec.options(setup.options)
+    row: dict = {"label": spec.label, "criterion": spec.criterion, "count": count}
+    if is_auto(options.alpha):
+        if spec.criterion != "simdiff":
+            raise SimdiffError(f"alpha=auto applies to simdiff only, not {spec.label!r}")
+        search = tune_alpha(model, windows, count, options, setup.calibration.batch_size, setup.keep_first,
+                            setup.keep_last)
+        options = replace(options, alpha=search.alpha)
+        row["alpha_search"] = search.to_dict()
+    row["options"] = vars(options)
+    selection = choose_one_shot(spec.criterion, evidence, count, options, setup.keep_first, setup.keep_last)
+    profiles.setdefault(spec.label, importance(spec.criterion, evidence, options))
+    key = tuple(selection.removed)
+    row["removed_layers"] = selection.removed
+    if key in done:
+        result, row["same_layers_as"] = done[key]["result"], done[key]["label"]
+    else:
+        log.info("%s, %d layers: bypassing %s", spec.label, count, selection.removed)
+        with bypass_layers(model, selection.removed):
+            result = evaluator(f"{spec.label} -{count}")
+        done[key] = {"result": result, "label": f"{spec.label} -{count}"}
+    row.update(result)
+    row["retained"] = percent_retained(dense, result)
+    row["mean_" + setup.metric] = mean_accuracy(result, setup.metric)
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def write_results(document: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write results.json, results.md and the PNG plots into ``out`` atomically (temp dir, then rename)."""
+    from simdiff.report.comparison import comparison_markdown, plot_perplexity_vs_removed
+    from simdiff.report.plots import plot_score_profiles
+
+    target = check_output_dir(out, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (tmp / RESULTS_JSON).write_text(json.dumps(_finite(document), indent=2, default=_jsonable) + "\n", encoding="utf-8")
+        (tmp / RESULTS_MD).write_text(comparison_markdown(document), encoding="utf-8")
+        profiles = {k: np.asarray(v) for k, v in document["profiles"].items()}
+        plot_score_profiles(profiles, tmp / PROFILES_PNG, title=f"layer importance: {document['model']}")
+        plot_perplexity_vs_removed(document, tmp / PPL_PNG)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _finite(value):
+    """NaN/inf -> None, so results.json is strict JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,82 @@
+"""Resumable training checkpoints: adapter weights, optimiser, schedule and history, written atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from simdiff.errors import SimdiffError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "step-"
+STATE_FILE = "state.pt"
+TRAINER_FILE = "trainer.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / TRAINER_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, trainer: dict, keep: int = 0) -> Path:
+    """Write ``step-NNNNNNN/`` (tensors in ``state.pt``, JSON in ``trainer.json``) and keep the newest ``keep``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / TRAINER_FILE).write_text(json.dumps({**trainer, "step": step}, indent=2) + "\n", encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint %s", target)
+    return target
+
+
+def resolve_checkpoint(resume: str, folder: Path | None) -> Path:
+    """``resume`` is a checkpoint path, or ``latest`` = the newest checkpoint in ``folder``."""
+    if resume == "latest":
+        found = list_checkpoints(folder) if folder is not None else []
+        if not found:
+            raise SimdiffError(f"--resume: no checkpoint in {str(folder)!r}; pass --checkpoint-dir or a "
+                               f"checkpoint path like {folder}/{checkpoint_name(50)}")
+        return found[-1]
+    path = Path(resume).expanduser()
+    if not (path / TRAINER_FILE).is_file():
+        latest = list_checkpoints(path)
+        if latest:
+            return latest[-1]
+        raise SimdiffError(f"--resume {resume!r} is not a checkpoint (no {TRAINER_FILE}) nor a folder of them")
+    return path
+
+
+def read_trainer(path: Path) -> dict:
+    """The JSON part of a checkpoint: step, settings (``config``) and loss history."""
+    return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(tensor state, trainer JSON) of one checkpoint."""
+    trainer = read_trainer(path)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    return state, trainer

@@ -1,0 +1,186 @@
+"""`simdiff compare` (one calibration pass, candidates bypassed in place) and adaptive alpha (`--alpha auto`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
+
+import simdiff.model
+import simdiff.pipeline
+from simdiff.api import Calibration
+from simdiff.cli import main
+from simdiff.compare import CandidateSpec, CompareSetup, compare, parse_candidates
+from simdiff.criteria import LAYER_STATS, Options
+from simdiff.data import batches, calibration_windows
+from simdiff.errors import SimdiffError
+from simdiff.evaluate.perplexity import nll_over
+from simdiff.evaluate.suite import EvalSettings
+from simdiff.pipeline import choose_one_shot, gather_evidence
+from simdiff.save import METADATA_FILE
+from simdiff.surgery import bypass_layers
+from simdiff.tune import split_windows, tune_alpha
+
+CALIB = ["--samples", "8", "--seq-len", "64", "--batch-size", "4"]
+EVAL = ["--eval-seq-len", "64", "--max-tokens", "640", "--eval-batch-size", "5"]
+
+
+@pytest.fixture
+def slices(tmp_path) -> tuple[str, str]:
+    """Calibration (validation) and evaluation (test) slices of WikiText-2: fast to tokenise."""
+    from simdiff.data import load_text
+
+    calib, test = tmp_path / "valid-slice.txt", tmp_path / "test-slice.txt"
+    calib.write_text(load_text("wikitext2", "valid", data_dir())[:30000], encoding="utf-8")
+    test.write_text(load_text("wikitext2", "test", data_dir())[:6000], encoding="utf-8")
+    return str(calib), str(test)
+
+
+@pytest.fixture
+def no_test_text(monkeypatch):
+    """Fail if anything reads the evaluation text (WikiText-2 test split)."""
+    original_read, original_open = Path.read_text, Path.open
+
+    def guard(path: Path) -> None:
+        if path.name == "test.txt" and path.parent.name == "wikitext-2":
+            raise AssertionError(f"read the evaluation text {path}")
+
+    def read_text(self, *args, **kwargs):
+        guard(self)
+        return original_read(self, *args, **kwargs)
+
+    def open_(self, *args, **kwargs):
+        guard(self)
+        return original_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(Path, "open", open_)
+
+
+def test_candidate_specs_parse_and_reject():
+    spec = CandidateSpec.parse("simdiff:alpha=auto:beta=0.25")
+    assert spec.criterion == "simdiff" and spec.options(Options()).alpha == "auto"
+    assert spec.options(Options()).beta == 0.25
+    assert [s.label for s in parse_candidates("simdiff, block_influence")] == ["simdiff", "block_influence"]
+    with pytest.raises(SimdiffError, match="gamma"):
+        CandidateSpec.parse("simdiff:gamma=1")
+    with pytest.raises(SimdiffError, match="simdif"):
+        CandidateSpec.parse("simdif")
+    with pytest.raises(SimdiffError, match="distinct"):
+        parse_candidates("random,random")
+
+
+def test_compare_writes_all_outputs_one_row_per_candidate(tmp_path, monkeypatch, slices):
+    calls = []
+    real_collect = simdiff.pipeline.collect_layer_statistics
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(simdiff.pipeline, "collect_layer_statistics", counting)
+    loads = []
+    real_load = simdiff.model.load_model
+    monkeypatch.setattr(simdiff.model, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    folder = save_tiny("llama", tmp_path / "tiny")
+    out = tmp_path / "cmp"
+    criteria = "simdiff,block_influence,angular_block,mssd,ppl_skip,reverse,random"
+    code = main(["-q", "compare", str(folder), "--num-layers", "1,2", "--criteria", criteria, "--out", str(out),
+                 *CALIB, "--calib", slices[0], "--ppl", slices[1], *EVAL])
+    assert code == 0
+    assert len(calls) == 1 and len(loads) == 1  # one statistics pass for all criteria, one model load
+    doc = json.loads((out / "results.json").read_text())
+    rows = doc["rows"]
+    assert len(rows) == 1 + 7 * 2 and rows[0]["label"] == "dense"
+    assert {(r["label"], r["count"]) for r in rows[1:]} == {(c, k) for c in criteria.split(",") for k in (1, 2)}
+    for row in rows[1:]:
+        assert len(row["removed_layers"]) == row["count"]
+        assert math.isfinite(row["perplexity"][slices[1]]["perplexity"]) and row["seconds"] >= 0
+        assert row["retained"]["ppl_ratio"][slices[1]] > 0
+    by = {(r["label"], r["count"]): r for r in rows}
+    assert by[("reverse", 2)]["removed_layers"] == [3, 4]  # the last layers before the final one
+    md = (out / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and "criterion" not in line]
+    assert len(table) == len(rows)
+    for png in ("score_profiles.png", "perplexity_vs_removed.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cmp")]  # no temp folder left behind
+
+
+def test_compare_api_restores_model_and_reports_tasks(slices):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    layers_before = list(model.model.layers)
+    settings = EvalSettings(ppl=[slices[1]], seq_len=64, max_tokens=320, batch_size=5, tasks=["piqa"], limit=4,
+                            max_length=1024, data_dir=str(data_dir()))
+    setup = CompareSetup(parse_candidates("simdiff,random"), [2], Calibration(slices[0], samples=4, seq_len=64),
+                         Options(), settings)
+    doc = compare(model, tok, setup, "tiny")
+    assert list(model.model.layers) == layers_before  # bypassed in place, then restored
+    assert len(doc["rows"]) == 3
+    for row in doc["rows"]:
+        assert 0.0 <= row["tasks"]["piqa"]["acc"] <= 1.0
+    pruned = doc["rows"][1]
+    expected = 100 * pruned["tasks"]["piqa"]["acc"] / doc["rows"][0]["tasks"]["piqa"]["acc"]
+    assert pruned["retained"]["average"]["acc"] == pytest.approx(expected)
+
+
+def test_alpha_auto_beats_endpoints_on_heldout_and_never_reads_test(tmp_path, no_test_text):
+    model = tiny_model("llama", num_layers=8)
+    tok = tiny_tokenizer()
+    windows = calibration_windows(tok, "wikitext2", 12, 64, 0, str(data_dir()))
+    search = tune_alpha(model, windows, count=3, batch_size=4, iterations=4)
+    assert 0.0 <= search.alpha <= 1.0 and len(search.removed) == 3
+    probed = [p.alpha for p in search.trace]
+    assert probed[:2] == [0.0, 1.0] and len(probed) == 2 + 2 * 4
+    # independent check: held-out calibration perplexity of alpha = 0 and alpha = 1
+    scoring, heldout = split_windows(windows)
+    assert scoring.shape[0] == 9 and heldout.shape[0] == 3
+    evidence = gather_evidence(model, batches(scoring, 4), {LAYER_STATS})
+    for alpha in (0.0, 1.0):
+        removed = choose_one_shot("simdiff", evidence, 3, Options(alpha=alpha)).removed
+        with bypass_layers(model, removed):
+            endpoint = nll_over(model, batches(heldout, 4), desc=None).perplexity
+        assert search.heldout_ppl <= endpoint * (1 + 1e-9)
+
+
+def test_prune_alpha_auto_records_search(tmp_path, no_test_text):
+    folder = save_tiny("llama", tmp_path / "tiny")
+    out = tmp_path / "pruned"
+    assert main(["-q", "prune", str(folder), "--num-layers", "2", "--alpha", "auto", "--out", str(out), *CALIB]) == 0
+    meta = json.loads((out / METADATA_FILE).read_text())
+    search = meta["alpha_search"]
+    assert meta["options"]["alpha"] == search["alpha"] and 0.0 <= search["alpha"] <= 1.0
+    assert len(search["trace"]) >= 2 and {"alpha", "removed", "heldout_ppl"} <= set(search["trace"][0])
+    assert len(meta["removed_layers"]) == 2
+
+
+def test_alpha_auto_user_errors(tmp_path, capsys):
+    folder = save_tiny("llama", tmp_path / "tiny")
+    assert main(["-q", "score", str(folder), "--alpha", "auto", *CALIB]) == 2
+    assert "--alpha auto needs a number of layers" in capsys.readouterr().err
+    assert main(["-q", "prune", str(folder), "--num-layers", "1", "--criterion", "random", "--alpha", "auto",
+                 "--out", str(tmp_path / "x"), *CALIB]) == 2
+    assert "no alpha" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune", str(folder), "--num-layers", "1", "--alpha", "lots", "--out", str(tmp_path / "y")])
+    with pytest.raises(SimdiffError, match="at least 2 calibration windows"):
+        split_windows(calibration_windows(tiny_tokenizer(), "wikitext2", 1, 16, 0, str(data_dir())))
+
+
+@pytest.mark.slow
+def test_compare_on_smollm2(tmp_path):
+    """A short comparison on the real model (every output written; pruning costs perplexity)."""
+    out = tmp_path / "cmp"
+    code = main(["-q", "compare", "smollm2-135m", "--num-layers", "6", "--criteria", "simdiff,reverse",
+                 "--out", str(out), "--samples", "4", "--seq-len", "128", "--ppl", "wikitext2",
+                 "--eval-seq-len", "256", "--max-tokens", "1024"])
+    assert code == 0
+    rows = {r["label"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    ppl = {label: row["perplexity"]["wikitext2"]["perplexity"] for label, row in rows.items()}
+    assert 5 < ppl["dense"] < 60, ppl
+    assert ppl["dense"] < ppl["simdiff"] < 1e4 and ppl["dense"] < ppl["reverse"], ppl
+    assert rows["simdiff"]["retained"]["ppl_ratio"]["wikitext2"] == pytest.approx(ppl["simdiff"] / ppl["dense"])
+    assert (out / "results.md").is_file() and (out / "perplexity_vs_removed.png").is_file()

@@ -1,0 +1,127 @@
+"""Perplexity protocol, lm-eval tasks on local PIQA, % retained, and the `simdiff eval` command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
+
+from simdiff.cli import main
+from simdiff.data import bos_token_id, load_text, tokenize_text
+from simdiff.evaluate.perplexity import PerplexityProtocol, evaluate_perplexity
+from simdiff.evaluate.suite import mean_accuracy, percent_retained
+
+
+def _bos_tokenizer():
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+@torch.no_grad()
+def _reference_nll(model, ids: list[int], seq_len: int, bos: int | None, max_tokens: int) -> tuple[float, int]:
+    """A straightforward loop: one window at a time, float64 log-softmax, summed over predicted tokens."""
+    body = seq_len - (bos is not None)
+    ids = ids[:max_tokens]
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - body + 1, body):
+        window = ([bos] if bos is not None else []) + ids[start : start + body]
+        logits = model(torch.tensor([window])).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        targets = torch.tensor(window[1:])
+        total -= float(logp[torch.arange(len(targets)), targets].sum())
+        count += len(targets)
+    return total, count
+
+
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_perplexity_matches_reference_loop(with_bos, tmp_path):
+    model, tok = tiny_model("llama"), _bos_tokenizer() if with_bos else tiny_tokenizer()
+    bos = bos_token_id(tok)
+    assert (bos is not None) == with_bos
+    text = tmp_path / "slice.txt"  # a slice of the test split keeps tokenisation fast
+    text.write_text(load_text("wikitext2", "test", data_dir())[:6000], encoding="utf-8")
+    protocol = PerplexityProtocol(str(text), "test", seq_len=48, max_tokens=700, batch_size=3)
+    report = evaluate_perplexity(model, tok, protocol)
+    ids = tokenize_text(tok, text.read_text(encoding="utf-8")).tolist()
+    total, count = _reference_nll(model, ids, 48, bos, 700)
+    body = 48 - with_bos
+    assert report["windows"] == 700 // body
+    assert report["tokens"] == count == (700 // body) * 47
+    assert report["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-6)
+    assert report["protocol"]["bos_per_window"] is with_bos and report["protocol"]["max_tokens"] == 700
+
+
+def test_piqa_rows_join_labels():
+    from simdiff.evaluate.tasks.piqa_local.utils import piqa_rows
+
+    rows = piqa_rows(data_dir() / "piqa")
+    labels = (data_dir() / "piqa" / "valid-labels.lst").read_text().split()
+    assert len(rows) == len(labels) > 1000
+    assert [r["label"] for r in rows[:50]] == [int(x) for x in labels[:50]]
+    assert {r["label"] for r in rows} == {0, 1}
+
+
+def test_lm_eval_local_piqa_offline_on_tiny_model(monkeypatch):
+    from simdiff.evaluate.harness import TaskRunner, local_task_names
+    from simdiff.surgery import bypass_layers
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert local_task_names(["piqa", "hellaswag"], str(data_dir())) == {"piqa": "piqa_local", "hellaswag": "hellaswag"}
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    runner = TaskRunner(model, tok, ["piqa"], limit=6, batch_size=4, data_dir=str(data_dir()), max_length=1024)
+    dense = runner()["piqa"]
+    assert dense["lm_eval_task"] == "piqa_local" and dense["samples"] == 6
+    for metric in ("acc", "acc_norm"):
+        assert 0.0 <= dense[metric] <= 1.0
+        assert dense[metric] * 6 == pytest.approx(round(dense[metric] * 6))  # a fraction of 6 questions
+    with bypass_layers(model, [0, 1, 2, 3, 4]):  # the same runner sees the bypassed model
+        assert 0.0 <= runner()["piqa"]["acc"] <= 1.0
+
+
+def test_unknown_task_is_a_user_error():
+    from simdiff.errors import SimdiffError
+    from simdiff.evaluate.harness import TaskRunner
+
+    with pytest.raises(SimdiffError, match="piqaa"):
+        TaskRunner(tiny_model("llama"), tiny_tokenizer(), ["piqaa"], limit=2, data_dir=str(data_dir()))
+
+
+def test_percent_retained_and_ppl_ratio():
+    dense = {"perplexity": {"wikitext2": {"perplexity": 10.0}},
+             "tasks": {"piqa": {"acc": 0.8, "acc_norm": 0.5}, "boolq": {"acc": 0.6}}}
+    pruned = {"perplexity": {"wikitext2": {"perplexity": 15.0}},
+              "tasks": {"piqa": {"acc": 0.6, "acc_norm": 0.5}, "boolq": {"acc": 0.6}}}
+    kept = percent_retained(dense, pruned)
+    assert kept["tasks"]["piqa"]["acc"] == pytest.approx(75.0)
+    assert kept["tasks"]["boolq"]["acc"] == pytest.approx(100.0)
+    assert kept["average"]["acc"] == pytest.approx(100 * 0.6 / 0.7)  # mean over mean, as papers report
+    assert kept["average"]["acc_norm"] == pytest.approx(100.0)
+    assert kept["ppl_ratio"]["wikitext2"] == pytest.approx(1.5)
+    assert mean_accuracy(pruned) == pytest.approx(0.6)
+
+
+def test_eval_command_writes_json_with_baseline(tmp_path, capsys):
+    folder = save_tiny("llama", tmp_path / "tiny")
+    out = tmp_path / "eval.json"
+    code = main(["-q", "eval", str(folder), "--ppl", "wikitext2", "--seq-len", "32", "--max-tokens", "400",
+                 "--batch-size", "4", "--baseline", str(folder), "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    report = doc["perplexity"]["wikitext2"]
+    assert report["tokens"] == (400 // 32) * 31 and math.isfinite(report["perplexity"])
+    assert doc["retained"]["ppl_ratio"]["wikitext2"] == pytest.approx(1.0)
+    assert "versions" in doc and "command" in doc
+    assert "wikitext2: perplexity" in capsys.readouterr().out
+
+
+def test_eval_command_rejects_nothing_to_do(tmp_path, capsys):
+    folder = save_tiny("llama", tmp_path / "tiny")
+    assert main(["-q", "eval", str(folder), "--ppl", ""]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
