@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +24,7 @@ from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
 from simdiff.model.layers import find_decoder_layers
 from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
-from simdiff.save import check_output_dir, provenance
+from simdiff.save import atomic_directory, provenance
 from simdiff.surgery import bypass_layers
 from simdiff.tune import is_auto, tune_alpha
 
@@ -178,26 +176,13 @@ def write_results(document: dict, out: str | os.PathLike, overwrite: bool = Fals
     from simdiff.report.comparison import comparison_markdown, plot_perplexity_vs_removed
     from simdiff.report.plots import plot_score_profiles
 
-    target = check_output_dir(out, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         (tmp / RESULTS_JSON).write_text(json.dumps(_finite(document), indent=2, default=_jsonable) + "\n", encoding="utf-8")
         (tmp / RESULTS_MD).write_text(comparison_markdown(document), encoding="utf-8")
         profiles = {k: np.asarray(v) for k, v in document["profiles"].items()}
         plot_score_profiles(profiles, tmp / PROFILES_PNG, title=f"layer importance: {document['model']}")
         plot_perplexity_vs_removed(document, tmp / PPL_PNG)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(out)
 
 
 def _jsonable(value):

@@ -10,6 +10,8 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -111,34 +113,50 @@ def verify_reload(folder: Path, reference: nn.Module | None = None, tokenizer=No
             raise SimdiffError(f"reloaded model's logits differ from the in-memory model's by {diff:.3g}")
 
 
+def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verify: bool = True) -> None:
+    """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify by a reload."""
+    from simdiff.surgery import check_config_consistent
+
+    check_config_consistent(model)  # refuse to write a config that would not rebuild this model
+    steps = ["weights", "tokenizer", "metadata", "verify"] if verify else ["weights", "tokenizer", "metadata"]
+    for step in progress(steps, desc="saving", leave=False):
+        if step == "weights":
+            model.save_pretrained(folder)
+        elif step == "tokenizer" and tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        elif step == "metadata":
+            (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+            _write_model_card(folder, metadata)
+        elif step == "verify":
+            verify_reload(folder, model, tokenizer)
+
+
 def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: dict, overwrite: bool = False,
                verify: bool = True) -> Path:
     """Save ``model`` + tokenizer + ``simdiff.json`` + model card to ``out`` atomically, verified by a reload."""
-    from simdiff.surgery import check_config_consistent
-
     target = check_output_dir(out, overwrite)
-    check_config_consistent(model)  # refuse to write a config that would not rebuild this model
+    with atomic_directory(target, overwrite) as tmp:
+        write_model(model, tokenizer, tmp, metadata, verify)
+    log.info("saved %s", target)
+    return target
+
+
+@contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out``; on success it replaces ``out``, on error it is deleted.
+
+    Readers never see a half-written ``out``: it appears (or is replaced) by one rename at the end.
+    """
+    target = check_output_dir(out, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     _make_readable(tmp)
     try:
-        steps = ["weights", "tokenizer", "metadata", "verify"] if verify else ["weights", "tokenizer", "metadata"]
-        for step in progress(steps, desc="saving", leave=False):
-            if step == "weights":
-                model.save_pretrained(tmp)
-            elif step == "tokenizer" and tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            elif step == "metadata":
-                (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-                _write_model_card(tmp, metadata)
-            elif step == "verify":
-                verify_reload(tmp, model, tokenizer)
+        yield tmp
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved %s", target)
-    return target
 
 
 def _make_readable(folder: Path) -> None:

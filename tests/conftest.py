@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 from tiny import data_dir
 
 
@@ -16,3 +17,12 @@ def _offline_data_env():
 @pytest.fixture
 def shared_data():
     return data_dir()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (tiny ops are dominated by thread hand-offs on a busy machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

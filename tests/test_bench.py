@@ -22,14 +22,6 @@ HEAD = EMBED = 256 * 32
 FINAL_NORM = 32
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread (tiny ops are dominated by thread hand-offs on a busy machine); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_weight_counts_by_hand():
     counts = weight_counts(tiny_model("llama", num_layers=6))

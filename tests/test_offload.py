@@ -16,16 +16,10 @@ from simdiff.collect.offload import collect_layer_statistics_offloaded, module_b
 from simdiff.data import batches
 from simdiff.errors import SimdiffError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 CALIB = ["--samples", "4", "--seq-len", "24", "--batch-size", "2"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (tiny ops are dominated by thread hand-offs on a busy machine); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def calibration_batches() -> list:

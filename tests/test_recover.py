@@ -15,17 +15,11 @@ from simdiff.errors import SimdiffError
 from simdiff.recover import RecoverConfig, attach_lora, merge, train_lora
 from simdiff.recover.data import training_text
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 SENTENCE = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. "
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train ~10x faster on one thread than on cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -33,8 +33,8 @@ class Evidence:
 class Options:
     """Criterion options (the SimDiff knobs and the seed of ``random``)."""
 
-    alpha: float = 0.5
-    beta: float = 0.5
+    alpha: float = 0.75
+    beta: float = 1.0
     normalize: str = "rank"
     diff_scale: str = "relative"
     seed: int = 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from simdiff.recover.config import RecoverConfig
 from simdiff.recover.data import TRAIN_SPLIT, training_text
 from simdiff.recover.lora import attach_lora, count_parameters, merge
 from simdiff.recover.train import TrainResult, distributed_nll, make_accelerator, train_lora
-from simdiff.save import METADATA_FILE, check_output_dir, provenance, save_model
+from simdiff.save import METADATA_FILE, atomic_directory, check_output_dir, provenance, write_model
 
 log = logging.getLogger(__name__)
 
@@ -148,32 +146,22 @@ def recovery_record(model_name: str, config: RecoverConfig, result: TrainResult,
 
 def _save(model: nn.Module, tokenizer, out: Path, metadata: dict, history: dict, merged: bool, overwrite: bool,
           model_name: str) -> Path:
-    """Write the output in a staging folder (verified), add the loss plot, then rename it into place."""
+    """Write the output in a temporary folder (verified), add the loss plot, then rename it into place."""
     from simdiff.recover.plot import plot_loss_curves
 
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_directory(out, overwrite) as staging:
         if merged:
-            save_model(model, tokenizer, staging, metadata)
+            write_model(model, tokenizer, staging, metadata)
         else:
             save_adapter(model, tokenizer, staging, metadata, model_name)
         plot_loss_curves(history, staging / PLOT_FILE, title=f"LoRA recovery: {model_name}")
         _append_card(staging, metadata["recovery"])
-        check_output_dir(out, overwrite)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("saved %s", out)
     return out
 
 
 def save_adapter(model: nn.Module, tokenizer, folder: Path, metadata: dict, model_name: str) -> Path:
     """Save the LoRA adapter (peft format) + tokenizer + ``simdiff.json``, verified by reloading onto the base."""
-    folder.mkdir(parents=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")

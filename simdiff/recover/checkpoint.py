@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from simdiff.errors import SimdiffError
+from simdiff.save import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +35,9 @@ def save_checkpoint(folder: Path, step: int, state: dict, trainer: dict, keep: i
     """Write ``step-NNNNNNN/`` (tensors in ``state.pt``, JSON in ``trainer.json``) and keep the newest ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
-    try:
+    with atomic_directory(target, overwrite=True) as tmp:
         torch.save(state, tmp / STATE_FILE)
         (tmp / TRAINER_FILE).write_text(json.dumps({**trainer, "step": step}, indent=2) + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep > 0:
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
