@@ -121,7 +121,8 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
     log.info("%s removes layers %s of %d", criterion, selection.removed, total)
     kept = remove_layers(model, selection.removed)
     metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
-                              iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype)
+                              iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
+                              requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count)
     if alpha_search is not None:
         metadata["alpha_search"] = alpha_search.to_dict()
     saved = save_model(model, tokenizer, out_path, metadata, overwrite=overwrite)
