@@ -89,7 +89,8 @@ def select_for_model(model, tokenizer, criterion: str, count: int, calibration: 
                                offload_device=offload_device)
     result = ScoreResult(evidence, options, {name: importance(name, evidence, options) for name in reported})
     if iterative:
-        selection = choose_iterative(model, calib_batches, criterion, count, options, keep_first, keep_last)
+        selection = choose_iterative(model, calib_batches, criterion, count, options, keep_first, keep_last,
+                                     initial=evidence)
     else:
         selection = choose_one_shot(criterion, evidence, count, options, keep_first, keep_last)
     return selection, result

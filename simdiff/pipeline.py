@@ -134,8 +134,11 @@ def choose_one_shot(criterion: str, evidence: Evidence, count: int, options: Opt
 
 
 def choose_iterative(model: nn.Module, batches: Sequence[Batch], criterion: str, count: int, options: Options,
-                     keep_first: int = 0, keep_last: int = 0) -> Selection:
-    """Remove one layer at a time, re-collecting evidence with the removed layers bypassed."""
+                     keep_first: int = 0, keep_last: int = 0, initial: Evidence | None = None) -> Selection:
+    """Remove one layer at a time, re-collecting evidence with the removed layers bypassed.
+
+    ``initial`` is evidence already collected on the full model (reused for the first step).
+    """
     spec = get_criterion(criterion)
     if spec.is_block:
         raise SimdiffError(f"--iterative does not apply to the block criterion {criterion!r}")
@@ -143,7 +146,8 @@ def choose_iterative(model: nn.Module, batches: Sequence[Batch], criterion: str,
     removed: list[int] = []
     steps = []
     for step in range(count):
-        evidence = gather_evidence(model, batches, spec.needs, removed=removed)
+        reuse = step == 0 and initial is not None
+        evidence = initial if reuse else gather_evidence(model, batches, spec.needs, removed=removed)
         active = [i for i in range(n) if i not in removed]
         sub_scores = importance(criterion, _subset_evidence(evidence, active), options)
         scores = np.full(n, np.nan)

@@ -104,3 +104,20 @@ def test_iterative_removes_one_layer_at_a_time() -> None:
     assert sorted([first["removed"], second["removed"]]) == selection.removed
     with pytest.raises(SimdiffError, match="--iterative does not apply"):
         choose_iterative(model, calib, "angular_block", 2, Options())
+
+
+def test_iterative_reuses_initial_evidence_for_its_first_step(monkeypatch) -> None:
+    import simdiff.pipeline as pipeline
+
+    model = tiny_model("llama")
+    calib = batches(torch.randint(4, 256, (2, 8), generator=torch.Generator().manual_seed(0)), 2)
+    initial = gather_evidence(model, calib, {"layer_stats"})
+    fresh = choose_iterative(model, calib, "block_influence", 3, Options())
+    calls = []
+    real = pipeline.gather_evidence
+    monkeypatch.setattr(pipeline, "gather_evidence", lambda *a, **k: calls.append(k.get("removed")) or real(*a, **k))
+    reused = choose_iterative(model, calib, "block_influence", 3, Options(), initial=initial)
+    assert reused.removed == fresh.removed
+    for a, b in zip(reused.steps, fresh.steps):
+        np.testing.assert_array_equal(a["importance"], b["importance"])  # NaN (removed layers) compare equal
+    assert len(calls) == 2 and all(removed for removed in calls)  # steps 2 and 3 only, with layers bypassed
