@@ -117,7 +117,9 @@ def test_prune_is_deterministic(workspace, tmp_path, capsys) -> None:
     assert a["kept_layers"] == [i for i in range(6) if i not in a["removed_layers"]]
     assert a["criterion"] == "simdiff"
     assert a["scores"]["random"] != c["scores"]["random"]
-    assert a["scores"]["simdiff"] != c["scores"]["simdiff"]  # the seed also draws the calibration windows
+    # the seed also draws the calibration windows, so the raw statistics change (rank-normalised scores may not)
+    assert a["statistics"]["layer"]["mean_cos"] != c["statistics"]["layer"]["mean_cos"]
+    assert a["statistics"]["layer"]["mean_cos"] == b["statistics"]["layer"]["mean_cos"]
     assert not leftovers(tmp_path, "a") and (workspace["model"] / "config.json").is_file()
 
 

@@ -54,8 +54,17 @@ def tiny_model(model_type: str = "llama", num_layers: int = 6, seed: int = 0):
     return model.eval()
 
 
+TOKENIZER_FILE = Path(__file__).resolve().parent / "data" / "tiny_tokenizer.json"
+
+
 @functools.cache
 def _tokenizer_json() -> str:
+    """The committed tiny tokenizer (BPE training is not reproducible across processes: tied merges)."""
+    return TOKENIZER_FILE.read_text(encoding="utf-8")
+
+
+def train_tiny_tokenizer_json() -> str:
+    """How tests/data/tiny_tokenizer.json was made (run once; the result differs between runs)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -69,7 +78,7 @@ def _tokenizer_json() -> str:
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A 256-token byte-level BPE tokenizer trained on WikiText-2 (offline, deterministic); no BOS added."""
+    """A 256-token byte-level BPE tokenizer trained on WikiText-2 (committed, offline); no BOS added."""
     from tokenizers import Tokenizer
 
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), pad_token="<pad>",
