@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
-from simdiff.data import batches, calibration_windows
-from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import load_model
@@ -22,6 +20,7 @@ from simdiff.pipeline import (
     importance,
     needs_of,
 )
+from simdiff.recipe import Calibration, Recipe, recipe_from_settings
 from simdiff.save import check_output_dir, provenance, save_model
 from simdiff.select import resolve_count
 from simdiff.surgery import remove_layers
@@ -30,22 +29,6 @@ from simdiff.tune import reject_auto, resolve_alpha
 log = logging.getLogger(__name__)
 
 FREE_CRITERIA = [name for name, c in CRITERIA.items() if c.needs <= {LAYER_STATS}]
-
-
-@dataclass
-class Calibration:
-    """Where calibration windows come from."""
-
-    source: str = "wikitext2"
-    samples: int = 32
-    seq_len: int = 256
-    batch_size: int = 4
-    seed: int = 0
-    data_dir: str | None = None
-
-    def batches(self, tokenizer) -> list[Batch]:
-        windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)
-        return batches(windows, self.batch_size)
 
 
 @dataclass
@@ -64,16 +47,22 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
           offload_device: str | None = None) -> ScoreResult:
     """Score every decoder layer of an in-memory model with each criterion (one pass per evidence kind).
 
+    A criterion may be a variant such as ``simdiff:beta=0.5`` (scored under its own options, same evidence).
     ``offload_device``: collect the statistics one decoder layer at a time on that device (layer-wise offload).
     """
+    from simdiff.compare import CandidateSpec
     from simdiff.pipeline import score_layers
 
-    calibration = calibration or Calibration()
-    reject_auto(options)
-    for name in criteria:
-        get_criterion(name)
-    return score_layers(model, calibration.batches(tokenizer), criteria, options or Options(), block_sizes,
-                        offload_device=offload_device)
+    calibration, options = calibration or Calibration(), options or Options()
+    specs = [CandidateSpec.parse(name) for name in criteria]
+    for spec in specs:
+        reject_auto(spec.options(options))
+    names = list(dict.fromkeys(spec.criterion for spec in specs))
+    result = score_layers(model, calibration.batches(tokenizer), names, options, block_sizes,
+                          offload_device=offload_device)
+    result.scores = {spec.label: importance(spec.criterion, result.evidence, spec.options(options))
+                     for spec in specs}
+    return result
 
 
 def select_for_model(model, tokenizer, criterion: str, count: int, calibration: Calibration, options: Options,
@@ -96,37 +85,58 @@ def select_for_model(model, tokenizer, criterion: str, count: int, calibration: 
     return selection, result
 
 
-def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio: float | None = None,
-          criterion: str = "simdiff", calibration: Calibration | None = None, options: Options | None = None,
-          iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "float32",
-          device: str | None = None, device_map: str | None = None, overwrite: bool = False,
-          offload: str | None = None) -> PruneResult:
-    """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``.
+def prune(recipe: Recipe | str, out: str | Path | None = None, **settings) -> PruneResult:
+    """Load the model, remove the least important layers, save a reloadable checkpoint: as ``recipe`` says.
 
-    ``offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on ``device``.
+    Convenience form: ``prune("smollm2-135m", out="pruned", ratio=0.25, criterion="simdiff",
+    calibration=Calibration(samples=32))`` builds the recipe from keyword arguments (whole sections or single
+    fields, see :func:`simdiff.recipe.recipe_from_settings`). ``out`` also overrides a recipe's output.
+    ``model.offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on the device.
     """
-    calibration = calibration or Calibration()
-    options = options or Options()
-    get_criterion(criterion)
-    out_path = check_output_dir(out, overwrite)
-    offload_device = (device or "cpu") if offload == "layerwise" else None
-    model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
-                                  device_map=device_map)
+    if isinstance(recipe, Recipe):
+        if settings:
+            raise SimdiffError(f"prune(recipe) takes no other settings, got {', '.join(settings)}; edit the recipe")
+        recipe = recipe if out is None else replace(recipe, out=str(out))
+    else:
+        recipe = recipe_from_settings(recipe, out, **settings)
+    return prune_recipe(recipe)
+
+
+def prune_recipe(recipe: Recipe) -> PruneResult:
+    from simdiff.compare import CandidateSpec
+
+    recipe.check()
+    if recipe.is_comparison():
+        raise SimdiffError(f"prune takes one criterion and one count, got criterion {recipe.selection.criterion!r}, "
+                           f"{recipe.selection.counts_given()}; compare several with `simdiff compare`")
+    if not recipe.out:
+        raise SimdiffError("give --out DIR: the folder the pruned model is written to")
+    spec = CandidateSpec.parse(recipe.selection.criterion)
+    criterion, options, calibration = spec.criterion, spec.options(recipe.options), recipe.calibration
+    sel, spec_model = recipe.selection, recipe.model
+    num_layers, ratio = (sel.num_layers or [None])[0], (sel.ratio or [None])[0]
+    out_path = check_output_dir(recipe.out, recipe.overwrite)
+    offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
+    model, tokenizer = load_model(spec_model.name, dtype=spec_model.dtype,
+                                  device=None if offload_device else spec_model.device,
+                                  device_map=spec_model.device_map)
     total = len(find_decoder_layers(model))
     count = resolve_count(total, num_layers, ratio)
     # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
-    options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, iterative,
-                                          keep_first, keep_last)
+    options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, sel.iterative,
+                                          sel.keep_first, sel.keep_last)
     selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                         iterative, keep_first, keep_last, offload_device=offload_device)
+                                         sel.iterative, sel.keep_first, sel.keep_last, offload_device=offload_device)
     log.info("%s removes layers %s of %d", criterion, selection.removed, total)
     kept = remove_layers(model, selection.removed)
-    metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
-                              iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
-                              requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count)
+    metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
+                              iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
+                              dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
+                              removed_count=count)
+    metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
     if alpha_search is not None:
         metadata["alpha_search"] = alpha_search.to_dict()
-    saved = save_model(model, tokenizer, out_path, metadata, overwrite=overwrite)
+    saved = save_model(model, tokenizer, out_path, metadata, overwrite=recipe.overwrite)
     return PruneResult(selection, scores, kept, saved, metadata)
 
 

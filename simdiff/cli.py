@@ -11,11 +11,15 @@ from pathlib import Path
 from simdiff.bench.cli import add_bench_command
 from simdiff.cli_options import (
     add_calibration_options,
+    add_command_flags,
+    add_common_flags,
     add_criterion_options,
+    add_evaluation_options,
     add_model_options,
+    add_output_options,
+    add_renamed_hints,
     add_selection_options,
-    calibration_from,
-    options_from,
+    recipe_from_args,
 )
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
@@ -23,30 +27,25 @@ from simdiff.progress import set_progress
 from simdiff.recover.cli import add_recover_command
 
 log = logging.getLogger("simdiff")
+SCORE_CRITERIA = "simdiff,block_influence,angular_block,mssd,masd"
 
 
 # -- simdiff score -------------------------------------------------------------------------------------
 def add_score_command(subparsers) -> None:
     parser = subparsers.add_parser("score", help="score every decoder layer with one or more criteria")
     add_model_options(parser, offload=True)
-    parser.add_argument("--criteria", default="simdiff,block_influence,angular_block,mssd,masd",
-                        help="comma-separated criterion names, or 'all'")
-    parser.add_argument("--block-size", type=int, default=None,
-                        help="also collect angular distances of blocks of this many layers")
-    parser.add_argument("--json", default=None, help="write scores and raw statistics to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a PNG of the score profiles to this file")
+    add_selection_options(parser, only=["criterion"], defaults={"criterion": SCORE_CRITERIA})
+    add_command_flags(parser, "block_size", "json", "plot")
     add_calibration_options(parser)
     add_criterion_options(parser)
     parser.set_defaults(run=run_score)
 
 
 def parse_criteria(value: str) -> list[str]:
-    from simdiff.criteria import CRITERIA, get_criterion
+    """Criterion specs of a comma list (``all``: every criterion), each checked (variants included)."""
+    from simdiff.compare import parse_candidates
 
-    names = list(CRITERIA) if value == "all" else [n.strip() for n in value.split(",") if n.strip()]
-    for name in names:
-        get_criterion(name)
-    return names
+    return [spec.label for spec in parse_candidates(value)]
 
 
 def run_score(args: argparse.Namespace) -> None:
@@ -55,22 +54,24 @@ def run_score(args: argparse.Namespace) -> None:
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
-    criteria = parse_criteria(args.criteria)
-    offload_device = (args.device or "cpu") if args.offload == "layerwise" else None
-    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else args.device, args.device_map)
+    criteria = parse_criteria(args.criterion)
+    recipe = recipe_from_args(args)
+    spec = recipe.model
+    offload_device = (spec.device or "cpu") if spec.offload == "layerwise" else None
+    model, tokenizer = load_model(spec.name, spec.dtype, None if offload_device else spec.device, spec.device_map)
     sizes = (args.block_size,) if args.block_size else ()
-    result = score(model, tokenizer, criteria, calibration_from(args), options_from(args), sizes,
+    result = score(model, tokenizer, criteria, recipe.calibration, recipe.options, sizes,
                    offload_device=offload_device)
     print(format_score_table(result.scores))
-    document = {"model": args.model, "options": vars(options_from(args)),
-                "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
+    document = {"model": spec.name, "options": vars(recipe.options), "calibration": vars(recipe.calibration),
+                "recipe": recipe.to_dict(), **result.to_dict(), **provenance()}
     if args.json:
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         log.info("wrote %s", args.json)
     if args.plot:
         from simdiff.report.plots import plot_score_profiles
 
-        plot_score_profiles(result.scores, args.plot, title=f"layer scores: {args.model}")
+        plot_score_profiles(result.scores, args.plot, title=f"layer scores: {spec.name}")
         log.info("wrote %s", args.plot)
 
 
@@ -78,8 +79,7 @@ def run_score(args: argparse.Namespace) -> None:
 def add_prune_command(subparsers) -> None:
     parser = subparsers.add_parser("prune", help="remove the least important decoder layers and save the model")
     add_model_options(parser, offload=True)
-    parser.add_argument("--out", required=True, help="output directory (written atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_output_options(parser)
     add_selection_options(parser)
     add_calibration_options(parser)
     add_criterion_options(parser)
@@ -87,29 +87,70 @@ def add_prune_command(subparsers) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> None:
+    print_prune(recipe_from_args(args))
+
+
+def print_prune(recipe) -> None:
+    """Prune as ``recipe`` says and print what was removed and where it went."""
     from simdiff.api import prune
 
-    result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
-                   calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
-                   keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
-                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload)
+    result = prune(recipe)
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
-    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
+    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with "
+          f"{recipe.selection.criterion}")
     print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
 
 
+# -- simdiff run ---------------------------------------------------------------------------------------
+def add_run_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run a recipe (YAML/JSON, or a prune's simdiff.json): prune, or compare, then evaluate",
+        description="Run the recipe; flags given here override its fields (e.g. --out, --model, --samples).")
+    parser.add_argument("recipe", help="recipe file: .yaml/.yml/.json, or the simdiff.json of a prune")
+    parser.add_argument("--model", dest="model", default=argparse.SUPPRESS,
+                        help="model directory, hub id or built-in name (default: the recipe's)")
+    for add in (add_model_options, add_output_options, add_selection_options, add_calibration_options,
+                add_criterion_options, add_evaluation_options):
+        add(parser, override=True)
+    parser.set_defaults(run=run_recipe)
+
+
+def run_recipe(args: argparse.Namespace) -> None:
+    from simdiff.recipe import load_recipe
+
+    recipe = recipe_from_args(args, load_recipe(args.recipe)).check()
+    if recipe.is_comparison():
+        from simdiff.evaluate.cli import print_summary, run_comparison_recipe
+
+        document = run_comparison_recipe(recipe)
+        print_summary(document, recipe.evaluation.metric)
+        print(f"wrote {recipe.out}/results.json, results.md and plots")
+        return
+    print_prune(recipe)
+    if recipe.evaluation is not None:
+        from simdiff.evaluate.cli import evaluate_pruned
+
+        evaluate_pruned(recipe)
+
+
 # -- entry point ---------------------------------------------------------------------------------------
-COMMANDS = [add_score_command, add_prune_command, add_recover_command, add_eval_command, add_compare_command,
-            add_demo_command, add_bench_command]
+COMMANDS = [add_score_command, add_prune_command, add_run_command, add_recover_command, add_eval_command,
+            add_compare_command, add_demo_command, add_bench_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simdiff", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    from simdiff import __version__
+
+    parser = argparse.ArgumentParser(prog="simdiff", description=__doc__, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"simdiff {__version__}")
+    add_common_flags(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(subparsers)
+    for sub in subparsers.choices.values():
+        sub.allow_abbrev = False
+        add_common_flags(sub)
+        add_renamed_hints(sub)
     return parser
 
 
@@ -119,11 +160,18 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     for noisy in ("transformers", "accelerate", "urllib3", "filelock", "matplotlib", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     set_progress(not quiet)
+    from transformers.utils import logging as hf_logging  # its own bars (model loading)
+
+    hf_logging.disable_progress_bar() if quiet else hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SimdiffError as exc:  # a renamed flag
+        print(f"simdiff: error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(args.verbose, args.quiet)
     try:
         args.run(args)

@@ -1,97 +1,191 @@
-"""Option groups shared by the CLI commands, and their conversion into API objects.
+"""The one option vocabulary of the command line, generated from the settings dataclasses.
 
-The criterion options are generated from the :class:`simdiff.criteria.Options` dataclass, so the CLI and
-the Python API cannot drift apart.
+Every flag comes from a dataclass field declared with :func:`simdiff.flags.option` (the recipe sections in
+:mod:`simdiff.recipe`, :class:`simdiff.recover.config.RecoverConfig`, :class:`simdiff.bench.run.BenchSettings`
+and :class:`CommandFlags` below), so a flag has one name, type, help text and meaning in every subcommand;
+only its default may differ by command. Adding a setting is one field; every subcommand taking its section
+gets the flag. Flags that were renamed fail with a one-line hint (:data:`RENAMED`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
-from simdiff.api import Calibration
-from simdiff.criteria import CRITERIA, NORMALIZERS, Options
-from simdiff.criteria.simdiff import DIFF_SCALES
+from simdiff.criteria import Options
+from simdiff.errors import SimdiffError
+from simdiff.flags import FieldFlag, base_type, comma_list, field_flags, option
+from simdiff.recipe import (
+    SECTION_TYPES,
+    Calibration,
+    ModelSettings,
+    Recipe,
+    SelectionSettings,
+    recipe_from_dict,
+)
 
-OPTION_HELP = {
-    "alpha": "SimDiff weight of the similarity term (1 - alpha goes to the difference terms)",
-    "beta": "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)",
-    "normalize": "how each SimDiff metric is normalised across layers",
-    "diff_scale": "MSSD/MASD of y - x in the model's scale, or relative to each token's input RMS",
-    "seed": "seed for calibration sampling and the random criterion",
+RENAMED = {
+    "--seq-len": "use --calib-seq-len (calibration), --eval-seq-len (evaluation), --train-seq-len (recover) or "
+                 "--prefill-seq-len (bench)",
+    "--batch-size": "use --calib-batch-size (calibration), --eval-batch-size (evaluation), --train-batch-size "
+                    "(recover) or --prefill-batch-size (bench)",
+    "--criteria": "use --criterion (it takes a comma list where a command compares several)",
+    "--ratios": "use --ratio (it takes a comma list where a command compares several)",
+    "--alpha": "use --lora-alpha for LoRA recovery (--alpha is SimDiff's weight in score, prune, compare, run)",
+    "--rank": "use --lora-rank",
+    "--dropout": "use --lora-dropout",
+    "--eval-max-tokens": "use --max-tokens",
 }
-OPTION_CHOICES = {"normalize": list(NORMALIZERS), "diff_scale": list(DIFF_SCALES)}
 
 
-def add_model_options(parser: argparse.ArgumentParser, offload: bool = False) -> None:
-    parser.add_argument("model", help="model directory, hub id (org/name), or built-in name (smollm2-135m)")
-    group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    group.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
-    group.add_argument("--device-map", default=None, help="accelerate placement, e.g. auto (several GPUs + CPU)")
-    if offload:
-        group.add_argument("--offload", default=None, choices=["layerwise"],
-                           help="layerwise: keep the model in CPU memory and score it one decoder layer at a time "
-                                "on --device (for models bigger than device memory)")
+@dataclass
+class CommandFlags:
+    """Flags of single commands that are not settings of a run: extra outputs and what to compare with."""
+
+    json: str | None = option(None, "write the results as JSON to this file")
+    plot: str | None = option(None, "write a PNG of the per-layer score profiles to this file")
+    block_size: int | None = option(None, "also collect angular distances of blocks of this many layers")
+    baseline: str | None = option(None, "dense model (name/path) or an earlier `simdiff eval --json` file: "
+                                         "adds % retained")
 
 
-def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=None,
-                        help="folder holding wikitext-2/ and piqa/ (default: $SIMDIFF_DATA_DIR, else download)")
+def shown_default(flag: FieldFlag, default: Any) -> str:
+    if flag.shown is not None:
+        return flag.shown
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None or default == []:
+        return "none"
+    if isinstance(default, list):
+        return ",".join(map(str, default))
+    return str(default)
 
 
-def add_calibration_options(parser: argparse.ArgumentParser) -> None:
-    defaults = Calibration()
-    group = parser.add_argument_group("calibration")
-    group.add_argument("--calib", default=defaults.source,
-                       help="wikitext2 (validation split), or a .txt/.jsonl file or folder")
-    group.add_argument("--samples", type=int, default=defaults.samples, help="number of calibration windows")
-    group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window (BOS included)")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    add_data_dir_option(group)
+def add_flag(container, flag: FieldFlag, default: Any = None, shown: str | None = None,
+             override: bool = False, optional: bool = False) -> None:
+    """Add one generated flag. ``override``: the value stays unset unless given (``simdiff run`` overrides);
+    ``optional``: a positional that may be omitted."""
+    positional = not flag.flag.startswith("-")
+    text = flag.help if positional and not default else f"{flag.help} (default: {shown or shown_default(flag, default)})"
+    text = text.replace("%", "%%")
+    kwargs: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS if override else default}
+    kind, is_list = base_type(flag.value_type)
+    if kind is bool and not is_list:
+        kwargs["action"] = "store_true"
+    else:
+        kwargs["type"] = flag.parse or (comma_list(kind, kind.__name__) if is_list else kind)
+        if flag.choices is not None:
+            kwargs["choices"] = flag.choices
+    if positional:
+        container.add_argument(flag.flag, nargs="?" if override or optional or default else None, **kwargs)
+    else:
+        container.add_argument(flag.flag, dest=flag.dest, **kwargs)
 
 
-def add_criterion_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of :class:`Options` (``--alpha``, ``--beta``, ``--normalize``, ``--diff-scale``, ``--seed``)."""
-    group = parser.add_argument_group("criterion options")
-    for f in dataclasses.fields(Options):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {"default": f.default, "help": f"{OPTION_HELP[f.name]} (default: {f.default})"}
-        if f.name in OPTION_CHOICES:
-            kwargs["choices"] = OPTION_CHOICES[f.name]
-        elif f.name == "alpha":
-            kwargs["type"] = alpha_value
-            kwargs["help"] += "; 'auto' tunes it by ternary search on held-out calibration perplexity"
-        else:
-            kwargs["type"] = type(f.default)
-        group.add_argument(flag, **kwargs)
+def add_fields(parser: argparse.ArgumentParser, cls: type, title: str | None = None, *,
+               only: list[str] | None = None, exclude: tuple[str, ...] = (), defaults: dict | None = None,
+               shown: dict | None = None, override: bool = False) -> None:
+    """Add the flags of the dataclass ``cls`` (a field whose flag the parser already has is shared, not added)."""
+    container = parser.add_argument_group(title) if title else parser
+    defaults, shown = defaults or {}, shown or {}
+    for flag in field_flags(cls):
+        if (only is not None and flag.field not in only) or flag.field in exclude or flag.is_section:
+            continue
+        if flag.flag in parser._option_string_actions or any(a.dest == flag.flag for a in parser._actions):
+            continue
+        add_flag(container, flag, defaults.get(flag.field, flag.default), shown.get(flag.field), override,
+                 optional=flag.field in defaults)
 
 
-def alpha_value(text: str) -> float | str:
-    """``--alpha``: a number, or ``auto`` (tuned per model and layer count, see simdiff.tune)."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
+def section_from(cls: type, args: argparse.Namespace, base=None):
+    """The dataclass ``cls`` from parsed flags (fields whose flag was not given keep ``base``'s or defaults)."""
+    import dataclasses
+
+    values = {f.field: getattr(args, f.dest) for f in field_flags(cls) if not f.is_section and hasattr(args, f.dest)}
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
-def add_selection_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("selection")
-    count = group.add_mutually_exclusive_group(required=True)
-    count.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
-    count.add_argument("--ratio", type=float, help="fraction of decoder layers to remove (rounded)")
-    group.add_argument("--criterion", default="simdiff", help=f"one of: {', '.join(CRITERIA)}")
-    group.add_argument("--iterative", action="store_true", help="re-score after each removal (one layer at a time)")
-    group.add_argument("--keep-first", type=int, default=0, help="never remove the first N layers")
-    group.add_argument("--keep-last", type=int, default=0, help="never remove the last N layers")
+# -- the groups the subcommands share ------------------------------------------------------------------
+def add_model_options(parser: argparse.ArgumentParser, offload: bool = False, **kwargs) -> None:
+    add_fields(parser, ModelSettings, "model", exclude=() if offload else ("offload",), **kwargs)
+
+
+def add_calibration_options(parser: argparse.ArgumentParser, **kwargs) -> None:
+    add_fields(parser, Calibration, "calibration", **kwargs)
+
+
+def add_criterion_options(parser: argparse.ArgumentParser, **kwargs) -> None:
+    add_fields(parser, Options, "criterion options", **kwargs)
+
+
+def add_selection_options(parser: argparse.ArgumentParser, **kwargs) -> None:
+    add_fields(parser, SelectionSettings, "selection", **kwargs)
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser, **kwargs) -> None:
+    from simdiff.evaluate.suite import EvalSettings
+
+    add_fields(parser, EvalSettings, "evaluation", **kwargs)
+
+
+def add_output_options(parser: argparse.ArgumentParser, out: str | None = None, **kwargs) -> None:
+    """``--out`` and ``--overwrite`` (``--out`` is checked when the command runs, so recipes may supply it)."""
+    add_fields(parser, Recipe, "output", defaults={"out": out}, shown={"out": "required"} if out is None else None,
+               **kwargs)
+
+
+def add_command_flags(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:
+    add_fields(parser, CommandFlags, "output", only=list(names), **kwargs)
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    return Options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Options)})
+    return section_from(Options, args)
 
 
 def calibration_from(args: argparse.Namespace) -> Calibration:
-    return Calibration(source=args.calib, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                       seed=args.seed, data_dir=args.data_dir)
+    return section_from(Calibration, args)
+
+
+def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
+    """The recipe of a command: ``base`` (a loaded recipe, or defaults) with every given flag applied."""
+    import dataclasses
+
+    recipe = base or Recipe()
+    sections = {}
+    for name, cls in SECTION_TYPES.items():
+        current = getattr(recipe, name)
+        present = any(hasattr(args, f.dest) for f in field_flags(cls))
+        if current is None and present:
+            current = cls()
+        sections[name] = section_from(cls, args, current) if present and current is not None else current
+    resolved = section_from(Recipe, args, dataclasses.replace(recipe, **sections))
+    return recipe_from_dict(resolved.to_dict())  # validates types and choices of every field
+
+
+# -- flags every subcommand takes --------------------------------------------------------------------
+class _Renamed(argparse.Action):
+    """A flag that was renamed: one line naming the new flag, exit 2."""
+
+    def __init__(self, option_strings, dest, hint: str = "", **kwargs) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", help=argparse.SUPPRESS)
+        self.hint = hint
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        raise SimdiffError(f"{option_string} was renamed: {self.hint}")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """``-v``/``-q`` (accepted before or after the subcommand) and hints for renamed flags."""
+    default = False if top else argparse.SUPPRESS
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging and tracebacks (default: off)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="warnings only, no progress bars, model loading included (default: off)")
+
+
+def add_renamed_hints(parser: argparse.ArgumentParser) -> None:
+    """Call after a subcommand's own flags: renamed flags it does not define fail with a hint."""
+    for old, hint in RENAMED.items():
+        if old not in parser._option_string_actions:
+            parser.add_argument(old, action=_Renamed, hint=hint)

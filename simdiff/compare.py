@@ -75,7 +75,7 @@ def parse_candidates(value: str) -> list[CandidateSpec]:
     specs = [CandidateSpec.parse(t) for t in texts]
     labels = [s.label for s in specs]
     if not specs or len(set(labels)) != len(labels):
-        raise SimdiffError(f"--criteria must list distinct criteria, got {value!r}")
+        raise SimdiffError(f"--criterion must list distinct criteria, got {value!r}")
     return specs
 
 
@@ -95,7 +95,7 @@ class CompareSetup:
 
 def _check_counts(counts: list[int], total: int) -> list[int]:
     if not counts:
-        raise SimdiffError("give at least one layer count (--num-layers 4,8 or --ratios 0.25)")
+        raise SimdiffError("give at least one layer count (--num-layers 4,8 or --ratio 0.25)")
     for count in counts:
         if not 1 <= count < total:
             raise SimdiffError(f"cannot remove {count} of {total} layers; counts must lie in [1, {total - 1}]")

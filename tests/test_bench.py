@@ -99,8 +99,8 @@ def test_cli_random_weights_config_with_layers_removed(tmp_path, one_thread):
     config = tmp_path / "config.json"
     config.write_text(tiny_config("llama", 6).to_json_string(), encoding="utf-8")
     out = tmp_path / "bench.json"
-    args = ["-q", "bench", "--random-weights", str(config), "--remove", "2", "--device", "cpu", "--batch-size", "2",
-            "--seq-len", "8", "--prompt-len", "4", "--new-tokens", "2", "--decode-batch", "1", "--warmup", "0",
+    args = ["-q", "bench", "--random-weights", str(config), "--remove", "2", "--device", "cpu", "--prefill-batch-size", "2",
+            "--prefill-seq-len", "8", "--prompt-len", "4", "--new-tokens", "2", "--decode-batch", "1", "--warmup", "0",
             "--repeats", "1", "--json", str(out)]
     assert main(args) == 0
     document = json.loads(out.read_text())

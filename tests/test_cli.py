@@ -12,7 +12,7 @@ from tiny import data_dir, save_tiny, tiny_tokenizer
 from simdiff.cli import main
 from simdiff.save import METADATA_FILE
 
-CALIB = ["--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+CALIB = ["--samples", "4", "--calib-seq-len", "32", "--calib-batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ BAD_INPUTS = {
     "zero layers": (["--num-layers", "0"], None, "remove 0 layers .*remove at least 1"),
     "negative": (["--num-layers", "-2"], None, "remove -2 layers"),
     "more than exist": (["--num-layers", "9"], None, "remove 9 layers but the model has 6"),
-    "text too short": (["--num-layers", "2", "--calib", "{short}"], None, "text too short.*--seq-len"),
+    "text too short": (["--num-layers", "2", "--calib", "{short}"], None, "text too short.*--calib-seq-len"),
     "encoder-decoder": (["--num-layers", "1"], "t5", "encoder-decoder"),
     "encoder only": (["--num-layers", "1"], "bert", "not a causal LM"),
     "keep too many": (["--num-layers", "3", "--keep-first", "2", "--keep-last", "2"], None,
@@ -93,7 +93,7 @@ def test_existing_output_without_overwrite(workspace, tmp_path, capsys) -> None:
 
 
 def test_unknown_criterion_in_score(workspace, capsys) -> None:
-    message = run_bad(capsys, ["-q", "score", str(workspace["model"]), "--criteria", "simdiff,block_influense"])
+    message = run_bad(capsys, ["-q", "score", str(workspace["model"]), "--criterion", "simdiff,block_influense"])
     assert "Did you mean 'block_influence'" in message
 
 
@@ -125,7 +125,7 @@ def test_prune_is_deterministic(workspace, tmp_path, capsys) -> None:
 
 def test_score_writes_table_json_and_plot(workspace, tmp_path, capsys) -> None:
     json_file, png = tmp_path / "scores.json", tmp_path / "scores.png"
-    args = ["-q", "score", str(workspace["model"]), "--criteria", "simdiff,block_influence,angular_block",
+    args = ["-q", "score", str(workspace["model"]), "--criterion", "simdiff,block_influence,angular_block",
             "--calib", str(workspace["calib"]), *CALIB, "--json", str(json_file), "--plot", str(png)]
     assert main(args) == 0
     table = capsys.readouterr().out

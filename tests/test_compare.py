@@ -24,7 +24,7 @@ from simdiff.save import METADATA_FILE
 from simdiff.surgery import bypass_layers
 from simdiff.tune import split_windows, tune_alpha
 
-CALIB = ["--samples", "8", "--seq-len", "64", "--batch-size", "4"]
+CALIB = ["--samples", "8", "--calib-seq-len", "64", "--calib-batch-size", "4"]
 EVAL = ["--eval-seq-len", "64", "--max-tokens", "640", "--eval-batch-size", "5"]
 
 
@@ -88,7 +88,7 @@ def test_compare_writes_all_outputs_one_row_per_candidate(tmp_path, monkeypatch,
     folder = save_tiny("llama", tmp_path / "tiny")
     out = tmp_path / "cmp"
     criteria = "simdiff,block_influence,angular_block,mssd,ppl_skip,reverse,random"
-    code = main(["-q", "compare", str(folder), "--num-layers", "1,2", "--criteria", criteria, "--out", str(out),
+    code = main(["-q", "compare", str(folder), "--num-layers", "1,2", "--criterion", criteria, "--out", str(out),
                  *CALIB, "--calib", slices[0], "--ppl", slices[1], *EVAL])
     assert code == 0
     assert len(calls) == 1 and len(loads) == 1  # one statistics pass for all criteria, one model load
@@ -174,8 +174,8 @@ def test_alpha_auto_user_errors(tmp_path, capsys):
 def test_compare_on_smollm2(tmp_path):
     """A short comparison on the real model (every output written; pruning costs perplexity)."""
     out = tmp_path / "cmp"
-    code = main(["-q", "compare", "smollm2-135m", "--num-layers", "6", "--criteria", "simdiff,reverse",
-                 "--out", str(out), "--samples", "4", "--seq-len", "128", "--ppl", "wikitext2",
+    code = main(["-q", "compare", "smollm2-135m", "--num-layers", "6", "--criterion", "simdiff,reverse",
+                 "--out", str(out), "--samples", "4", "--calib-seq-len", "128", "--ppl", "wikitext2",
                  "--eval-seq-len", "256", "--max-tokens", "1024"])
     assert code == 0
     rows = {r["label"]: r for r in json.loads((out / "results.json").read_text())["rows"]}

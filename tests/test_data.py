@@ -53,7 +53,7 @@ def test_sample_windows_with_bos() -> None:
 
 
 def test_window_errors() -> None:
-    with pytest.raises(SimdiffError, match="text too short: 100 tokens.*--seq-len \\(now 200\\)"):
+    with pytest.raises(SimdiffError, match="text too short: 100 tokens.*--calib-seq-len \\(now 200\\)"):
         sample_windows(IDS, 2, 200, seed=0)
     with pytest.raises(SimdiffError, match="samples >= 1"):
         sample_windows(IDS, 0, 8, seed=0)

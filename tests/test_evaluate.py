@@ -110,8 +110,8 @@ def test_percent_retained_and_ppl_ratio():
 def test_eval_command_writes_json_with_baseline(tmp_path, capsys):
     folder = save_tiny("llama", tmp_path / "tiny")
     out = tmp_path / "eval.json"
-    code = main(["-q", "eval", str(folder), "--ppl", "wikitext2", "--seq-len", "32", "--max-tokens", "400",
-                 "--batch-size", "4", "--baseline", str(folder), "--json", str(out)])
+    code = main(["-q", "eval", str(folder), "--ppl", "wikitext2", "--eval-seq-len", "32", "--max-tokens", "400",
+                 "--eval-batch-size", "4", "--baseline", str(folder), "--json", str(out)])
     assert code == 0
     doc = json.loads(out.read_text())
     report = doc["perplexity"]["wikitext2"]

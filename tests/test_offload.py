@@ -18,7 +18,7 @@ from simdiff.errors import SimdiffError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-CALIB = ["--samples", "4", "--seq-len", "24", "--batch-size", "2"]
+CALIB = ["--samples", "4", "--calib-seq-len", "24", "--calib-batch-size", "2"]
 
 
 
@@ -75,7 +75,7 @@ def checkpoint(tmp_path_factory) -> dict[str, Path]:
 
 def score_json(ws: dict[str, Path], name: str, *extra: str) -> dict:
     out = ws["root"] / f"{name}.json"
-    argv = ["-q", "score", str(ws["model"]), "--calib", str(ws["calib"]), *CALIB, "--criteria",
+    argv = ["-q", "score", str(ws["model"]), "--calib", str(ws["calib"]), *CALIB, "--criterion",
             "simdiff,block_influence,angular_block,mssd,masd", "--block-size", "2", "--json", str(out), *extra]
     assert main(argv) == 0
     return json.loads(out.read_text())
@@ -104,6 +104,6 @@ def test_cli_prune_with_offload_removes_the_same_layers(checkpoint):
 
 def test_cli_offload_refuses_criteria_that_need_the_whole_model(checkpoint, capsys):
     argv = ["-q", "score", str(checkpoint["model"]), "--calib", str(checkpoint["calib"]), *CALIB,
-            "--criteria", "ppl_skip", "--offload", "layerwise"]
+            "--criterion", "ppl_skip", "--offload", "layerwise"]
     assert main(argv) == 2
     assert "--offload layerwise" in capsys.readouterr().err

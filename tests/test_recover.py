@@ -120,8 +120,8 @@ def test_cli_recover_saves_a_vanilla_checkpoint(tmp_path, repeated_text, capsys)
     (pruned / "simdiff.json").write_text(json.dumps({"removed_layers": [3], "criterion": "simdiff"}))
     out = tmp_path / "recovered"
     code = main(["-q", "recover", str(pruned), "--out", str(out), "--data", str(repeated_text), "--steps", "4",
-                 "--batch-size", "2", "--seq-len", "32", "--lr", "5e-3", "--eval-every", "2",
-                 "--checkpoint-every", "2", "--heldout-windows", "2", "--eval-max-tokens", "256"])
+                 "--train-batch-size", "2", "--train-seq-len", "32", "--lr", "5e-3", "--eval-every", "2",
+                 "--checkpoint-every", "2", "--heldout-windows", "2", "--max-tokens", "256"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed
@@ -152,8 +152,8 @@ def test_cli_no_merge_saves_a_loadable_adapter(tmp_path, repeated_text):
     base = save_tiny("llama", tmp_path / "base")
     out = tmp_path / "adapter"
     code = main(["-q", "recover", str(base), "--out", str(out), "--data", str(repeated_text), "--steps", "2",
-                 "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--checkpoint-every", "0",
-                 "--eval-max-tokens", "128", "--no-merge", "--target-modules", "q_proj,v_proj"])
+                 "--train-batch-size", "2", "--train-seq-len", "32", "--eval-every", "0", "--checkpoint-every", "0",
+                 "--max-tokens", "128", "--no-merge", "--target-modules", "q_proj,v_proj"])
     assert code == 0
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     assert json.loads((out / "simdiff.json").read_text())["recovery"]["merged"] is False
@@ -171,7 +171,7 @@ def test_cli_no_merge_saves_a_loadable_adapter(tmp_path, repeated_text):
 def test_cli_user_errors_exit_2(tmp_path, repeated_text, capsys, extra, message):
     base = save_tiny("llama", tmp_path / "base")
     code = main(["-q", "recover", str(base), "--out", str(tmp_path / "out"), "--data", str(repeated_text),
-                 "--seq-len", "32", "--eval-max-tokens", "128", *extra])
+                 "--train-seq-len", "32", "--max-tokens", "128", *extra])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from simdiff.bench.run import BenchSettings
+from simdiff.cli_options import add_command_flags, add_fields, add_model_options, section_from
 from simdiff.errors import SimdiffError
 
 log = logging.getLogger("simdiff")
@@ -16,42 +17,24 @@ log = logging.getLogger("simdiff")
 def add_bench_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="measure prefill/decode throughput, latency, peak memory (and speedup against another model)")
-    parser.add_argument("model", nargs="?", default=None,
-                        help="model directory, hub id or built-in name (omit with --random-weights)")
+    add_model_options(parser, only=["name", "dtype", "device"], defaults={"name": None, "dtype": "float32"},
+                      shown={"name": "none, with --random-weights", "device": "cuda if available, else cpu"})
     what = parser.add_argument_group("what to compare")
     other = what.add_mutually_exclusive_group()
     other.add_argument("--against", default=None,
-                       help="second model (or, with --random-weights, second config) benchmarked side by side")
+                       help="second model (or, with --random-weights, second config) benchmarked side by side "
+                            "(default: none)")
     other.add_argument("--remove", type=int, default=None,
-                       help="compare against a copy with this many decoder layers removed (the ones before the last)")
+                       help="compare against a copy with this many decoder layers removed (the ones before the "
+                            "last) (default: none)")
     what.add_argument("--random-weights", metavar="CONFIG", default=None,
                       help="benchmark an architecture with random weights: a shape name (llama-3.1-8b), "
-                           "a config.json or a model folder")
-    group = parser.add_argument_group("device")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    group.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
-    defaults = BenchSettings()
-    shapes = parser.add_argument_group("shapes and repeats")
-    shapes.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prefill batch size")
-    shapes.add_argument("--seq-len", type=int, default=defaults.seq_len, help="prefill tokens per sequence")
-    shapes.add_argument("--prompt-len", type=int, default=defaults.prompt_len, help="decode prompt length")
-    shapes.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="timed decode steps")
-    shapes.add_argument("--decode-batch", type=int, default=defaults.decode_batch,
-                        help="batch N of the second decode figure (batch 1 is always measured)")
-    shapes.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed runs before timing")
-    shapes.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs (the median is reported)")
-    shapes.add_argument("--compile", action="store_true",
-                        help="decode with a static KV cache and torch.compile (CUDA graphs on GPUs)")
-    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+                           "a config.json or a model folder (default: none)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; 1 is steadier on a shared machine (default: torch's choice)")
+    add_fields(parser, BenchSettings, "shapes and repeats")
+    add_command_flags(parser, "json")
     parser.set_defaults(run=run_bench)
-
-
-def settings_from(args: argparse.Namespace) -> BenchSettings:
-    return BenchSettings(batch_size=args.batch_size, seq_len=args.seq_len, prompt_len=args.prompt_len,
-                         new_tokens=args.new_tokens, decode_batch=args.decode_batch, warmup=args.warmup,
-                         repeats=args.repeats, compile=args.compile)
 
 
 def default_device(device: str | None) -> str:
@@ -119,7 +102,7 @@ def run_bench(args: argparse.Namespace) -> None:
     from simdiff.bench.run import bench_models
     from simdiff.save import provenance
 
-    settings = settings_from(args)
+    settings = section_from(BenchSettings, args)
     settings.check()
     if args.threads is not None:
         if args.threads < 1:

@@ -170,7 +170,7 @@ def collect_layer_statistics_offloaded(
     need = report.largest_layer_bytes + report.activation_bytes
     if max_device_bytes is not None and need > max_device_bytes:
         raise SimdiffError(f"one layer plus activations need {need / 2**20:.1f} MiB of device memory, more than the "
-                           f"budget of {max_device_bytes / 2**20:.1f} MiB; use fewer --samples or a shorter --seq-len")
+                           f"budget of {max_device_bytes / 2**20:.1f} MiB; use fewer --samples or a shorter --calib-seq-len")
 
     recorders = [StatisticsRecorder(n, block_sizes) for _ in batches]
     for recorder, mask in zip(recorders, masks):

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simdiff.collect.stats import LayerStatistics
+from simdiff.criteria.normalize import NORMALIZERS
 from simdiff.errors import SimdiffError, did_you_mean
+from simdiff.flags import number_or_auto, option
 
 # What a criterion can need; the pipeline runs one collector per kind, once, for all criteria.
 LAYER_STATS = "layer_stats"  # one streaming hook pass (cosine, MSSD, MASD, angular blocks)
@@ -29,15 +31,22 @@ class Evidence:
     taylor: np.ndarray | None = None
 
 
+DIFF_SCALES = ("absolute", "relative")
+SEED_HELP = "seed of every random choice: calibration windows, the random criterion, training order and dropout"
+
+
 @dataclass
 class Options:
     """Criterion options (the SimDiff knobs and the seed of ``random``)."""
 
-    alpha: float = 0.75
-    beta: float = 1.0
-    normalize: str = "rank"
-    diff_scale: str = "relative"
-    seed: int = 0
+    alpha: float | str = option(0.75, "SimDiff weight of the similarity term (1 - alpha goes to the difference "
+                                      "terms); 'auto' tunes it on held-out calibration perplexity",
+                                parse=number_or_auto)
+    beta: float = option(1.0, "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)")
+    normalize: str = option("rank", "how each SimDiff metric is normalised across layers", choices=NORMALIZERS)
+    diff_scale: str = option("relative", "MSSD/MASD of y - x in the model's scale, or relative to each token's "
+                                         "input RMS", choices=DIFF_SCALES)
+    seed: int = option(0, SEED_HELP)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from simdiff.criteria.normalize import normalize
-from simdiff.criteria.registry import LAYER_STATS, Evidence, Options, register, require
+from simdiff.criteria.registry import DIFF_SCALES, LAYER_STATS, Evidence, Options, register, require
 from simdiff.errors import SimdiffError
-
-DIFF_SCALES = ("absolute", "relative")
 
 
 def check_options(options: Options) -> None:

@@ -52,7 +52,7 @@ def sample_windows(token_ids: torch.Tensor, samples: int, seq_len: int, seed: in
     if len(token_ids) < body + 1:
         raise SimdiffError(
             f"text too short: {len(token_ids)} tokens, but a window needs {body + 1}; "
-            f"use a longer text or a smaller --seq-len (now {seq_len})"
+            f"use a longer text or a smaller --calib-seq-len (now {seq_len})"
         )
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(token_ids) - body + 1, size=samples)
@@ -68,7 +68,7 @@ def contiguous_windows(token_ids: torch.Tensor, seq_len: int, bos: int | None = 
     n = len(token_ids) // body
     if n == 0:
         raise SimdiffError(
-            f"text too short: {len(token_ids)} tokens, fewer than one window of {body}; lower --seq-len"
+            f"text too short: {len(token_ids)} tokens, fewer than one window of {body}; lower the window length (--eval-seq-len, or --train-seq-len in recover)"
         )
     return _with_bos(token_ids[: n * body].view(n, body), bos)
 

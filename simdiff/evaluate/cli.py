@@ -10,17 +10,21 @@ from pathlib import Path
 
 from simdiff.cli_options import (
     add_calibration_options,
+    add_command_flags,
     add_criterion_options,
-    add_data_dir_option,
+    add_evaluation_options,
     add_model_options,
-    calibration_from,
-    options_from,
+    add_output_options,
+    add_selection_options,
+    recipe_from_args,
 )
 from simdiff.errors import SimdiffError
+from simdiff.flags import names
 
 log = logging.getLogger("simdiff")
 
 DOC_CRITERIA = "simdiff,simdiff:alpha=auto,block_influence,angular_block,ppl_skip,taylor,reverse,random"
+EVAL_JSON = "evaluation.json"
 
 
 def _quiet_lm_eval() -> None:
@@ -28,59 +32,10 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def add_evaluation_options(parser: argparse.ArgumentParser, prefix: str = "", ppl: str = "wikitext2",
-                           tasks: str = "", limit: int | None = None, max_tokens: int | None = None) -> None:
-    """Perplexity and task options; ``prefix='eval-'`` keeps them apart from calibration's --seq-len."""
-    group = parser.add_argument_group("evaluation")
-    group.add_argument("--ppl", type=_names, default=_names(ppl),
-                       help=f"comma-separated perplexity sources: wikitext2 (test split) and/or .txt/.jsonl files "
-                            f"(default: {ppl or 'none'}; '' for none)")
-    group.add_argument(f"--{prefix}seq-len", dest="eval_seq_len", type=int, default=2048,
-                       help="tokens per perplexity window, BOS included (default: 2048)")
-    group.add_argument("--max-tokens", type=int, default=max_tokens,
-                       help="score only the first N tokens of each text (default: the whole text)")
-    group.add_argument(f"--{prefix}batch-size", dest="eval_batch_size", type=int, default=1,
-                       help="perplexity windows per forward pass (default: 1)")
-    group.add_argument("--tasks", type=_names, default=_names(tasks),
-                       help="comma-separated lm-eval tasks, e.g. piqa,hellaswag (piqa runs offline from "
-                            f"--data-dir) (default: {tasks or 'none'})")
-    group.add_argument("--limit", type=int, default=limit, help="questions per task (default: all)")
-    group.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
-    group.add_argument("--task-max-length", type=int, default=None,
-                       help="lm-eval context length (default: the model's max_position_embeddings)")
-
-
-def settings_from(args: argparse.Namespace):
-    from simdiff.evaluate.suite import EvalSettings
-
-    for name in ("eval_seq_len", "eval_batch_size", "max_tokens", "limit", "task_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < (2 if name == "eval_seq_len" else 1):
-            raise SimdiffError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if not args.ppl and not args.tasks:
-        raise SimdiffError("nothing to evaluate: give --ppl wikitext2 and/or --tasks piqa")
-    return EvalSettings(ppl=args.ppl, seq_len=args.eval_seq_len, max_tokens=args.max_tokens,
-                        batch_size=args.eval_batch_size, tasks=args.tasks, limit=args.limit,
-                        task_batch_size=args.task_batch_size, max_length=args.task_max_length,
-                        data_dir=args.data_dir)
+def recipe_sections(recipe, *sections: str) -> dict:
+    """The parts of a recipe a command used (what it writes beside its outputs)."""
+    document = recipe.to_dict()
+    return {name: document[name] for name in sections}
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -92,37 +47,37 @@ def add_eval_command(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="perplexity and zero-shot accuracy (lm-eval) of a model")
     add_model_options(parser)
     add_evaluation_options(parser)
-    add_data_dir_option(parser)
-    parser.add_argument("--baseline", default=None,
-                        help="dense model (name/path) or an earlier `simdiff eval --json` file: adds %% retained")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_command_flags(parser, "baseline", "json")
     parser.set_defaults(run=run_eval)
 
 
-def evaluate_model(name: str, args: argparse.Namespace, settings) -> dict:
+def evaluate_model(name: str, spec, settings) -> dict:
+    """Load ``name`` as ``spec`` (:class:`simdiff.recipe.ModelSettings`) says and evaluate it."""
     from simdiff.evaluate.suite import Evaluator
     from simdiff.model import load_model
 
-    model, tokenizer = load_model(name, args.dtype, args.device, args.device_map)
+    model, tokenizer = load_model(name, spec.dtype, spec.device, spec.device_map)
     return {"model": name, **Evaluator(model, tokenizer, settings)(name)}
 
 
-def run_eval(args: argparse.Namespace) -> None:
+def evaluate_against(name: str, spec, settings, baseline: str | None) -> dict:
+    """Evaluate ``name`` and, with ``baseline`` (a model or an earlier results JSON), add % retained."""
     from simdiff.evaluate.suite import percent_retained
-    from simdiff.save import provenance
 
     _quiet_lm_eval()
-    settings = settings_from(args)
-    result = evaluate_model(args.model, args, settings)
-    if args.baseline:
-        path = Path(args.baseline)
+    result = evaluate_model(name, spec, settings)
+    if baseline:
+        path = Path(baseline)
         if path.suffix == ".json" and path.is_file():
-            baseline = json.loads(path.read_text(encoding="utf-8"))
+            reference = json.loads(path.read_text(encoding="utf-8"))
         else:
-            baseline = evaluate_model(args.baseline, args, settings)
-        result["baseline"] = baseline
-        result["retained"] = percent_retained(baseline, result)
-    document = {**result, "settings": vars(settings), **provenance()}
+            reference = evaluate_model(baseline, spec, settings)
+        result["baseline"] = reference
+        result["retained"] = percent_retained(reference, result)
+    return result
+
+
+def print_evaluation(result: dict, settings) -> None:
     for source, report in result["perplexity"].items():
         print(f"{source}: perplexity {report['perplexity']:.4f} over {report['tokens']} tokens "
               f"({report['windows']} windows of {settings.seq_len})")
@@ -135,40 +90,59 @@ def run_eval(args: argparse.Namespace) -> None:
             print(f"{source}: perplexity ratio vs baseline {_fmt(ratio, 3)}")
         for metric, value in kept["average"].items():
             print(f"% retained ({metric}, mean over tasks): {_fmt(value, 1)}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from simdiff.save import provenance
+
+    recipe = recipe_from_args(args)
+    settings = recipe.evaluation.check()
+    result = evaluate_against(recipe.model.name, recipe.model, settings, args.baseline)
+    document = {**result, "settings": vars(settings), "recipe": recipe_sections(recipe, "model", "evaluation"),
+                **provenance()}
+    print_evaluation(result, settings)
     if args.json:
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         log.info("wrote %s", args.json)
 
 
+def evaluate_pruned(recipe) -> None:
+    """``simdiff run`` after a prune: evaluate the pruned folder against the dense model, write evaluation.json."""
+    from simdiff.save import provenance
+
+    settings = recipe.evaluation.check()
+    result = evaluate_against(recipe.out, recipe.model, settings, recipe.model.name)
+    print_evaluation(result, settings)
+    path = Path(recipe.out) / EVAL_JSON
+    document = {**result, "settings": vars(settings), "recipe": recipe.to_dict(), **provenance()}
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %s", path)
+
+
 # -- simdiff compare -----------------------------------------------------------------------------------
-def add_compare_options(parser: argparse.ArgumentParser, criteria: str, tasks: str = "", limit: int | None = None,
-                        max_tokens: int | None = None) -> None:
-    parser.add_argument("--criteria", default=criteria,
-                        help="comma-separated criteria, 'all', or name:key=value variants such as simdiff:alpha=auto "
-                             f"(default: {criteria})")
-    parser.add_argument("--keep-first", type=int, default=0, help="never remove the first N layers")
-    parser.add_argument("--keep-last", type=int, default=0, help="never remove the last N layers")
-    parser.add_argument("--metric", default="acc", choices=["acc", "acc_norm"], help="accuracy used for %% retained")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    add_evaluation_options(parser, prefix="eval-", tasks=tasks, limit=limit, max_tokens=max_tokens)
-    add_calibration_options(parser)
+def add_compare_parts(parser: argparse.ArgumentParser, criteria: str, out: str | None = None,
+                      evaluation: dict | None = None, calibration: dict | None = None,
+                      counts: tuple[str, ...] = ("num_layers", "ratio"), selection: dict | None = None) -> None:
+    add_selection_options(parser, only=["criterion", *counts, "keep_first", "keep_last"],
+                          defaults={"criterion": criteria, **(selection or {})})
+    add_output_options(parser, out)
+    add_evaluation_options(parser, defaults=evaluation)
+    add_calibration_options(parser, defaults=calibration)
     add_criterion_options(parser)
 
 
 def add_compare_command(subparsers) -> None:
     parser = subparsers.add_parser("compare", help="compare criteria: one calibration pass, every candidate evaluated")
     add_model_options(parser)
-    counts = parser.add_argument_group("layers to remove").add_mutually_exclusive_group(required=True)
-    counts.add_argument("--num-layers", type=_ints, help="comma-separated layer counts, e.g. 4,8")
-    counts.add_argument("--ratios", type=_floats, help="comma-separated fractions of the layers, e.g. 0.125,0.25")
-    parser.add_argument("--out", required=True, help="output folder: results.json, results.md, PNG plots")
-    add_compare_options(parser, DOC_CRITERIA)
+    add_compare_parts(parser, DOC_CRITERIA)
     parser.set_defaults(run=run_compare)
 
 
-def run_comparison(args: argparse.Namespace, model_name: str, num_layers: list[int] | None,
-                   ratios: list[float] | None) -> dict:
-    """Load the model, run :func:`simdiff.compare.compare`, write the folder; returns the document."""
+def run_comparison_recipe(recipe) -> dict:
+    """Load the model, run :func:`simdiff.compare.compare` as ``recipe`` says, write the folder; returns the
+    document (its ``recipe`` key holds the resolved recipe)."""
+    from dataclasses import replace
+
     from simdiff.compare import CompareSetup, compare, parse_candidates, write_results
     from simdiff.model import load_model
     from simdiff.model.layers import find_decoder_layers
@@ -176,16 +150,21 @@ def run_comparison(args: argparse.Namespace, model_name: str, num_layers: list[i
     from simdiff.select import resolve_count
 
     _quiet_lm_eval()
-    check_output_dir(args.out, args.overwrite)
-    specs = parse_candidates(args.criteria)
-    settings = settings_from(args)
-    model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map)
+    recipe.check()
+    if not recipe.out:
+        raise SimdiffError("give --out DIR: the folder results.json, results.md and the plots go to")
+    check_output_dir(recipe.out, recipe.overwrite)
+    specs = parse_candidates(recipe.selection.criterion)
+    settings = recipe.evaluation.check()
+    sel, spec = recipe.selection, recipe.model
+    model, tokenizer = load_model(spec.name, spec.dtype, spec.device, spec.device_map)
     total = len(find_decoder_layers(model))
-    counts = list(num_layers) if num_layers else [resolve_count(total, ratio=r) for r in ratios or []]
-    setup = CompareSetup(specs, counts, calibration_from(args), options_from(args), settings, args.keep_first,
-                         args.keep_last, args.metric)
-    document = compare(model, tokenizer, setup, model_name)
-    out = write_results(document, args.out, args.overwrite)
+    counts = list(sel.num_layers) if sel.num_layers else [resolve_count(total, ratio=r) for r in sel.ratio or []]
+    setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, sel.keep_first,
+                         sel.keep_last, settings.metric)
+    document = compare(model, tokenizer, setup, spec.name)
+    document["recipe"] = replace(recipe, overwrite=False).to_dict()
+    out = write_results(document, recipe.out, recipe.overwrite)
     log.info("wrote %s", out)
     return document
 
@@ -202,9 +181,10 @@ def print_summary(document: dict, metric: str) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    document = run_comparison(args, args.model, args.num_layers, args.ratios)
-    print_summary(document, args.metric)
-    print(f"wrote {args.out}/results.json, results.md and plots")
+    recipe = recipe_from_args(args)
+    document = run_comparison_recipe(recipe)
+    print_summary(document, recipe.evaluation.metric)
+    print(f"wrote {recipe.out}/results.json, results.md and plots")
 
 
 # -- simdiff demo --------------------------------------------------------------------------------------
@@ -214,21 +194,20 @@ DEMO_CRITERIA = "simdiff,block_influence,angular_block,mssd,masd,ppl_skip,taylor
 def add_demo_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="score all criteria on smollm2-135m, prune 25%%, dense vs pruned perplexity and PIQA")
-    parser.add_argument("model", nargs="?", default="smollm2-135m", help="model (default: smollm2-135m)")
-    group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    group.add_argument("--device", default=None)
-    group.add_argument("--device-map", default=None)
-    parser.add_argument("--ratio", type=float, default=0.25, help="fraction of layers to remove (default: 0.25)")
-    parser.add_argument("--out", default="out/demo", help="comparison folder (default: out/demo)")
-    add_compare_options(parser, DEMO_CRITERIA, tasks="piqa", limit=50, max_tokens=4096)
-    parser.set_defaults(run=run_demo, samples=8)
+    add_model_options(parser, defaults={"name": "smollm2-135m"}, shown={"name": "smollm2-135m"})
+    add_compare_parts(parser, DEMO_CRITERIA, out="out/demo", counts=("ratio",), selection={"ratio": [0.25]},
+                      evaluation={"tasks": ["piqa"], "limit": 50, "max_tokens": 4096}, calibration={"samples": 8})
+    parser.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    if "simdiff" not in _names(args.criteria):
-        raise SimdiffError(f"the demo prunes with simdiff; keep it in --criteria (got {args.criteria!r})")
-    document = run_comparison(args, args.model, None, [args.ratio])
+    recipe = recipe_from_args(args)
+    if "simdiff" not in names(recipe.selection.criterion):
+        raise SimdiffError(f"the demo prunes with simdiff; keep it in --criterion (got {recipe.selection.criterion!r})")
+    if len(recipe.selection.ratio or []) != 1:
+        raise SimdiffError(f"the demo prunes one fraction of the layers; give one --ratio (got {recipe.selection.ratio})")
+    document = run_comparison_recipe(recipe)
+    metric = recipe.evaluation.metric
     count = document["counts"][0]
     dense = document["rows"][0]
     pruned = next(r for r in document["rows"] if r["label"] == "simdiff" and r["count"] == count)
@@ -238,9 +217,9 @@ def run_demo(args: argparse.Namespace) -> None:
         print(f"  {source} perplexity: dense {_fmt(dense['perplexity'][source]['perplexity'], 2)} -> pruned "
               f"{_fmt(pruned['perplexity'][source]['perplexity'], 2)}")
     for task in dense["tasks"]:
-        print(f"  {task} {args.metric} ({dense['tasks'][task]['samples']} questions): dense "
-              f"{_fmt(dense['tasks'][task].get(args.metric))} -> pruned {_fmt(pruned['tasks'][task].get(args.metric))} "
-              f"({_fmt(pruned['retained']['tasks'].get(task, {}).get(args.metric), 1)}% retained)")
+        print(f"  {task} {metric} ({dense['tasks'][task]['samples']} questions): dense "
+              f"{_fmt(dense['tasks'][task].get(metric))} -> pruned {_fmt(pruned['tasks'][task].get(metric))} "
+              f"({_fmt(pruned['retained']['tasks'].get(task, {}).get(metric), 1)}% retained)")
     print("\nall criteria:")
-    print_summary(document, args.metric)
-    print(f"\ncomparison folder: {args.out} (results.md, results.json, {', '.join(['score_profiles.png', 'perplexity_vs_removed.png'])})")
+    print_summary(document, metric)
+    print(f"\ncomparison folder: {recipe.out} (results.md, results.json, {', '.join(['score_profiles.png', 'perplexity_vs_removed.png'])})")

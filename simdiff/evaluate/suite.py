@@ -8,26 +8,45 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
+from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import PerplexityProtocol, evaluation_batches, perplexity_report
+from simdiff.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, names, option
 
 
 @dataclass
 class EvalSettings:
     """What to measure: perplexity on each ``ppl`` source (test split) and accuracy on each lm-eval task."""
 
-    ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
-    seq_len: int = 2048
-    max_tokens: int | None = None
-    batch_size: int = 1
-    tasks: list[str] = field(default_factory=list)
-    limit: int | None = None
-    task_batch_size: int = 8
-    max_length: int | None = None
-    data_dir: str | None = None
+    ppl: list[str] = option(help="perplexity sources, comma-separated: wikitext2 (test split) and/or .txt/.jsonl "
+                                 "files ('' for none)", parse=names, default_factory=lambda: ["wikitext2"])
+    seq_len: int = option(2048, "tokens per perplexity window, BOS included", flag="--eval-seq-len")
+    max_tokens: int | None = option(None, "score only the first N tokens of each evaluation text",
+                                    shown="the whole text")
+    batch_size: int = option(1, "perplexity windows per forward pass", flag="--eval-batch-size")
+    tasks: list[str] = option(help="lm-eval tasks, comma-separated, e.g. piqa,hellaswag (piqa runs offline from "
+                                   "--data-dir)", parse=names, default_factory=list)
+    limit: int | None = option(None, "questions per task", shown="all")
+    task_batch_size: int = option(8, "lm-eval batch size")
+    max_length: int | None = option(None, "lm-eval context length", flag="--task-max-length",
+                                    shown="the model's max_position_embeddings")
+    metric: str = option("acc", "accuracy used for % retained", choices=("acc", "acc_norm"))
+    data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
+
+    def check(self) -> EvalSettings:
+        """Positive sizes and something to measure, else :class:`SimdiffError` naming the flag."""
+        for name, flag, least in (("seq_len", "--eval-seq-len", 2), ("batch_size", "--eval-batch-size", 1),
+                                  ("max_tokens", "--max-tokens", 1), ("limit", "--limit", 1),
+                                  ("task_batch_size", "--task-batch-size", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise SimdiffError(f"{flag} must be >= {least}, got {value}")
+        if not self.ppl and not self.tasks:
+            raise SimdiffError("nothing to evaluate: give --ppl wikitext2 and/or --tasks piqa")
+        return self
 
     def protocol(self, source: str) -> PerplexityProtocol:
         return PerplexityProtocol(source, "test", self.seq_len, self.max_tokens, self.batch_size, self.data_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from simdiff.data import bos_token_id, contiguous_windows, data_dir, load_text, 
 from simdiff.data.text import NAMED_DATASETS
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import NLL
+from simdiff.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
 from simdiff.model.load import load_model, resolve_model_path
 from simdiff.recover.checkpoint import read_trainer, resolve_checkpoint
 from simdiff.recover.config import RecoverConfig
@@ -33,10 +34,11 @@ EVAL_SPLIT = "test"
 class Evaluation:
     """WikiText-2 test perplexity settings for the before/after comparison."""
 
-    max_tokens: int = 16384
-    seq_len: int = 256
-    batch_size: int = 4
-    data_dir: str | None = None
+    max_tokens: int = option(16384, "score only the first N tokens of each evaluation text")
+    seq_len: int | None = option(None, "tokens per perplexity window, BOS included", flag="--eval-seq-len",
+                                 shown="the training window")
+    batch_size: int = option(4, "perplexity windows per forward pass", flag="--eval-batch-size")
+    data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
 
 
 @dataclass
@@ -88,8 +90,11 @@ def recover(model_name: str, out: str | Path, config: RecoverConfig | None = Non
             dtype: str = "float32") -> RecoverResult:
     """LoRA-train ``model_name`` on ``config.data`` and save a merged checkpoint (or the adapter) to ``out``."""
     config = config or RecoverConfig()
-    evaluation = evaluation or Evaluation(seq_len=config.seq_len, batch_size=config.batch_size,
-                                          data_dir=config.data_dir)
+    evaluation = evaluation or Evaluation(batch_size=config.batch_size, data_dir=config.data_dir)
+    if evaluation.seq_len is None:  # default: the training window
+        evaluation = replace(evaluation, seq_len=config.seq_len)
+    if evaluation.max_tokens < 1:
+        raise SimdiffError(f"--max-tokens must be >= 1, got {evaluation.max_tokens}")
     out_path = check_output_dir(out, overwrite)
     check_not_evaluation_text(config.data, config.data_dir)
     ckpt_dir = Path(checkpoint_dir).expanduser() if checkpoint_dir else default_checkpoint_dir(out_path)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from simdiff.criteria.registry import SEED_HELP
 from simdiff.errors import SimdiffError
+from simdiff.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
 
 ALL_LINEAR = "all-linear"
 
@@ -16,38 +18,40 @@ RESUMABLE = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "dat
 class RecoverConfig:
     """LoRA fine-tuning settings. ``data`` is the *training* text: WikiText-2 validation split by default."""
 
-    data: str = "wikitext2"
-    steps: int = 200
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 2e-4
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: str = ALL_LINEAR
-    seed: int = 0
-    heldout_windows: int = 8
-    eval_every: int = 25
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    data_dir: str | None = None
+    data: str = option("wikitext2", "training text: wikitext2 (its validation split; test is kept for evaluation) "
+                                    "or a .txt/.jsonl file or folder")
+    steps: int = option(200, "optimiser steps")
+    batch_size: int = option(4, "training windows per micro-batch per process", flag="--train-batch-size")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    seq_len: int = option(256, "tokens per training window (BOS included)", flag="--train-seq-len")
+    lr: float = option(2e-4, "peak learning rate (AdamW)")
+    warmup_steps: int | None = option(None, "linear warm-up steps before the cosine decay", shown="10% of --steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    rank: int = option(8, "LoRA rank", flag="--lora-rank")
+    alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / rank)", flag="--lora-alpha")
+    dropout: float = option(0.05, "LoRA dropout", flag="--lora-dropout")
+    target_modules: str = option(ALL_LINEAR, "LoRA target modules, comma-separated (e.g. q_proj,v_proj); "
+                                             "all-linear: every linear layer except the LM head")
+    seed: int = option(0, SEED_HELP)
+    heldout_windows: int = option(8, "windows at the end of the training text held out for the held-out loss")
+    eval_every: int = option(25, "held-out loss every N steps (0: never)")
+    checkpoint_every: int = option(50, "checkpoint every N steps (0: never)")
+    keep_checkpoints: int = option(2, "keep only the newest N checkpoints (0: all)")
+    data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
 
     def __post_init__(self) -> None:
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "rank": self.rank}
-        for name, value in positive.items():
+        positive = {"--steps": self.steps, "--train-batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--lora-rank": self.rank}
+        for flag, value in positive.items():
             if value < 1:
-                raise SimdiffError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+                raise SimdiffError(f"{flag} must be >= 1, got {value}")
         if self.seq_len < 2:
-            raise SimdiffError(f"--seq-len must be >= 2, got {self.seq_len}")
+            raise SimdiffError(f"--train-seq-len must be >= 2, got {self.seq_len}")
         if not self.lr > 0:
             raise SimdiffError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.dropout < 1:
-            raise SimdiffError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise SimdiffError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise SimdiffError(f"--warmup-steps must be in [0, --steps={self.steps}], got {self.warmup_steps}")
         for name in ("heldout_windows", "eval_every", "checkpoint_every", "keep_checkpoints"):

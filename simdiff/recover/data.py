@@ -47,7 +47,7 @@ def training_text(tokenizer, source: str, seq_len: int, heldout_windows: int,
     if len(windows) <= heldout_windows:
         raise SimdiffError(
             f"training text {source!r} gives only {len(windows)} windows of {seq_len} tokens, but "
-            f"{heldout_windows} are held out; use a longer text, a smaller --seq-len or fewer --heldout-windows"
+            f"{heldout_windows} are held out; use a longer text, a smaller --train-seq-len or fewer --heldout-windows"
         )
     split = len(windows) - heldout_windows
     log.info("training text %s: %d training + %d held-out windows of %d tokens", source, split,

@@ -1,0 +1,271 @@
+"""Recipes: one typed description of a run (model, calibration, selection, criterion options, evaluation, output).
+
+A recipe is the options object the library passes down (``simdiff.prune(recipe)``), the source of the
+command-line flags (:mod:`simdiff.cli_options` generates them from these fields) and a YAML/JSON file
+(``simdiff run recipe.yaml``). Every prune writes its fully resolved recipe into ``simdiff.json``, so
+``simdiff run out/simdiff.json --out other/`` replays it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from simdiff.criteria.registry import Options
+from simdiff.data import batches, calibration_windows
+from simdiff.data.windows import Batch
+from simdiff.errors import SimdiffError
+from simdiff.evaluate.suite import EvalSettings
+from simdiff.flags import (
+    DATA_DIR_HELP,
+    DATA_DIR_SHOWN,
+    FieldFlag,
+    base_type,
+    comma_list,
+    field_flags,
+    names,
+    option,
+)
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+RECIPE_KEY = "recipe"
+
+
+@dataclass
+class ModelSettings:
+    """Which checkpoint to load and where to put it."""
+
+    name: str = option("", "model directory, hub id (org/name), or built-in name (smollm2-135m)", flag="model",
+                       shown="required")
+    dtype: str = option("float32", "dtype the model is loaded (and saved) in", choices=DTYPES)
+    device: str | None = option(None, "device to run on, e.g. cpu, cuda, cuda:1", shown="cpu")
+    device_map: str | None = option(None, "accelerate placement, e.g. auto (several GPUs + CPU)")
+    offload: str | None = option(None, "layerwise: keep the model in CPU memory and score it one decoder layer at "
+                                       "a time on --device (for models bigger than device memory)",
+                                 choices=("layerwise",))
+
+
+@dataclass
+class Calibration:
+    """Where calibration windows come from."""
+
+    source: str = option("wikitext2", "calibration text: wikitext2 (validation split), or a .txt/.jsonl file or "
+                                      "folder", flag="--calib")
+    samples: int = option(32, "number of calibration windows")
+    seq_len: int = option(256, "tokens per calibration window (BOS included)", flag="--calib-seq-len")
+    batch_size: int = option(4, "calibration windows per forward pass", flag="--calib-batch-size")
+    seed: int = option(0, Options.__dataclass_fields__["seed"].metadata["help"])
+    data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
+
+    def batches(self, tokenizer) -> list[Batch]:
+        windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)
+        return batches(windows, self.batch_size)
+
+
+@dataclass
+class SelectionSettings:
+    """Which layers go: criterion (or several to compare), how many, which are protected."""
+
+    criterion: str = option("simdiff", "criterion, a variant such as simdiff:alpha=auto, or (where a command "
+                                       "takes several) a comma list or 'all'")
+    num_layers: list[int] | None = option(None, "number of decoder layers to remove (a comma list where a "
+                                                "command takes several)", parse=comma_list(int, "integers"))
+    ratio: list[float] | None = option(None, "fraction of decoder layers to remove, rounded (a comma list where "
+                                             "a command takes several)", parse=comma_list(float, "numbers"))
+    iterative: bool = option(False, "re-score after each removal (one layer at a time)")
+    keep_first: int = option(0, "never remove the first N layers")
+    keep_last: int = option(0, "never remove the last N layers")
+
+    def counts_given(self) -> list:
+        return (self.num_layers or []) + (self.ratio or [])
+
+
+@dataclass
+class Recipe:
+    """A whole run. ``evaluation`` is optional: when given, ``simdiff run`` evaluates the result too."""
+
+    model: ModelSettings = option(help="the checkpoint and its placement", default_factory=ModelSettings)
+    calibration: Calibration = option(help="calibration windows", default_factory=Calibration)
+    selection: SelectionSettings = option(help="which layers go", default_factory=SelectionSettings)
+    options: Options = option(help="criterion options", default_factory=Options)
+    evaluation: EvalSettings | None = option(None, "what to measure after pruning (none: no evaluation)")
+    out: str | None = option(None, "output folder (written atomically)")
+    overwrite: bool = option(False, "replace an existing output")
+
+    SECTIONS = ("model", "calibration", "selection", "options", "evaluation")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def criteria(self) -> list[str]:
+        """The criterion specs, ``all`` expanded."""
+        from simdiff.criteria import CRITERIA
+
+        text = self.selection.criterion.strip()
+        return list(CRITERIA) if text == "all" else names(text)
+
+    def is_comparison(self) -> bool:
+        """Several criteria or counts: a comparison (``simdiff compare``) rather than one prune."""
+        return len(self.criteria()) > 1 or len(self.selection.counts_given()) > 1
+
+    def check(self) -> Recipe:
+        """Semantic checks that need no model; raises :class:`SimdiffError` naming the field."""
+        from simdiff.compare import parse_candidates
+
+        if not self.model.name:
+            raise SimdiffError("recipe field model.name is empty; name a model directory, hub id or smollm2-135m")
+        parse_candidates(self.selection.criterion)
+        if (self.selection.num_layers is None) == (self.selection.ratio is None):
+            raise SimdiffError("give exactly one of --num-layers K or --ratio R (recipe: selection.num_layers or "
+                               "selection.ratio)")
+        if self.is_comparison() and self.evaluation is None:
+            raise SimdiffError("a recipe with several criteria or counts is a comparison: add an evaluation section")
+        return self
+
+
+SECTION_TYPES: dict[str, type] = {"model": ModelSettings, "calibration": Calibration,
+                                  "selection": SelectionSettings, "options": Options, "evaluation": EvalSettings}
+
+
+def _type_name(flag: FieldFlag) -> str:
+    kind, is_list = base_type(flag.value_type)
+    name = getattr(kind, "__name__", str(kind)).replace(" | ", " or ")
+    return f"a list of {name}" if is_list else name
+
+
+def _coerce_one(flag: FieldFlag, kind: Any, value: Any, where: str) -> Any:
+    if flag.parse is not None and isinstance(value, str):
+        try:
+            value = flag.parse(value)
+        except Exception:  # noqa: BLE001 - argparse.ArgumentTypeError and ValueError alike
+            raise SimdiffError(f"recipe field {where}: cannot read {value!r} as {_type_name(flag)}") from None
+        return value
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
+    if kind in ok and not ok[kind](value):
+        raise SimdiffError(f"recipe field {where}: expected {_type_name(flag)}, got {value!r}")
+    if flag.parse is not None and kind not in ok:  # e.g. alpha: a number or 'auto'
+        return flag.parse(str(value))
+    return float(value) if kind is float else value
+
+
+def coerce(flag: FieldFlag, value: Any, where: str) -> Any:
+    """``value`` as the field's type (scalars become one-item lists where a list is expected)."""
+    if value is None:
+        if flag.default is None:
+            return None
+        raise SimdiffError(f"recipe field {where} may not be empty (default: {flag.default!r})")
+    kind, is_list = base_type(flag.value_type)
+    if is_list:
+        items = names(value) if isinstance(value, str) and flag.parse is None else value
+        if isinstance(items, str):
+            return coerce_list_text(flag, items, where)
+        items = items if isinstance(items, list) else [items]
+        result = [_coerce_one(dataclasses.replace(flag, parse=None), kind, v, where) for v in items]
+    else:
+        result = _coerce_one(flag, kind, value, where)
+    for item in result if is_list else [result]:
+        if flag.choices is not None and item not in flag.choices:
+            raise SimdiffError(f"recipe field {where}: {item!r} is not one of {', '.join(map(str, flag.choices))}")
+    return result
+
+
+def coerce_list_text(flag: FieldFlag, text: str, where: str) -> list:
+    try:
+        return flag.parse(text)
+    except Exception:  # noqa: BLE001
+        raise SimdiffError(f"recipe field {where}: cannot read {text!r} as {_type_name(flag)}") from None
+
+
+def section_from_dict(cls: type, data: Any, where: str):
+    """Build the dataclass ``cls`` from a mapping, naming unknown or mistyped fields."""
+    flags = {f.field: f for f in field_flags(cls)}
+    if not isinstance(data, dict):
+        raise SimdiffError(f"recipe field {where} must be a mapping with keys {', '.join(flags)}, got {data!r}")
+    unknown = [key for key in data if key not in flags]
+    if unknown:
+        raise SimdiffError(f"unknown recipe field {where}.{unknown[0]}; allowed: {', '.join(flags)}")
+    return cls(**{key: coerce(flags[key], value, f"{where}.{key}") for key, value in data.items()})
+
+
+def recipe_from_dict(data: Any) -> Recipe:
+    """Validate a recipe mapping (as read from YAML/JSON, or a ``simdiff.json`` holding one under 'recipe')."""
+    if isinstance(data, dict) and isinstance(data.get(RECIPE_KEY), dict):
+        data = data[RECIPE_KEY]
+    top = {f.field: f for f in field_flags(Recipe)}
+    if not isinstance(data, dict):
+        raise SimdiffError(f"a recipe is a mapping with keys {', '.join(top)}, got {type(data).__name__}")
+    unknown = [key for key in data if key not in top]
+    if unknown:
+        raise SimdiffError(f"unknown recipe field {unknown[0]!r}; allowed: {', '.join(top)}")
+    kwargs = {}
+    for key, value in data.items():
+        if key in SECTION_TYPES:
+            kwargs[key] = None if value is None and key == "evaluation" else \
+                section_from_dict(SECTION_TYPES[key], value if value is not None else {}, key)
+        else:
+            kwargs[key] = coerce(top[key], value, key)
+    return Recipe(**kwargs)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a ``.yaml``/``.yml``/``.json`` recipe (or a prune's ``simdiff.json``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SimdiffError(f"recipe {str(path)!r} not found (give a .yaml or .json recipe, or a simdiff.json)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SimdiffError(f"recipe {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                           f"{str(exc).splitlines()[0]}") from None
+    return recipe_from_dict(data)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML (every field, defaults included)."""
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def recipe_from_settings(model: str, out: str | Path | None = None, **settings: Any) -> Recipe:
+    """A recipe from keyword arguments: whole sections (``calibration=Calibration(...)``) or single fields of
+    any section (``ratio=0.25``, ``dtype="bfloat16"``); list fields accept a single value."""
+    recipe = Recipe(model=ModelSettings(name=model), out=None if out is None else str(out))
+    owners: dict[str, list[str]] = {}
+    for name, cls in SECTION_TYPES.items():
+        for f in field_flags(cls):
+            owners.setdefault(f.field, []).append(name)
+    for key, value in settings.items():
+        if key in SECTION_TYPES:
+            if value is not None:
+                setattr(recipe, key, value)
+        elif key == "overwrite":
+            recipe.overwrite = bool(value)
+        elif key == "seed":
+            recipe.calibration.seed = recipe.options.seed = int(value)
+        elif len(owners.get(key, [])) == 1:
+            _set_field(recipe, owners[key][0], key, value)
+        elif key in owners:
+            raise SimdiffError(f"setting {key!r} is ambiguous ({' or '.join(owners[key])}); pass the section, "
+                               f"e.g. calibration=Calibration({key}=...)")
+        else:
+            raise SimdiffError(f"unknown setting {key!r}; use a section ({', '.join(SECTION_TYPES)}) or one of "
+                               f"{', '.join(sorted(k for k, v in owners.items() if len(v) == 1))}")
+    return recipe
+
+
+def _set_field(recipe: Recipe, section_name: str, key: str, value: Any) -> None:
+    section = getattr(recipe, section_name)
+    if section is None:
+        section = SECTION_TYPES[section_name]()
+        setattr(recipe, section_name, section)
+    flag = next(f for f in field_flags(type(section)) if f.field == key)
+    setattr(section, key, coerce(flag, value, f"{section_name}.{key}"))
