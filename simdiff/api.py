@@ -105,10 +105,10 @@ def prune(recipe: Recipe | str, out: str | Path | None = None, **settings) -> Pr
 def prune_recipe(recipe: Recipe) -> PruneResult:
     from simdiff.compare import CandidateSpec
 
-    recipe.check()
     if recipe.is_comparison():
         raise SimdiffError(f"prune takes one criterion and one count, got criterion {recipe.selection.criterion!r}, "
                            f"{recipe.selection.counts_given()}; compare several with `simdiff compare`")
+    recipe.check()
     if not recipe.out:
         raise SimdiffError("give --out DIR: the folder the pruned model is written to")
     spec = CandidateSpec.parse(recipe.selection.criterion)

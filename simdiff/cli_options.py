@@ -25,6 +25,7 @@ from simdiff.recipe import (
     recipe_from_dict,
 )
 
+SECTION_MARK = "_section_"
 RENAMED = {
     "--seq-len": "use --calib-seq-len (calibration), --eval-seq-len (evaluation), --train-seq-len (recover) or "
                  "--prefill-seq-len (bench)",
@@ -51,7 +52,7 @@ class CommandFlags:
 
 
 def shown_default(flag: FieldFlag, default: Any) -> str:
-    if flag.shown is not None:
+    if flag.shown is not None and default == flag.default:  # a command's own default is shown as it is
         return flag.shown
     if isinstance(default, bool):
         return "on" if default else "off"
@@ -89,6 +90,8 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, title: str | None = N
     """Add the flags of the dataclass ``cls`` (a field whose flag the parser already has is shared, not added)."""
     container = parser.add_argument_group(title) if title else parser
     defaults, shown = defaults or {}, shown or {}
+    if not override:  # the command takes this section (recipe_from_args builds it)
+        parser.set_defaults(**{SECTION_MARK + cls.__name__: True})
     for flag in field_flags(cls):
         if (only is not None and flag.field not in only) or flag.field in exclude or flag.is_section:
             continue
@@ -155,12 +158,21 @@ def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Re
     sections = {}
     for name, cls in SECTION_TYPES.items():
         current = getattr(recipe, name)
-        present = any(hasattr(args, f.dest) for f in field_flags(cls))
-        if current is None and present:
+        if current is None and (getattr(args, SECTION_MARK + cls.__name__, False) or _own_flag_given(cls, args)):
             current = cls()
-        sections[name] = section_from(cls, args, current) if present and current is not None else current
+        sections[name] = section_from(cls, args, current) if current is not None else current
+    if base is not None:  # a count given on the command line replaces the recipe's (--num-layers or --ratio)
+        for given, other in (("num_layers", "ratio"), ("ratio", "num_layers")):
+            if getattr(args, given, None) is not None and not hasattr(args, other):
+                sections["selection"] = dataclasses.replace(sections["selection"], **{other: None})
     resolved = section_from(Recipe, args, dataclasses.replace(recipe, **sections))
     return recipe_from_dict(resolved.to_dict())  # validates types and choices of every field
+
+
+def _own_flag_given(cls: type, args: argparse.Namespace) -> bool:
+    """A flag that belongs to section ``cls`` alone was given (``simdiff run`` adding a section)."""
+    others = {f.dest for name, other in SECTION_TYPES.items() if other is not cls for f in field_flags(other)}
+    return any(hasattr(args, f.dest) for f in field_flags(cls) if f.dest not in others)
 
 
 # -- flags every subcommand takes --------------------------------------------------------------------

@@ -30,7 +30,7 @@ from simdiff.tune import is_auto, tune_alpha
 
 log = logging.getLogger(__name__)
 
-RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+RESULTS_JSON, RESULTS_MD, RECIPE_YAML = "results.json", "results.md", "recipe.yaml"
 PROFILES_PNG, PPL_PNG = "score_profiles.png", "perplexity_vs_removed.png"
 OPTION_TYPES = {"alpha": float, "beta": float, "normalize": str, "diff_scale": str, "seed": int}
 
@@ -173,12 +173,15 @@ def _candidate(model, evaluator, evidence, windows, spec: CandidateSpec, count: 
 
 def write_results(document: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write results.json, results.md and the PNG plots into ``out`` atomically (temp dir, then rename)."""
+    from simdiff.recipe import dump_recipe
     from simdiff.report.comparison import comparison_markdown, plot_perplexity_vs_removed
     from simdiff.report.plots import plot_score_profiles
 
     with atomic_directory(out, overwrite) as tmp:
         (tmp / RESULTS_JSON).write_text(json.dumps(_finite(document), indent=2, default=_jsonable) + "\n", encoding="utf-8")
         (tmp / RESULTS_MD).write_text(comparison_markdown(document), encoding="utf-8")
+        if "recipe" in document:  # `simdiff run out/recipe.yaml` repeats the comparison
+            (tmp / RECIPE_YAML).write_text(dump_recipe(document["recipe"]), encoding="utf-8")
         profiles = {k: np.asarray(v) for k, v in document["profiles"].items()}
         plot_score_profiles(profiles, tmp / PROFILES_PNG, title=f"layer importance: {document['model']}")
         plot_perplexity_vs_removed(document, tmp / PPL_PNG)

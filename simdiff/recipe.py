@@ -228,11 +228,11 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_dict(data)
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def dump_recipe(recipe: Recipe | dict) -> str:
     """The recipe as YAML (every field, defaults included)."""
     import yaml
 
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    return yaml.safe_dump(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, sort_keys=False)
 
 
 def recipe_from_settings(model: str, out: str | Path | None = None, **settings: Any) -> Recipe:
