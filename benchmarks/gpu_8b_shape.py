@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--remove", type=int, default=12, help="decoder layers removed (of 32)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batch-size", type=int, default=4, help="prefill batch")
-    parser.add_argument("--seq-len", type=int, default=1024, help="prefill tokens per sequence")
+    parser.add_argument("--prefill-batch-size", type=int, default=4, help="prefill batch")
+    parser.add_argument("--prefill-seq-len", type=int, default=1024, help="prefill tokens per sequence")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--decode-batch", type=int, default=16)
@@ -58,7 +58,7 @@ def main() -> None:
         raise SystemExit("no CUDA device: run on a GPU, or use --tiny --device cpu to check the code path")
 
     spec, dtype, remove = args.shape, args.dtype, args.remove
-    settings = BenchSettings(batch_size=args.batch_size, seq_len=args.seq_len, prompt_len=args.prompt_len,
+    settings = BenchSettings(batch_size=args.prefill_batch_size, seq_len=args.prefill_seq_len, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, decode_batch=args.decode_batch, warmup=args.warmup,
                              repeats=args.repeats, compile_backend=args.compile_backend)
     tmp = None

@@ -1,6 +1,6 @@
 """Cost of scoring: every statistic-based criterion in one pass vs a plain forward over the same windows.
 
-    python benchmarks/scoring_cost.py --model smollm2-135m --samples 8 --seq-len 128 --repeats 5
+    python benchmarks/scoring_cost.py --model smollm2-135m --samples 8 --calib-seq-len 128 --repeats 5
 
 The plain pass is the same decoder-stack forward the scoring pass runs (``model.base_model``, no LM head,
 no hooks), so the ratio is exactly the price of the hooks and statistics. A full forward with the LM head
@@ -35,8 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--samples", type=int, default=8, help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--calib-seq-len", type=int, default=128)
+    parser.add_argument("--calib-batch-size", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.25, help="removal ratio (sets the angular block size)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
@@ -52,7 +52,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     device = torch.device(args.device)
-    batches = Calibration(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size).batches(tokenizer)
+    batches = Calibration(samples=args.samples, seq_len=args.calib_seq_len, batch_size=args.calib_batch_size).batches(tokenizer)
     count = resolve_count(len(find_decoder_layers(model)), None, args.ratio)
     criteria = list(FREE_CRITERIA)
     sizes = block_sizes_for(criteria, [count])
@@ -90,8 +90,8 @@ def main() -> None:
     mpeak = {k: statistics.median(v) for k, v in peaks.items()}
     mgrowth = {k: statistics.median(v) for k, v in growth.items()}
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
-    print(f"model {args.model}, {args.samples} windows x {args.seq_len} tokens ({tokens} tokens), "
-          f"batch {args.batch_size}, criteria {','.join(criteria)}, block sizes {sizes}, {args.repeats} repeats, "
+    print(f"model {args.model}, {args.samples} windows x {args.calib_seq_len} tokens ({tokens} tokens), "
+          f"batch {args.calib_batch_size}, criteria {','.join(criteria)}, block sizes {sizes}, {args.repeats} repeats, "
           f"memory by {peak.method}, {torch.get_num_threads()} thread(s)")
     print(f"{'phase':36s} {'median s':>9s} {'tokens/s':>9s} {'peak MiB':>9s} {'growth MiB':>10s}")
     for k in phases:

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--counts", default="4,8")
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
@@ -54,7 +54,7 @@ def main() -> None:
     torch.manual_seed(0)
     counts = [int(c) for c in args.counts.split(",")]
     model, tok = load_model(args.model)
-    calib = batches(calibration_windows(tok, "wikitext2", args.samples, args.seq_len, 0, args.data_dir), 4)
+    calib = batches(calibration_windows(tok, "wikitext2", args.samples, args.calib_seq_len, 0, args.data_dir), 4)
     evidence: Evidence = gather_evidence(model, calib, {"layer_stats"})
     test_ids = tokenize_text(tok, load_text("wikitext2", "test", args.data_dir))
     eval_batches = batches(contiguous_windows(test_ids, args.eval_seq_len, bos_token_id(tok), args.eval_tokens), 4)

@@ -30,8 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.25, help="fraction of decoder layers removed")
-    parser.add_argument("--batch-size", type=int, default=4, help="prefill batch")
-    parser.add_argument("--seq-len", type=int, default=128, help="prefill tokens per sequence")
+    parser.add_argument("--prefill-batch-size", type=int, default=4, help="prefill batch")
+    parser.add_argument("--prefill-seq-len", type=int, default=128, help="prefill tokens per sequence")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--decode-batch", type=int, default=8)
@@ -49,7 +49,7 @@ def main() -> None:
     total = len(find_decoder_layers(dense))
     count = resolve_count(total, None, args.ratio)
     pruned, removed = pruned_copy(dense, count)
-    settings = BenchSettings(batch_size=args.batch_size, seq_len=args.seq_len, prompt_len=args.prompt_len,
+    settings = BenchSettings(batch_size=args.prefill_batch_size, seq_len=args.prefill_seq_len, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, decode_batch=args.decode_batch, repeats=args.repeats)
     names = {f"{args.model} ({total} layers)": dense, f"minus {count} layers ({total - count})": pruned}
     result = bench_models(names, settings)

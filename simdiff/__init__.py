@@ -4,6 +4,7 @@ from simdiff.api import Calibration, PruneResult, prune, score
 from simdiff.criteria import CRITERIA, Options, get_criterion
 from simdiff.errors import SimdiffError
 from simdiff.model import find_decoder_layers, load_model
+from simdiff.recipe import Recipe, load_recipe
 from simdiff.save import save_model
 from simdiff.select import select_block, select_layers
 from simdiff.surgery import bypass_layers, remove_layers
@@ -15,11 +16,13 @@ __all__ = [
     "Calibration",
     "Options",
     "PruneResult",
+    "Recipe",
     "SimdiffError",
     "bypass_layers",
     "find_decoder_layers",
     "get_criterion",
     "load_model",
+    "load_recipe",
     "prune",
     "remove_layers",
     "save_model",

@@ -25,7 +25,7 @@ def visible_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def meaning(action: argparse.Action) -> tuple:
     """What a flag means: where its value goes, how it is read, and its help without the default."""
     kind = getattr(action.type, "__name__", str(action.type))
-    return action.dest, kind, type(action).__name__, re.sub(r" \(default: .*\)$", "", action.help, flags=re.S)
+    return action.dest, kind, type(action).__name__, re.sub(r" \(default: .*\)$", "", action.help or "", flags=re.S)
 
 
 def test_no_flag_has_two_meanings() -> None:
@@ -43,7 +43,7 @@ def test_no_flag_has_two_meanings() -> None:
 
 def test_every_option_shows_its_default() -> None:
     missing = [(command, action.option_strings[0]) for command, parser in subcommands().items()
-               for action in visible_options(parser) if "(default: " not in action.help]
+               for action in visible_options(parser) if "(default: " not in (action.help or "")]
     assert not missing
 
 
