@@ -109,8 +109,9 @@ def add_run_command(subparsers) -> None:
     parser.add_argument("recipe", help="recipe file: .yaml/.yml/.json, or the simdiff.json of a prune")
     parser.add_argument("--model", dest="model", default=argparse.SUPPRESS,
                         help="model directory, hub id or built-in name (default: the recipe's)")
-    for add in (add_model_options, add_output_options, add_selection_options, add_calibration_options,
-                add_criterion_options, add_evaluation_options):
+    add_model_options(parser, offload=True, override=True)
+    for add in (add_output_options, add_selection_options, add_calibration_options, add_criterion_options,
+                add_evaluation_options):
         add(parser, override=True)
     parser.set_defaults(run=run_recipe)
 

@@ -68,7 +68,8 @@ def add_flag(container, flag: FieldFlag, default: Any = None, shown: str | None 
     """Add one generated flag. ``override``: the value stays unset unless given (``simdiff run`` overrides);
     ``optional``: a positional that may be omitted."""
     positional = not flag.flag.startswith("-")
-    text = flag.help if positional and not default else f"{flag.help} (default: {shown or shown_default(flag, default)})"
+    shown = "the recipe's" if override else shown or shown_default(flag, default)
+    text = flag.help if positional and not default else f"{flag.help} (default: {shown})"
     text = text.replace("%", "%%")
     kwargs: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS if override else default}
     kind, is_list = base_type(flag.value_type)
