@@ -10,6 +10,7 @@ gets the flag. Flags that were renamed fail with a one-line hint (:data:`RENAMED
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,8 +105,6 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, title: str | None = N
 
 def section_from(cls: type, args: argparse.Namespace, base=None):
     """The dataclass ``cls`` from parsed flags (fields whose flag was not given keep ``base``'s or defaults)."""
-    import dataclasses
-
     values = {f.field: getattr(args, f.dest) for f in field_flags(cls) if not f.is_section and hasattr(args, f.dest)}
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
@@ -153,8 +152,6 @@ def calibration_from(args: argparse.Namespace) -> Calibration:
 
 def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
     """The recipe of a command: ``base`` (a loaded recipe, or defaults) with every given flag applied."""
-    import dataclasses
-
     recipe = base or Recipe()
     sections = {}
     for name, cls in SECTION_TYPES.items():

@@ -95,8 +95,6 @@ class Recipe:
     out: str | None = option(None, "output folder (written atomically)")
     overwrite: bool = option(False, "replace an existing output")
 
-    SECTIONS = ("model", "calibration", "selection", "options", "evaluation")
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -136,49 +134,45 @@ def _type_name(flag: FieldFlag) -> str:
     return f"a list of {name}" if is_list else name
 
 
+def _parse_text(flag: FieldFlag, text: str, where: str) -> Any:
+    """A string value read the way its flag reads it (``'4,8'``, ``'auto'``)."""
+    try:
+        return flag.parse(text)
+    except Exception:  # noqa: BLE001 - argparse.ArgumentTypeError and ValueError alike
+        raise SimdiffError(f"recipe field {where}: cannot read {text!r} as {_type_name(flag)}") from None
+
+
+_IS = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+       float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+       bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
+
+
 def _coerce_one(flag: FieldFlag, kind: Any, value: Any, where: str) -> Any:
-    if flag.parse is not None and isinstance(value, str):
-        try:
-            value = flag.parse(value)
-        except Exception:  # noqa: BLE001 - argparse.ArgumentTypeError and ValueError alike
-            raise SimdiffError(f"recipe field {where}: cannot read {value!r} as {_type_name(flag)}") from None
-        return value
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
-    if kind in ok and not ok[kind](value):
+    if flag.parse is not None and (isinstance(value, str) or kind not in _IS):  # e.g. alpha: a number or 'auto'
+        return _parse_text(flag, str(value), where)
+    if kind in _IS and not _IS[kind](value):
         raise SimdiffError(f"recipe field {where}: expected {_type_name(flag)}, got {value!r}")
-    if flag.parse is not None and kind not in ok:  # e.g. alpha: a number or 'auto'
-        return flag.parse(str(value))
     return float(value) if kind is float else value
 
 
 def coerce(flag: FieldFlag, value: Any, where: str) -> Any:
-    """``value`` as the field's type (scalars become one-item lists where a list is expected)."""
+    """``value`` as the field's type (a scalar or comma string becomes a list where a list is expected)."""
     if value is None:
         if flag.default is None:
             return None
         raise SimdiffError(f"recipe field {where} may not be empty (default: {flag.default!r})")
     kind, is_list = base_type(flag.value_type)
-    if is_list:
-        items = names(value) if isinstance(value, str) and flag.parse is None else value
-        if isinstance(items, str):
-            return coerce_list_text(flag, items, where)
-        items = items if isinstance(items, list) else [items]
-        result = [_coerce_one(dataclasses.replace(flag, parse=None), kind, v, where) for v in items]
+    if is_list and isinstance(value, str):
+        result = _parse_text(flag, value, where)
+    elif is_list:
+        element = dataclasses.replace(flag, parse=None)
+        result = [_coerce_one(element, kind, v, where) for v in (value if isinstance(value, list) else [value])]
     else:
         result = _coerce_one(flag, kind, value, where)
     for item in result if is_list else [result]:
         if flag.choices is not None and item not in flag.choices:
             raise SimdiffError(f"recipe field {where}: {item!r} is not one of {', '.join(map(str, flag.choices))}")
     return result
-
-
-def coerce_list_text(flag: FieldFlag, text: str, where: str) -> list:
-    try:
-        return flag.parse(text)
-    except Exception:  # noqa: BLE001
-        raise SimdiffError(f"recipe field {where}: cannot read {text!r} as {_type_name(flag)}") from None
 
 
 def section_from_dict(cls: type, data: Any, where: str):
