@@ -111,7 +111,8 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     check_removable(total, max(counts), setup.keep_first, setup.keep_last)
     cal = setup.calibration
     check_seq_len(model, cal.seq_len)
-    check_seq_len(model, setup.evaluation.seq_len, "--eval-seq-len")
+    if setup.evaluation.ppl:
+        check_seq_len(model, setup.evaluation.seq_len, "--eval-seq-len")
     windows = calibration_windows(tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, cal.data_dir)
     calib_batches = batches(windows, cal.batch_size)
     criteria = list(dict.fromkeys(s.criterion for s in setup.specs))

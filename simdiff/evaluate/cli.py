@@ -106,7 +106,8 @@ def evaluate_model(name: str, args: argparse.Namespace, settings) -> dict:
     from simdiff.model.checks import check_seq_len
 
     model, tokenizer = load_model(name, args.dtype, args.device, args.device_map, **source_from(args))
-    check_seq_len(model, settings.seq_len)
+    if settings.ppl:
+        check_seq_len(model, settings.seq_len)
     return {"model": name, **Evaluator(model, tokenizer, settings)(name)}
 
 
