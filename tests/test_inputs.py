@@ -148,6 +148,18 @@ def test_good_checkpoints_pass_the_checks(checkpoints):
         assert model.config.num_hidden_layers == 6
 
 
+def test_loading_info_check_refuses_what_transformers_only_warns_about(checkpoints):
+    """Hub models are checked after download from transformers' loading report (defect 4 there too)."""
+    from simdiff.errors import SimdiffError
+    from simdiff.model.checks import check_loading_info
+
+    _, loading = AutoModelForCausalLM.from_pretrained(checkpoints["config more layers"], output_loading_info=True)
+    with pytest.raises(SimdiffError, match=r"missing \(model\.layers\.6\."):
+        check_loading_info(loading, "org/name")
+    _, loading = AutoModelForCausalLM.from_pretrained(checkpoints["good"], output_loading_info=True)
+    check_loading_info(loading, "org/name")
+
+
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("texts")

@@ -189,6 +189,16 @@ def check_weights_match(model: nn.Module, shapes: dict[str, tuple[int, ...]], wh
                            f"{list(expected)} ({len(wrong)} tensors differ); the config and the weights disagree")
 
 
+def check_loading_info(loading: dict, where: str) -> None:
+    """After transformers loaded weights it could not check beforehand: no missing, unexpected or resized tensor."""
+    problems = {kind: set(loading.get(f"{kind}_keys") or ()) for kind in ("missing", "unexpected", "mismatched")}
+    if any(problems.values()):
+        shown = ", ".join(f"{len(keys)} {kind} ({_examples({str(k) for k in keys})})"
+                          for kind, keys in problems.items() if keys)
+        raise SimdiffError(f"{where}: the weights do not match its config: {shown}; the checkpoint is incomplete "
+                           "or belongs to another architecture")
+
+
 def check_vocabulary(model: nn.Module, tokenizer, where: str) -> None:
     """Every token id the tokenizer can produce must have an embedding row."""
     rows = model.get_input_embeddings().weight.shape[0]

@@ -18,6 +18,7 @@ import torch
 from simdiff.errors import SimdiffError, did_you_mean, one_line
 from simdiff.model.checks import (
     check_device,
+    check_loading_info,
     check_vocabulary,
     check_weights_match,
     checkpoint_shapes,
@@ -144,9 +145,11 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **source)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs, **source)
     except ValueError as exc:
         raise SimdiffError(f"cannot load {name_or_path!r} as a causal LM: {exc}") from exc
+    if not Path(path).is_dir():  # a hub model: its weight headers were not read before the download
+        check_loading_info(loading, name_or_path)
     if device is not None and device_map is None:
         model.to(device)
     model.eval()
