@@ -117,7 +117,7 @@ BAD_CHECKPOINTS = {
     "no weights": "holds config.json but no weights",
     "truncated weights": "model.safetensors is truncated",
     "invalid config json": r"config\.json is not valid JSON",
-    "config is a list": r"config\.json holds list; a transformers config is a JSON object",
+    "config is a list": r"config\.json holds a JSON list; a transformers config is a JSON object",
     "no tokenizer": "cannot load the tokenizer of .*missing or damaged",
     "tokenizer larger than embedding": "the tokenizer has 256 tokens but the embedding has 200 rows",
     "custom code": "needs its own Python code .*--trust-remote-code",
@@ -348,3 +348,33 @@ def test_internal_error_is_one_line_with_the_verbose_hint(checkpoints, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "simdiff: error: RuntimeError: first line second line (run with -v for the traceback)"
     assert "second line" not in "".join(err[:-1])
+
+
+def fake_hub_cache(root: Path, repo: str, revision: str, checkpoint: Path) -> Path:
+    """A Hugging Face hub cache holding ``checkpoint`` as ``repo`` at the ref ``revision`` only."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / revision).write_text(commit)
+    shutil.copytree(checkpoint, folder / "snapshots" / commit)
+    return root
+
+
+def test_revision_selects_the_cached_hub_snapshot(checkpoints, tmp_path):
+    """--revision reaches transformers: the cached ref loads offline, another ref is refused at once."""
+    import os
+    import subprocess
+    import sys
+
+    cache = fake_hub_cache(tmp_path / "hub", "someorg/tiny", "v1", checkpoints["good"])
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "simdiff", "-q", "score", "someorg/tiny", "--criteria", "block_influence",
+               *CALIB, "--revision"]
+    good = subprocess.run([*command, "v1"], env=env, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert "block_influence" in good.stdout
+    bad = subprocess.run([*command, "v2"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "simdiff: error: hub model 'someorg/tiny' at revision 'v2' is not in the local cache and HF_HUB_OFFLINE is "
+        "set: download it once online, or give a local model directory")

@@ -121,8 +121,9 @@ def read_baseline_json(path: str) -> dict:
         raise SimdiffError(f"--baseline {path!r} cannot be read ({exc})") from exc
     except json.JSONDecodeError as exc:
         raise SimdiffError(f"--baseline {path!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    if not isinstance(document, dict) or not isinstance(document.get("perplexity", {}), dict) or \
-            not isinstance(document.get("tasks", {}), dict) or not {"perplexity", "tasks"} & set(document):
+    sections = ("perplexity", "tasks")
+    if not (isinstance(document, dict) and set(sections) & set(document)
+            and all(isinstance(document.get(name, {}), dict) for name in sections)):
         raise SimdiffError(f"--baseline {path!r} is not a `simdiff eval --json` result (no perplexity/tasks)")
     return document
 
