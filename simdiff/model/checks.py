@@ -148,8 +148,8 @@ def _examples(names: set[str]) -> str:
 
 def check_layer_count(model: nn.Module, stored: set[str], where: str) -> None:
     """The decoder layers present in the weights must be exactly those the config declares."""
-    path = find_decoder_layers(model).path
-    configured = len(find_decoder_layers(model))
+    layers = find_decoder_layers(model)
+    path, configured = layers.path, len(layers)
     pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.")
     found = sorted({int(m.group(1)) for key in stored if (m := pattern.match(key))})
     if found != list(range(configured)):

@@ -160,8 +160,9 @@ def _source_kwargs(path: str, revision: str | None, trust_remote_code: bool) -> 
     """``from_pretrained`` arguments naming the source; a hub id is checked for access here (fail fast)."""
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if not Path(path).is_dir():
-        kwargs["revision"] = revision
         kwargs["local_files_only"] = local_files_only(path, revision)
+        if revision:
+            kwargs["revision"] = revision
     elif revision:
         raise SimdiffError(f"--revision {revision!r} applies to hub ids; {path!r} is a local directory")
     return kwargs
