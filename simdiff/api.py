@@ -8,8 +8,8 @@ from pathlib import Path
 
 from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
 from simdiff.errors import SimdiffError
+from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
-from simdiff.model.load import load_model
 from simdiff.pipeline import (
     ScoreResult,
     Selection,
@@ -22,7 +22,7 @@ from simdiff.pipeline import (
 )
 from simdiff.recipe import Calibration, Recipe, recipe_from_settings
 from simdiff.save import check_output_dir, provenance, save_model
-from simdiff.select import resolve_count
+from simdiff.select import check_removable, resolve_count
 from simdiff.surgery import remove_layers
 from simdiff.tune import reject_auto, resolve_alpha
 
@@ -58,6 +58,7 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
     for spec in specs:
         reject_auto(spec.options(options))
     names = list(dict.fromkeys(spec.criterion for spec in specs))
+    check_seq_len(model, calibration.seq_len)
     result = score_layers(model, calibration.batches(tokenizer), names, options, block_sizes,
                           offload_device=offload_device)
     result.scores = {spec.label: importance(spec.criterion, result.evidence, spec.options(options))
@@ -116,12 +117,13 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
     sel, spec_model = recipe.selection, recipe.model
     num_layers, ratio = (sel.num_layers or [None])[0], (sel.ratio or [None])[0]
     out_path = check_output_dir(recipe.out, recipe.overwrite)
+    check_device(spec_model.device)
     offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
-    model, tokenizer = load_model(spec_model.name, dtype=spec_model.dtype,
-                                  device=None if offload_device else spec_model.device,
-                                  device_map=spec_model.device_map)
+    model, tokenizer = spec_model.load(offloaded=offload_device is not None)
     total = len(find_decoder_layers(model))
     count = resolve_count(total, num_layers, ratio)
+    check_removable(total, count, sel.keep_first, sel.keep_last)
+    check_seq_len(model, calibration.seq_len)
     # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
     options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, sel.iterative,
                                           sel.keep_first, sel.keep_last)

@@ -21,7 +21,7 @@ from simdiff.cli_options import (
     add_selection_options,
     recipe_from_args,
 )
-from simdiff.errors import SimdiffError
+from simdiff.errors import SimdiffError, one_line
 from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
 from simdiff.progress import set_progress
 from simdiff.recover.cli import add_recover_command
@@ -50,15 +50,16 @@ def parse_criteria(value: str) -> list[str]:
 
 def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
-    from simdiff.model import load_model
+    from simdiff.model.checks import check_device
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
     criteria = parse_criteria(args.criterion)
-    recipe = recipe_from_args(args)
+    recipe = recipe_from_args(args)  # validated before loading
     spec = recipe.model
+    check_device(spec.device)
     offload_device = (spec.device or "cpu") if spec.offload == "layerwise" else None
-    model, tokenizer = load_model(spec.name, spec.dtype, None if offload_device else spec.device, spec.device_map)
+    model, tokenizer = spec.load(offloaded=offload_device is not None)
     sizes = (args.block_size,) if args.block_size else ()
     result = score(model, tokenizer, criteria, recipe.calibration, recipe.options, sizes,
                    offload_device=offload_device)
@@ -171,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SimdiffError as exc:  # a renamed flag
-        print(f"simdiff: error: {exc}", file=sys.stderr)
+        print(f"simdiff: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     configure_logging(args.verbose, args.quiet)
     try:
         args.run(args)
     except SimdiffError as exc:
-        print(f"simdiff: error: {exc}", file=sys.stderr)
+        print(f"simdiff: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("simdiff: interrupted", file=sys.stderr)
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for users; -v shows the traceback
         if args.verbose:
             raise
-        print(f"simdiff: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        print(f"simdiff: error: {type(exc).__name__}: {one_line(str(exc))} (run with -v for the traceback)",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -46,6 +46,18 @@ class ModelSettings:
     offload: str | None = option(None, "layerwise: keep the model in CPU memory and score it one decoder layer at "
                                        "a time on --device (for models bigger than device memory)",
                                  choices=("layerwise",))
+    revision: str | None = option(None, "hub model: branch, tag or commit (a token comes from $HF_TOKEN)",
+                                  shown="the default branch")
+    trust_remote_code: bool = option(False, "run the model's own Python code (auto_map); only for sources you trust")
+
+    def load(self, name: str | None = None, offloaded: bool = False):
+        """``(model, tokenizer)`` of this model (or of ``name``, e.g. its pruned copy) with these settings;
+        ``offloaded``: left in CPU memory for layer-wise scoring."""
+        from simdiff.model.load import load_model
+
+        source = {"revision": self.revision} if name is None else {}
+        return load_model(name or self.name, self.dtype, None if offloaded else self.device, self.device_map,
+                          trust_remote_code=self.trust_remote_code, **source)
 
 
 @dataclass
@@ -59,6 +71,13 @@ class Calibration:
     batch_size: int = option(4, "calibration windows per forward pass", flag="--calib-batch-size")
     seed: int = option(0, Options.__dataclass_fields__["seed"].metadata["help"])
     data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings when made, before the model is loaded."""
+        for flag, value, least in (("--samples", self.samples, 1), ("--calib-seq-len", self.seq_len, 2),
+                                   ("--calib-batch-size", self.batch_size, 1), ("--seed", self.seed, 0)):
+            if value < least:
+                raise SimdiffError(f"{flag} must be >= {least}, got {value}")
 
     def batches(self, tokenizer) -> list[Batch]:
         windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)

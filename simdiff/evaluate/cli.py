@@ -54,10 +54,29 @@ def add_eval_command(subparsers) -> None:
 def evaluate_model(name: str, spec, settings) -> dict:
     """Load ``name`` as ``spec`` (:class:`simdiff.recipe.ModelSettings`) says and evaluate it."""
     from simdiff.evaluate.suite import Evaluator
-    from simdiff.model import load_model
+    from simdiff.model.checks import check_seq_len
 
-    model, tokenizer = load_model(name, spec.dtype, spec.device, spec.device_map)
+    model, tokenizer = spec.load(None if name == spec.name else name)
+    if settings.ppl:
+        check_seq_len(model, settings.seq_len, "--eval-seq-len")
     return {"model": name, **Evaluator(model, tokenizer, settings)(name)}
+
+
+def read_baseline_json(path: str) -> dict:
+    """An earlier ``simdiff eval --json`` result, read (and refused when unusable) before any evaluation."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SimdiffError(f"--baseline {path!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SimdiffError(f"--baseline {path!r} cannot be read ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise SimdiffError(f"--baseline {path!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    sections = ("perplexity", "tasks")
+    if not (isinstance(document, dict) and set(sections) & set(document)
+            and all(isinstance(document.get(name, {}), dict) for name in sections)):
+        raise SimdiffError(f"--baseline {path!r} is not a `simdiff eval --json` result (no perplexity/tasks)")
+    return document
 
 
 def evaluate_against(name: str, spec, settings, baseline: str | None) -> dict:
@@ -65,12 +84,10 @@ def evaluate_against(name: str, spec, settings, baseline: str | None) -> dict:
     from simdiff.evaluate.suite import percent_retained
 
     _quiet_lm_eval()
+    reference = read_baseline_json(baseline) if baseline and baseline.endswith(".json") else None
     result = evaluate_model(name, spec, settings)
     if baseline:
-        path = Path(baseline)
-        if path.suffix == ".json" and path.is_file():
-            reference = json.loads(path.read_text(encoding="utf-8"))
-        else:
+        if reference is None:
             reference = evaluate_model(baseline, spec, settings)
         result["baseline"] = reference
         result["retained"] = percent_retained(reference, result)
@@ -144,7 +161,6 @@ def run_comparison_recipe(recipe) -> dict:
     from dataclasses import replace
 
     from simdiff.compare import CompareSetup, compare, parse_candidates, write_results
-    from simdiff.model import load_model
     from simdiff.model.layers import find_decoder_layers
     from simdiff.save import check_output_dir
     from simdiff.select import resolve_count
@@ -157,7 +173,7 @@ def run_comparison_recipe(recipe) -> dict:
     specs = parse_candidates(recipe.selection.criterion)
     settings = recipe.evaluation.check()
     sel, spec = recipe.selection, recipe.model
-    model, tokenizer = load_model(spec.name, spec.dtype, spec.device, spec.device_map)
+    model, tokenizer = spec.load()
     total = len(find_decoder_layers(model))
     counts = list(sel.num_layers) if sel.num_layers else [resolve_count(total, ratio=r) for r in sel.ratio or []]
     setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, sel.keep_first,
