@@ -53,7 +53,7 @@ class ModelSettings:
     def load(self, name: str | None = None, offloaded: bool = False):
         """``(model, tokenizer)`` of this model (or of ``name``, e.g. its pruned copy) with these settings;
         ``offloaded``: left in CPU memory for layer-wise scoring."""
-        from simdiff.model.load import load_model
+        from simdiff.model import load_model
 
         source = {"revision": self.revision} if name is None else {}
         return load_model(name or self.name, self.dtype, None if offloaded else self.device, self.device_map,
