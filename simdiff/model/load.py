@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from simdiff.errors import SimdiffError, did_you_mean
-from simdiff.save import atomic_directory
+from simdiff.outputs import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def _convert_gguf(spec: BuiltinModel, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_directory(target, overwrite=True) as tmp:
+    # the one writer into the model cache: replaces only a complete earlier conversion (it holds config.json)
+    with atomic_directory(target, overwrite=True, marker="config.json", protect_cache=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
