@@ -39,6 +39,7 @@ LOCK_SUFFIX = ".simdiff-lock"
 JSON_SUFFIXES = (".json",)
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 FAULT_ENV = "SIMDIFF_FAULT_AT"  # tests only: kill the process with SIGKILL at the named step of a save
+NO_FLOCK_ERRNOS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 MIN_FREE_BYTES = 1 << 20
 _LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?")
@@ -269,16 +270,42 @@ def _acquire_lock(lock: Path, target: Path, flag: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise SimdiffError(f"another simdiff run (pid {holder}) is writing {str(target)!r}; wait for it to "
-                               f"finish or choose another {flag}") from None
+            raise _busy(lock, target, flag) from None
+        except OSError as exc:
+            if exc.errno not in NO_FLOCK_ERRNOS:
+                os.close(fd)
+                raise
+            return _acquire_pid_lock(fd, lock, target, flag)
         held = os.fstat(fd)
         if _identity(lock) == (held.st_dev, held.st_ino):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return fd
         os.close(fd)  # the lock file was removed by its previous holder while we waited: take the new one
+
+
+def _holder(lock: Path) -> str:
+    try:
+        return lock.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _busy(lock: Path, target: Path, flag: str) -> SimdiffError:
+    return SimdiffError(f"another simdiff run (pid {_holder(lock) or '?'}) is writing {str(target)!r}; wait for it "
+                        f"to finish or choose another {flag}")
+
+
+def _acquire_pid_lock(fd: int, lock: Path, target: Path, flag: str) -> int:
+    """Fallback for file systems without flock (some NFS/Lustre mounts): the pid in the lock file decides."""
+    holder = _holder(lock)
+    if holder.isdigit() and _alive(int(holder)):
+        os.close(fd)
+        raise _busy(lock, target, flag)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class OutputDir:

@@ -6,6 +6,7 @@ inputs byte-identical, user folders untouched, one clear line (exit 2) for what 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -116,6 +117,24 @@ def test_second_run_to_the_same_out_is_refused_while_the_first_runs(model, calib
     assert f"another simdiff run (pid {os.getpid()}) is writing" in second["error"]
     assert json.loads((out / "simdiff.json").read_text())["removed_layers"] == first.selection.removed
     assert leftovers(tmp_path) == []
+
+
+def test_claim_without_flock_falls_back_to_the_pid_in_the_lock_file(tmp_path, monkeypatch):
+    """Some NFS/Lustre mounts refuse flock: the claim then relies on the pid it writes into the lock file."""
+    from simdiff.outputs import claim_output_dir
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("simdiff.outputs.fcntl.flock", no_flock)
+    out = tmp_path / "out"
+    busy = f"another simdiff run \\(pid {os.getpid()}\\) is writing"
+    with claim_output_dir(out), pytest.raises(SimdiffError, match=busy):
+        claim_output_dir(out)
+    (tmp_path / ".out.simdiff-lock").write_text(f"{dead_pid()}\n")  # left by a killed run
+    with claim_output_dir(out) as claim, claim.staging() as staging:
+        (staging / "simdiff.json").write_text("{}")
+    assert (out / "simdiff.json").is_file() and leftovers(tmp_path) == []
 
 
 # -- defect 2: --overwrite never deletes inputs, caches or unrelated folders --------------------------------
