@@ -52,7 +52,7 @@ def parse_criteria(value: str) -> list[str]:
 def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
     from simdiff.model import load_model
-    from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, check_output_file, write_file, write_text_file
+    from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, atomic_file, check_output_file, write_text_file
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
@@ -76,8 +76,8 @@ def run_score(args: argparse.Namespace) -> None:
     if args.plot:
         from simdiff.report.plots import plot_score_profiles
 
-        write_file(args.plot, lambda tmp: plot_score_profiles(result.scores, tmp, title=f"layer scores: {args.model}"),
-                   args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
+        with atomic_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot") as tmp:
+            plot_score_profiles(result.scores, tmp, title=f"layer scores: {args.model}")
         log.info("wrote %s", args.plot)
 
 

@@ -26,7 +26,7 @@ import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
@@ -151,14 +151,14 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: In
 
 
 def check_output_file(out: str | os.PathLike | None, overwrite: bool = False, inputs: Inputs = (),
-                      suffixes: tuple[str, ...] = JSON_SUFFIXES, flag: str = "--json") -> Path:
-    """Validate a single-file output (``--json``, ``--plot``) before any work.
+                      suffixes: tuple[str, ...] | None = JSON_SUFFIXES, flag: str = "--json") -> Path:
+    """Validate a single-file output (``--json``, ``--plot``) before any work; ``suffixes=None``: any name.
 
     A missing parent folder is created when the file is written (its nearest existing ancestor must be a
     writable folder).
     """
     path = _usable(out, flag)
-    if path.suffix.lower() not in suffixes:
+    if suffixes is not None and path.suffix.lower() not in suffixes:
         raise SimdiffError(f"{flag} {str(out)!r}: unknown extension {path.suffix or '(none)'!r}; "
                            f"use one of {', '.join(suffixes)}")
     check_not_protected(path, inputs, flag=flag)
@@ -412,11 +412,12 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False, inputs: In
 
 
 # -- single files ---------------------------------------------------------------------------------------
-def write_file(out: str | os.PathLike, write: Callable[[Path], object], overwrite: bool = False,
-               inputs: Inputs = (), suffixes: tuple[str, ...] = JSON_SUFFIXES, flag: str = "--json") -> Path:
-    """Write one file atomically: ``write(tmp)`` fills a temporary sibling, which is then renamed into place.
+@contextmanager
+def atomic_file(out: str | os.PathLike, overwrite: bool = False, inputs: Inputs = (),
+                suffixes: tuple[str, ...] | None = JSON_SUFFIXES, flag: str = "--json") -> Iterator[Path]:
+    """Yield a temporary sibling of the file ``out`` (same extension); on success it is renamed into place.
 
-    Without ``overwrite`` a file that appeared at ``out`` meanwhile is kept (hard-link: no replace).
+    Without ``overwrite`` a file that appeared at ``out`` meanwhile is kept (a hard link never replaces).
     """
     path = check_output_file(out, overwrite, inputs, suffixes, flag)
     with _write_errors(path):
@@ -426,7 +427,7 @@ def write_file(out: str | os.PathLike, write: Callable[[Path], object], overwrit
     os.close(fd)
     tmp = Path(name)
     try:
-        write(tmp)
+        yield tmp
         _make_readable(tmp)
         fault_point("file-staged")
         _place_file(tmp, path, overwrite, flag)
@@ -436,7 +437,6 @@ def write_file(out: str | os.PathLike, write: Callable[[Path], object], overwrit
         if failure is not None:
             raise failure from exc
         raise
-    return path
 
 
 def _place_file(tmp: Path, path: Path, overwrite: bool, flag: str) -> None:
@@ -459,5 +459,7 @@ def _place_file(tmp: Path, path: Path, overwrite: bool, flag: str) -> None:
 
 def write_text_file(out: str | os.PathLike, text: str, overwrite: bool = False, inputs: Inputs = (),
                     flag: str = "--json") -> Path:
-    """Write a JSON (or other text) result file atomically under the output contract."""
-    return write_file(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite, inputs, flag=flag)
+    """Write a JSON result file atomically under the output contract."""
+    with atomic_file(out, overwrite, inputs, JSON_SUFFIXES, flag) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(out).expanduser()

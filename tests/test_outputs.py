@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,20 @@ def test_existing_result_file_is_not_replaced_without_overwrite(command, model, 
     message = run_bad(capsys, args)
     assert f"{flag} {str(existing)!r} already exists; pass --overwrite" in message
     assert existing.read_text() == "precious"
+
+
+def test_result_file_created_during_the_run_is_kept(model, calib, tmp_path, capsys, monkeypatch):
+    target = tmp_path / "scores.json"
+    real_score = simdiff.api.score
+
+    def user_writes_the_file(*args, **kwargs):
+        target.write_text("the user's file")
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr("simdiff.api.score", user_writes_the_file)
+    message = run_bad(capsys, score_args(model, calib, "--json", str(target)))
+    assert str(target) in message and re.search("already exists|appeared while simdiff was running", message)
+    assert target.read_text() == "the user's file" and leftovers(tmp_path) == []
 
 
 def test_overwrite_never_replaces_a_file_of_the_input_model(model, calib, capsys, monkeypatch):
