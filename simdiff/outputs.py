@@ -177,17 +177,20 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):  # another user's process, or not a pid of this system: keep
         return True
     return True
 
 
 def _remove(path: Path) -> None:
-    """Delete a file, a symlink (never its target) or a folder tree."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path)
+    """Delete a file, a symlink (never its target) or a folder tree; a failure is a warning, not an error."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+    except OSError as exc:
+        log.warning("could not remove %s (%s); delete it by hand", path, exc)
 
 
 def clean_leftovers(path: Path) -> None:
