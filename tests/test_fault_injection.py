@@ -21,6 +21,7 @@ from tiny import REPO, data_dir, save_tiny
 from transformers import AutoModelForCausalLM
 
 from simdiff.cli import main
+from simdiff.outputs import claim_output_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,3 +87,16 @@ def test_kill_while_replacing_an_earlier_output(step, setup, tmp_path):
     assert main(command(setup, out, "reverse", overwrite=True)) == 0
     assert_complete(out, "reverse")
     assert leftovers(tmp_path) == []
+
+
+def test_a_run_in_another_process_is_refused_while_out_is_claimed(setup, tmp_path):
+    """The claim is an flock held across processes: a second prune to the same --out stops at once."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with claim_output_dir(out):
+        done = subprocess.run([sys.executable, "-m", "simdiff", *command(setup, out, "reverse", overwrite=True)],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"simdiff: error: another simdiff run (pid {os.getpid()}) is "
+                                                   f"writing {str(out)!r}; wait for it to finish or choose another --out")
+    assert not out.exists() and leftovers(tmp_path) == []

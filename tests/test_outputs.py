@@ -323,6 +323,18 @@ def test_bad_result_file_is_refused_before_work(flag, name, pattern, model, cali
     assert pattern in message
 
 
+def test_recover_checkpoints_inside_out_are_refused_before_work(model, tmp_path, monkeypatch, capsys):
+    """Checkpoints written inside --out would make --out appear during the run (and be replaced at the end)."""
+    monkeypatch.setattr("simdiff.recover.api.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "recovered"
+    message = run_bad(capsys, ["-q", "recover", str(model), "--out", str(out), "--checkpoint-dir", str(out / "ckpt"),
+                               "--steps", "2"])
+    assert "--checkpoint-dir" in message and "lies inside --out" in message
+    message = run_bad(capsys, ["-q", "recover", str(model), "--out", str(out), "--checkpoint-dir", str(model)])
+    assert "--checkpoint-dir" in message and "overlaps the input" in message
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 @pytest.fixture
 def mounted(tmp_path):
     """Mount helper (root only): ``mounted('tmpfs', size)`` or ``mounted('ro', folder)``; unmounted after."""

@@ -88,6 +88,9 @@ def recover(model_name: str, out: str | Path, config: RecoverConfig | None = Non
     check_not_evaluation_text(config.data, config.data_dir)
     ckpt_dir = Path(checkpoint_dir).expanduser() if checkpoint_dir else default_checkpoint_dir(out_path)
     check_not_protected(ckpt_dir, [model_name], flag="--checkpoint-dir")
+    if ckpt_dir.resolve().is_relative_to(out_path.resolve()):  # the output replaces everything inside it
+        raise SimdiffError(f"--checkpoint-dir {str(ckpt_dir)!r} lies inside --out {str(out_path)!r}; put the "
+                           "checkpoints beside it (the default is OUT.checkpoints)")
     resume_path = resolve_checkpoint(resume, ckpt_dir) if resume else None
     if resume_path is not None:  # fail before any work when the settings do not match
         config.check_resumable(read_trainer(resume_path)["config"])
