@@ -8,8 +8,10 @@ from pathlib import Path
 
 from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
 from simdiff.errors import SimdiffError
+from simdiff.lineage import compose_rounds, input_metadata
 from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
+from simdiff.outputs import claim_output_dir
 from simdiff.pipeline import (
     ScoreResult,
     Selection,
@@ -21,7 +23,7 @@ from simdiff.pipeline import (
     needs_of,
 )
 from simdiff.recipe import Calibration, Recipe, recipe_from_settings
-from simdiff.save import check_output_dir, provenance, save_model
+from simdiff.save import provenance, save_model
 from simdiff.select import check_removable, resolve_count
 from simdiff.surgery import remove_layers
 from simdiff.tune import reject_auto, resolve_alpha
@@ -110,54 +112,62 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         raise SimdiffError(f"prune takes one criterion and one count, got criterion {recipe.selection.criterion!r}, "
                            f"{recipe.selection.counts_given()}; compare several with `simdiff compare`")
     recipe.check()
-    if not recipe.out:
+    if recipe.out is None:
         raise SimdiffError("give --out DIR: the folder the pruned model is written to")
     spec = CandidateSpec.parse(recipe.selection.criterion)
     criterion, options, calibration = spec.criterion, spec.options(recipe.options), recipe.calibration
     sel, spec_model = recipe.selection, recipe.model
     num_layers, ratio = (sel.num_layers or [None])[0], (sel.ratio or [None])[0]
-    out_path = check_output_dir(recipe.out, recipe.overwrite)
     check_device(spec_model.device)
-    offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
-    model, tokenizer = spec_model.load(offloaded=offload_device is not None)
-    total = len(find_decoder_layers(model))
-    count = resolve_count(total, num_layers, ratio)
-    check_removable(total, count, sel.keep_first, sel.keep_last)
-    check_seq_len(model, calibration.seq_len)
-    # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
-    options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, sel.iterative,
-                                          sel.keep_first, sel.keep_last)
-    selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                         sel.iterative, sel.keep_first, sel.keep_last, offload_device=offload_device)
-    log.info("%s removes layers %s of %d", criterion, selection.removed, total)
-    kept = remove_layers(model, selection.removed)
-    metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
-                              iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
-                              dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
-                              removed_count=count)
-    metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
-    if alpha_search is not None:
-        metadata["alpha_search"] = alpha_search.to_dict()
-    saved = save_model(model, tokenizer, out_path, metadata, overwrite=recipe.overwrite)
+    with claim_output_dir(recipe.out, recipe.overwrite, inputs=[spec_model.name]) as claim:  # before any work
+        offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
+        model, tokenizer = spec_model.load(offloaded=offload_device is not None)
+        total = len(find_decoder_layers(model))
+        count = resolve_count(total, num_layers, ratio)
+        check_removable(total, count, sel.keep_first, sel.keep_last)
+        check_seq_len(model, calibration.seq_len)
+        # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
+        options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options,
+                                              sel.iterative, sel.keep_first, sel.keep_last)
+        selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options, sel.iterative,
+                                             sel.keep_first, sel.keep_last, offload_device=offload_device)
+        log.info("%s removes layers %s of %d", criterion, selection.removed, total)
+        kept = remove_layers(model, selection.removed)
+        metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
+                                  iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
+                                  dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
+                                  removed_count=count)
+        metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
+        if alpha_search is not None:
+            metadata["alpha_search"] = alpha_search.to_dict()
+        saved = save_model(model, tokenizer, claim, metadata)
     return PruneResult(selection, scores, kept, saved, metadata)
 
 
 def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, kept: list[int], total: int,
                    calibration: Calibration, options: Options, **settings) -> dict:
-    """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores)."""
+    """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores).
+
+    Layer indices are in the original model's numbering when the input is itself a simdiff output
+    (:mod:`simdiff.lineage`); ``scores``, ``statistics`` and ``history[-1].removed_layers`` index the input's layers.
+    """
+    run = provenance()
+    lineage = compose_rounds(input_metadata(model_name), model_name, selection.criterion, selection.removed, kept,
+                             total, run["command"], run["created"])
     return {
-        "removed_layers": selection.removed,
-        "kept_layers": kept,
+        "removed_layers": lineage.pop("removed_layers"),
+        "kept_layers": lineage.pop("kept_layers"),
         "criterion": selection.criterion,
         "scores": {k: v.tolist() for k, v in scores.scores.items()},
-        "layer_map": {str(new): old for new, old in enumerate(kept)},
+        "layer_map": lineage.pop("layer_map"),
         "base_model": model_name,
         "num_layers_before": total,
         "num_layers_after": len(kept),
+        **lineage,
         "options": asdict(options),
         "calibration": asdict(calibration),
         "settings": settings,
         "selection_steps": selection.steps,
         "statistics": scores.to_dict()["statistics"],
-        **provenance(),
+        **run,
     }

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from simdiff.bench.cli import add_bench_command
 from simdiff.cli_options import (
@@ -36,6 +35,7 @@ def add_score_command(subparsers) -> None:
     add_model_options(parser, offload=True)
     add_selection_options(parser, only=["criterion"], defaults={"criterion": SCORE_CRITERIA})
     add_command_flags(parser, "block_size", "json", "plot")
+    add_output_options(parser, only=["overwrite"])
     add_calibration_options(parser)
     add_criterion_options(parser)
     parser.set_defaults(run=run_score)
@@ -51,6 +51,7 @@ def parse_criteria(value: str) -> list[str]:
 def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
     from simdiff.model.checks import check_device
+    from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, atomic_file, check_output_file, write_text_file
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
@@ -58,6 +59,11 @@ def run_score(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)  # validated before loading
     spec = recipe.model
     check_device(spec.device)
+    inputs = [spec.name]
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, inputs, JSON_SUFFIXES, "--json")
+    if args.plot:
+        check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
     offload_device = (spec.device or "cpu") if spec.offload == "layerwise" else None
     model, tokenizer = spec.load(offloaded=offload_device is not None)
     sizes = (args.block_size,) if args.block_size else ()
@@ -67,12 +73,13 @@ def run_score(args: argparse.Namespace) -> None:
     document = {"model": spec.name, "options": vars(recipe.options), "calibration": vars(recipe.calibration),
                 "recipe": recipe.to_dict(), **result.to_dict(), **provenance()}
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps(document, indent=2) + "\n", args.overwrite, inputs)
         log.info("wrote %s", args.json)
     if args.plot:
         from simdiff.report.plots import plot_score_profiles
 
-        plot_score_profiles(result.scores, args.plot, title=f"layer scores: {spec.name}")
+        with atomic_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot") as tmp:
+            plot_score_profiles(result.scores, tmp, title=f"layer scores: {spec.name}")
         log.info("wrote %s", args.plot)
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from simdiff.bench.run import BenchSettings
-from simdiff.cli_options import add_command_flags, add_fields, add_model_options, section_from
+from simdiff.cli_options import (
+    add_command_flags,
+    add_fields,
+    add_model_options,
+    add_output_options,
+    section_from,
+)
 from simdiff.errors import SimdiffError
 
 log = logging.getLogger("simdiff")
@@ -34,6 +39,7 @@ def add_bench_command(subparsers) -> None:
                         help="torch CPU threads; 1 is steadier on a shared machine (default: torch's choice)")
     add_fields(parser, BenchSettings, "shapes and repeats")
     add_command_flags(parser, "json")
+    add_output_options(parser, only=["overwrite"])
     parser.set_defaults(run=run_bench)
 
 
@@ -100,10 +106,14 @@ def run_bench(args: argparse.Namespace) -> None:
     import torch
 
     from simdiff.bench.run import bench_models
+    from simdiff.outputs import check_output_file, write_text_file
     from simdiff.save import provenance
 
     settings = section_from(BenchSettings, args)
     settings.check()
+    inputs = [args.model, args.against, args.random_weights]
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, inputs)
     if args.threads is not None:
         if args.threads < 1:
             raise SimdiffError(f"--threads must be >= 1, got {args.threads}")
@@ -112,5 +122,5 @@ def run_bench(args: argparse.Namespace) -> None:
     result = bench_models(models, settings)
     print(format_bench(result))
     if args.json:
-        Path(args.json).write_text(json.dumps({**result, **provenance()}, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps({**result, **provenance()}, indent=2) + "\n", args.overwrite, inputs)
         log.info("wrote %s", args.json)

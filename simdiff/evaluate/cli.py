@@ -48,6 +48,7 @@ def add_eval_command(subparsers) -> None:
     add_model_options(parser)
     add_evaluation_options(parser)
     add_command_flags(parser, "baseline", "json")
+    add_output_options(parser, only=["overwrite"])
     parser.set_defaults(run=run_eval)
 
 
@@ -110,16 +111,19 @@ def print_evaluation(result: dict, settings) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from simdiff.outputs import check_output_file, write_text_file
     from simdiff.save import provenance
 
     recipe = recipe_from_args(args)
     settings = recipe.evaluation.check()
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, [args.model, args.baseline])
     result = evaluate_against(recipe.model.name, recipe.model, settings, args.baseline)
     document = {**result, "settings": vars(settings), "recipe": recipe_sections(recipe, "model", "evaluation"),
                 **provenance()}
     print_evaluation(result, settings)
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps(document, indent=2) + "\n", args.overwrite, [args.model, args.baseline])
         log.info("wrote %s", args.json)
 
 
@@ -162,25 +166,26 @@ def run_comparison_recipe(recipe) -> dict:
 
     from simdiff.compare import CompareSetup, compare, parse_candidates, write_results
     from simdiff.model.layers import find_decoder_layers
-    from simdiff.save import check_output_dir
+    from simdiff.outputs import check_output_dir, claim_output_dir
     from simdiff.select import resolve_count
 
     _quiet_lm_eval()
     recipe.check()
-    if not recipe.out:
+    if recipe.out is None:
         raise SimdiffError("give --out DIR: the folder results.json, results.md and the plots go to")
-    check_output_dir(recipe.out, recipe.overwrite)
-    specs = parse_candidates(recipe.selection.criterion)
-    settings = recipe.evaluation.check()
     sel, spec = recipe.selection, recipe.model
-    model, tokenizer = spec.load()
-    total = len(find_decoder_layers(model))
-    counts = list(sel.num_layers) if sel.num_layers else [resolve_count(total, ratio=r) for r in sel.ratio or []]
-    setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, sel.keep_first,
-                         sel.keep_last, settings.metric)
-    document = compare(model, tokenizer, setup, spec.name)
-    document["recipe"] = replace(recipe, overwrite=False).to_dict()
-    out = write_results(document, recipe.out, recipe.overwrite)
+    check_output_dir(recipe.out, recipe.overwrite, [spec.name])
+    specs = parse_candidates(sel.criterion)
+    settings = recipe.evaluation.check()
+    with claim_output_dir(recipe.out, recipe.overwrite, [spec.name]) as claim:  # claimed before any model work
+        model, tokenizer = spec.load()
+        total = len(find_decoder_layers(model))
+        counts = list(sel.num_layers) if sel.num_layers else [resolve_count(total, ratio=r) for r in sel.ratio or []]
+        setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, sel.keep_first,
+                             sel.keep_last, settings.metric)
+        document = compare(model, tokenizer, setup, spec.name)
+        document["recipe"] = replace(recipe, overwrite=False).to_dict()
+        out = write_results(document, claim)
     log.info("wrote %s", out)
     return document
 

@@ -36,7 +36,7 @@ def run_recover(args: argparse.Namespace) -> None:
 
     config = section_from(RecoverConfig, args)
     evaluation = section_from(Evaluation, args)
-    if not args.out:
+    if args.out is None:
         raise SimdiffError("give --out DIR: the folder the recovered model is written to")
     result = recover(args.model, args.out, config, evaluation, merged=args.merge, overwrite=args.overwrite,
                      checkpoint_dir=args.checkpoint_dir, resume=args.resume, dtype=args.dtype)
