@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from simdiff.errors import SimdiffError
@@ -89,33 +88,10 @@ def _write_model_card(folder: Path, metadata: dict) -> None:
     (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@torch.no_grad()
-def verify_reload(folder: Path, reference: nn.Module | None = None, tokenizer=None, atol: float = 1e-3) -> None:
-    """Reload ``folder`` with plain ``AutoModelForCausalLM``, generate with the KV cache, compare logits."""
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-    reloaded.eval()
-    vocab = reloaded.config.vocab_size
-    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids if tokenizer is not None else None
-    if ids is None or ids.shape[1] == 0:
-        ids = torch.arange(1, 6).unsqueeze(0) % vocab
-    generated = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-                                  do_sample=False, use_cache=True, pad_token_id=reloaded.config.eos_token_id or 0)
-    if generated.shape[1] != ids.shape[1] + 4:
-        raise SimdiffError(f"reloaded model in {folder} did not generate 4 new tokens")
-    if reference is not None:
-        device = next(reference.parameters()).device
-        expected = reference(ids.to(device)).logits.float().cpu()
-        actual = reloaded(ids).logits.float()
-        if not torch.allclose(expected, actual, atol=atol, rtol=1e-3):
-            diff = (expected - actual).abs().max().item()
-            raise SimdiffError(f"reloaded model's logits differ from the in-memory model's by {diff:.3g}")
-
-
 def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verify: bool = True) -> None:
-    """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify by a reload."""
+    """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify what was written."""
     from simdiff.surgery import check_config_consistent
+    from simdiff.verify import verify_saved
 
     check_config_consistent(model)  # refuse to write a config that would not rebuild this model
     steps = ["weights", "tokenizer", "metadata", "verify"] if verify else ["weights", "tokenizer", "metadata"]
@@ -128,7 +104,7 @@ def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verif
             (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
             _write_model_card(folder, metadata)
         elif step == "verify":
-            verify_reload(folder, model, tokenizer)
+            verify_saved(model, folder, tokenizer)
 
 
 def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: dict, overwrite: bool = False,

@@ -15,6 +15,7 @@ from simdiff.collect.hooks import collect_layer_statistics
 from simdiff.collect.offload import collect_layer_statistics_offloaded, module_bytes
 from simdiff.data import batches
 from simdiff.errors import SimdiffError
+from simdiff.model.layers import find_decoder_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -107,3 +108,64 @@ def test_cli_offload_refuses_criteria_that_need_the_whole_model(checkpoint, caps
             "--criteria", "ppl_skip", "--offload", "layerwise"]
     assert main(argv) == 2
     assert "--offload layerwise" in capsys.readouterr().err
+
+
+def padded_batches_of_different_sizes() -> list:
+    """3 batches (2, 2, 1 rows) of sequences of different lengths: every batch has its own padding mask."""
+    from simdiff.data.windows import pad_sequences
+
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(4, 256, (n,), generator=generator).tolist() for n in (12, 7, 9, 16, 5)]
+    return [pad_sequences(sequences[i:i + 2], pad_id=0) for i in range(0, 5, 2)]
+
+
+def tensors_in(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in tensors_in(o)]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_in(v)]
+    return []
+
+
+def test_each_layer_gets_its_own_batchs_mask_and_rotary_tables_when_ids_are_reused(monkeypatch):
+    """On CUDA the captured CPU tensors are freed once moved and Python hands their ids to the next batch's
+    tensors; a memo keyed by id() that outlives a batch then gives a later batch an earlier batch's mask.
+    On CPU ``.to("cpu")`` returns the tensor itself, so the memo keeps it alive and ids are never reused;
+    here ``id`` is replaced by the worst case of that reuse: the k-th distinct tensor met while moving a
+    batch gets the id the k-th tensor of the previous batch had."""
+    from simdiff.collect import offload
+
+    model = tiny_model("llama", num_layers=4)
+    data = padded_batches_of_different_sizes()
+    expected = [offload.capture_layer_calls(model, batch) for batch in data]
+    slots: dict[int, int] = {}
+
+    def capture_then_reuse_ids(model, batch):
+        slots.clear()  # the previous batch's tensors are gone: their ids are free again
+        return capture_layer_calls(model, batch)
+
+    def reused_id(obj) -> int:
+        return slots.setdefault(builtin_id(obj), len(slots)) if isinstance(obj, torch.Tensor) else builtin_id(obj)
+
+    builtin_id, capture_layer_calls = id, offload.capture_layer_calls
+    monkeypatch.setattr(offload, "capture_layer_calls", capture_then_reuse_ids)
+    monkeypatch.setattr(offload, "id", reused_id, raising=False)
+    seen: list[tuple[int, dict]] = []
+    layers = find_decoder_layers(model).modules
+    hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs, i=i: seen.append((i, kwargs)), with_kwargs=True)
+             for i, layer in enumerate(layers)]
+    try:
+        stats, _ = offload.collect_layer_statistics_offloaded(model, data)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [i for i, _ in seen] == [i for i in range(4) for _ in data]  # layer by layer, every batch
+    for n, (i, kwargs) in enumerate(seen):
+        got, want = tensors_in(kwargs), tensors_in(expected[n % len(data)][i][2])
+        assert "attention_mask" in kwargs and len(got) == len(want) >= 3  # mask, cos, sin (at least)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and torch.equal(a, b), f"layer {i} got another batch's tensors"
+    monkeypatch.undo()
+    assert_same_statistics(collect_layer_statistics(model, data).to_dict(), stats.to_dict())

@@ -54,7 +54,11 @@ class LayerCall(SkippedLayer):
 
 
 def move(obj, device: torch.device, memo: dict[int, object]):
-    """``obj`` (tensors inside tuples, lists and dicts) on ``device``; shared tensors are moved once."""
+    """``obj`` (tensors inside tuples, lists and dicts) on ``device``; shared tensors are moved once.
+
+    ``memo`` is keyed by ``id()``: it must not outlive the objects it was filled from, since Python gives
+    a freed object's id to a new one (use one memo per captured batch).
+    """
     if isinstance(obj, torch.Tensor):
         if id(obj) not in memo:
             memo[id(obj)] = obj.to(device)
@@ -156,10 +160,11 @@ def collect_layer_statistics_offloaded(
     n = len(decoder)
     active = set(range(n) if active_layers is None else active_layers)
 
-    calls, hidden, masks, memo = [], [], [], {}
+    calls, hidden, masks = [], [], []
     for batch in progress(batches, desc="layer-wise: capturing layer inputs"):
         captured = capture_layer_calls(model, batch)
         hidden.append(captured[0][0].to(device))
+        memo: dict[int, object] = {}  # this batch's only: its tensors are freed once moved, their ids reused
         calls.append({i: move((args, kwargs), device, memo) for i, (_, args, kwargs) in captured.items()})
         masks.append(batch.attention_mask)
 

@@ -85,7 +85,7 @@ def input_metadata(model_name: str) -> dict:
 def recover(model_name: str, out: str | Path, config: RecoverConfig | None = None,
             evaluation: Evaluation | None = None, merged: bool = True, overwrite: bool = False,
             checkpoint_dir: str | Path | None = None, resume: str | None = None,
-            dtype: str = "float32") -> RecoverResult:
+            dtype: str = "auto") -> RecoverResult:
     """LoRA-train ``model_name`` on ``config.data`` and save a merged checkpoint (or the adapter) to ``out``."""
     config = config or RecoverConfig()
     evaluation = evaluation or Evaluation(seq_len=config.seq_len, batch_size=config.batch_size,
