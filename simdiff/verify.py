@@ -174,9 +174,11 @@ def check_cached_generation(model: nn.Module, ids: torch.Tensor, new_tokens: int
     best = logits.max(-1).values
     gap = best - logits.gather(-1, cached.unsqueeze(-1)).squeeze(-1)
     tolerance = TIE_EPS_UNITS * eps * best.abs().clamp_min(1.0)
-    step = int((gap > tolerance).flatten().nonzero()[0]) if bool((gap > tolerance).any()) else None
-    if step is not None:
+    beyond = (gap > tolerance).flatten().nonzero()
+    if len(beyond):
+        step = int(beyond[0])
         raise SimdiffError(f"greedy decoding with the KV cache picks token {int(cached.flatten()[step])} at step "
-                           f"{step}, without it {int(uncached.flatten()[step])} (logit gap {float(gap.flatten()[step]):.3g})"
-                           "; the pruned model's cache is inconsistent")
-    log.info("KV-cache check: %d rounding ties between cached and uncached greedy tokens", int((cached != uncached).sum()))
+                           f"{step}, without it {int(uncached.flatten()[step])} (logit gap "
+                           f"{float(gap.flatten()[step]):.3g}); the pruned model's cache is inconsistent")
+    ties = int((cached != uncached).sum())
+    log.info("KV-cache check: %d rounding ties between cached and uncached greedy tokens", ties)
