@@ -22,6 +22,9 @@ from simdiff.progress import progress
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "simdiff.json"
+# save_pretrained serialises a whole shard in memory (50 GB by default): 5 GB shards, the Hub's usual size,
+# keep saving at the model plus one shard.
+SHARD_SIZE = "5GB"
 
 
 def package_versions() -> dict[str, str]:
@@ -97,7 +100,7 @@ def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verif
     steps = ["weights", "tokenizer", "metadata", "verify"] if verify else ["weights", "tokenizer", "metadata"]
     for step in progress(steps, desc="saving", leave=False):
         if step == "weights":
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, max_shard_size=SHARD_SIZE)
         elif step == "tokenizer" and tokenizer is not None:
             tokenizer.save_pretrained(folder)
         elif step == "metadata":

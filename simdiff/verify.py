@@ -68,14 +68,20 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def written_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of every written tensor, one at a time, memory-mapped from the files."""
+    """``(name, tensor)`` of every written tensor, one at a time.
+
+    Each tensor is read with the file opened for it alone: the file's memory map is released after every
+    tensor, so at most one tensor's pages are resident (a file kept open would map in every page read).
+    """
     from safetensors import safe_open
 
     for path in safetensors_files(folder):
         with safe_open(str(path), framework="pt") as f:
             names = f.keys()
-            for name in names:
-                yield name, f.get_tensor(name)
+        for name in names:
+            with safe_open(str(path), framework="pt") as f:
+                tensor = f.get_tensor(name)
+            yield name, tensor
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
