@@ -131,3 +131,28 @@ def test_kv_cache_check_refuses_a_cache_path_that_computes_something_else():
         layer.self_attn.register_forward_pre_hook(perturb_decode_steps, with_kwargs=True)
     with pytest.raises(SimdiffError, match="greedy decoding with the KV cache picks token .* at step"):
         check_cached_generation(model, prompt_ids(model))
+
+
+class CachedPathPrefersToken6(torch.nn.Module):
+    """A tiny model whose logits for tokens 5 and 6 lead all others: 5 wins by ``gap`` without a cache,
+    6 wins by ``gap`` on decode steps that are given the cache."""
+
+    def __init__(self, inner, gap: float) -> None:
+        super().__init__()
+        self.inner, self.config, self.gap = inner, inner.config, gap
+
+    def forward(self, input_ids, cache=None, use_cache=False):
+        out = self.inner(input_ids=input_ids, cache=cache, use_cache=use_cache)
+        out.logits[..., 5] = 100.0
+        out.logits[..., 6] = 100.0 + (self.gap if cache is not None else -self.gap)
+        return out
+
+
+def test_kv_cache_check_tolerates_rounding_ties_only():
+    """At logits of 100 a float32 ulp is 7.6e-6 (the tolerance is 16 eps x 100 = 1.9e-4): a 1e-6 gap between
+    the uncached logits of the two choices is a rounding tie, a gap of 1 is a different choice."""
+    model = pruned()
+    ids = prompt_ids(model)
+    check_cached_generation(CachedPathPrefersToken6(model, gap=1e-6), ids)
+    with pytest.raises(SimdiffError, match=r"picks token 6 at step 1, without it 5 \(logit gap 1\)"):
+        check_cached_generation(CachedPathPrefersToken6(model, gap=1.0), ids)
