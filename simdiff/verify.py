@@ -33,9 +33,13 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# A greedy token may differ between the cached and uncached paths only where the uncached logits of the two
-# tokens are within this many units of the dtype's rounding (eps x the largest logit): a rounding tie.
+# A greedy token may differ between the cached and uncached paths only at a rounding tie: where the uncached
+# logits of the two tokens are within max(TIE_EPS_UNITS x eps of the model's dtype, TIE_RELATIVE_FLOOR) x the
+# largest logit. On SmolLM2-135M (CPU, benchmarks/kv_cache_ties.py) cached and uncached logits differ by at
+# most 5.4 eps in bfloat16 and 2.5e-6 (20.7 eps, accumulated over 30 layers) in float32, relative to the
+# largest logit; the margins (3x, 40x) leave room for other kernels (GPU attention) before a valid save is refused.
 TIE_EPS_UNITS = 16
+TIE_RELATIVE_FLOOR = 1e-4
 
 
 def verify_saved(model: nn.Module, folder: Path, tokenizer=None, new_tokens: int = 8) -> None:
@@ -179,7 +183,7 @@ def check_cached_generation(model: nn.Module, ids: torch.Tensor, new_tokens: int
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     best = logits.max(-1).values
     gap = best - logits.gather(-1, cached.unsqueeze(-1)).squeeze(-1)
-    tolerance = TIE_EPS_UNITS * eps * best.abs().clamp_min(1.0)
+    tolerance = max(TIE_EPS_UNITS * eps, TIE_RELATIVE_FLOOR) * best.abs().clamp_min(1.0)
     beyond = (gap > tolerance).flatten().nonzero()
     if len(beyond):
         step = int(beyond[0])
