@@ -106,7 +106,7 @@ def print_prune(recipe) -> None:
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with "
           f"{recipe.selection.criterion}")
-    print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
+    print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
 
 
 # -- simdiff run ---------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from simdiff.flags import (
     names,
     option,
 )
+from simdiff.model.load import DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 RECIPE_KEY = "recipe"
 
 
@@ -40,7 +40,8 @@ class ModelSettings:
 
     name: str = option("", "model directory, hub id (org/name), or built-in name (smollm2-135m)", flag="model",
                        shown="required")
-    dtype: str = option("float32", "dtype the model is loaded (and saved) in", choices=DTYPES)
+    dtype: str = option("auto", "weights' dtype, loaded and saved (statistics are float32 either way)",
+                        choices=tuple(DTYPES), shown="auto, the checkpoint's own")
     device: str | None = option(None, "device to run on, e.g. cpu, cuda, cuda:1", shown="cpu")
     device_map: str | None = option(None, "accelerate placement, e.g. auto (several GPUs + CPU)")
     offload: str | None = option(None, "layerwise: keep the model in CPU memory and score it one decoder layer at "

@@ -22,8 +22,9 @@ log = logging.getLogger("simdiff")
 def add_bench_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="measure prefill/decode throughput, latency, peak memory (and speedup against another model)")
-    add_model_options(parser, only=["name", "dtype", "device"], defaults={"name": None, "dtype": "float32"},
-                      shown={"name": "none, with --random-weights", "device": "cuda if available, else cpu"})
+    add_model_options(parser, only=["name", "dtype", "device"], defaults={"name": None},
+                      shown={"name": "none, with --random-weights", "device": "cuda if available, else cpu",
+                             "dtype": "auto, a checkpoint's own; float32 with --random-weights"})
     what = parser.add_argument_group("what to compare")
     other = what.add_mutually_exclusive_group()
     other.add_argument("--against", default=None,
