@@ -6,11 +6,11 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
+from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
 from simdiff.data import batches, calibration_windows
 from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
-from simdiff.model.layers import find_decoder_layers
+from simdiff.model.layers import find_decoder_layers, num_layers_in_config
 from simdiff.model.load import load_model
 from simdiff.pipeline import (
     ScoreResult,
@@ -24,7 +24,7 @@ from simdiff.pipeline import (
 )
 from simdiff.save import check_output_dir, provenance, save_model
 from simdiff.select import resolve_count
-from simdiff.surgery import remove_layers
+from simdiff.surgery import remove_layers, validate_layer_indices
 from simdiff.tune import reject_auto, resolve_alpha
 
 log = logging.getLogger(__name__)
@@ -100,19 +100,24 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
           criterion: str = "simdiff", calibration: Calibration | None = None, options: Options | None = None,
           iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "float32",
           device: str | None = None, device_map: str | None = None, overwrite: bool = False,
-          offload: str | None = None) -> PruneResult:
+          offload: str | None = None, layers: list[int] | None = None) -> PruneResult:
     """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``.
 
     ``offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on ``device``.
+    ``layers``: remove exactly these (original indices) without calibration or scoring.
     """
     calibration = calibration or Calibration()
     options = options or Options()
     get_criterion(criterion)
     out_path = check_output_dir(out, overwrite)
+    if layers is not None:
+        validate_layer_indices(layers, configured_layer_count(model_name))
     offload_device = (device or "cpu") if offload == "layerwise" else None
     model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
                                   device_map=device_map)
     total = len(find_decoder_layers(model))
+    if layers is not None:
+        return prune_given_layers(model, tokenizer, model_name, out_path, layers, total, dtype, overwrite)
     count = resolve_count(total, num_layers, ratio)
     # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
     options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, iterative,
@@ -123,15 +128,38 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
     kept = remove_layers(model, selection.removed)
     metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
                               iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
-                              requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count)
+                              requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count,
+                              model_type=model.config.model_type, architectures=model.config.architectures)
     if alpha_search is not None:
         metadata["alpha_search"] = alpha_search.to_dict()
     saved = save_model(model, tokenizer, out_path, metadata, overwrite=overwrite)
     return PruneResult(selection, scores, kept, saved, metadata)
 
 
+def configured_layer_count(model_name: str) -> int:
+    """The decoder-layer count in the model's config (read without loading weights)."""
+    from transformers import AutoConfig
+
+    from simdiff.model.load import resolve_model_path
+
+    return num_layers_in_config(AutoConfig.from_pretrained(resolve_model_path(model_name)))
+
+
+def prune_given_layers(model, tokenizer, model_name: str, out: Path, layers: list[int], total: int, dtype: str,
+                       overwrite: bool) -> PruneResult:
+    """Remove exactly ``layers`` (``prune --layers``): no calibration, no scores."""
+    selection = Selection("manual", validate_layer_indices(layers, total))
+    scores = ScoreResult(Evidence(num_layers=total), Options())
+    kept = remove_layers(model, selection.removed)
+    metadata = prune_metadata(model_name, selection, scores, kept, total, None, None, dtype=dtype,
+                              model_type=model.config.model_type, architectures=model.config.architectures)
+    saved = save_model(model, tokenizer, out, metadata, overwrite=overwrite)
+    return PruneResult(selection, scores, kept, saved, metadata)
+
+
 def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, kept: list[int], total: int,
-                   calibration: Calibration, options: Options, **settings) -> dict:
+                   calibration: Calibration | None, options: Options | None, model_type: str | None = None,
+                   architectures: list[str] | None = None, **settings) -> dict:
     """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores)."""
     return {
         "removed_layers": selection.removed,
@@ -142,8 +170,10 @@ def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, k
         "base_model": model_name,
         "num_layers_before": total,
         "num_layers_after": len(kept),
-        "options": asdict(options),
-        "calibration": asdict(calibration),
+        "model_type": model_type,
+        "architectures": architectures,
+        "options": None if options is None else asdict(options),
+        "calibration": None if calibration is None else asdict(calibration),
         "settings": settings,
         "selection_steps": selection.steps,
         "statistics": scores.to_dict()["statistics"],

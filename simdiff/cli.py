@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from simdiff.apply_cli import add_apply_command
 from simdiff.bench.cli import add_bench_command
 from simdiff.cli_options import (
     add_calibration_options,
@@ -92,15 +93,15 @@ def run_prune(args: argparse.Namespace) -> None:
     result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
-                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload)
+                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload, layers=args.layers)
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
-    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
+    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {result.selection.criterion}")
     print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
 
 
 # -- entry point ---------------------------------------------------------------------------------------
 COMMANDS = [add_score_command, add_prune_command, add_recover_command, add_eval_command, add_compare_command,
-            add_demo_command, add_bench_command]
+            add_demo_command, add_bench_command, add_apply_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

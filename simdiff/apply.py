@@ -1,0 +1,305 @@
+"""Surgery on disk: remove decoder layers from a checkpoint without loading its weights.
+
+``apply_to_path`` is the one entry point (it dispatches on the input's kind). For a safetensors checkpoint
+it reads the shards one at a time, drops the removed layers' tensors, renumbers the rest (``<layers>.<i>.``
+in tensor names, where ``<layers>`` is the decoder-layer path found on a meta-device skeleton of the
+model), and writes one output shard per input shard with the kept tensors' bytes unchanged. The config
+goes through the same rules as in-memory surgery (:func:`simdiff.surgery.remove_layers` on the skeleton,
+with its consistency check). Peak memory is about the largest shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from simdiff.errors import SimdiffError
+from simdiff.model.layers import find_decoder_layers
+from simdiff.progress import progress
+from simdiff.save import METADATA_FILE, _write_model_card, atomic_directory, check_output_dir, provenance
+from simdiff.surgery import remove_layers, validate_layer_indices
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Top-level files that are not copied: weights (any format) and what apply writes itself.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+REWRITTEN = {"config.json", INDEX_FILE, "pytorch_model.bin.index.json", METADATA_FILE, "README.md"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The layer selection of a ``simdiff.json`` written by ``prune`` (or ``apply``), and what it was made on."""
+
+    removed_layers: list[int]
+    num_layers_before: int
+    base_model: str | None = None
+    model_type: str | None = None
+    architectures: list[str] | None = None
+    criterion: str | None = None
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read the selection recorded in a ``simdiff.json``."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / METADATA_FILE
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SimdiffError(f"recipe {str(file)!r} not found; pass the simdiff.json written by prune") from None
+    except json.JSONDecodeError as exc:
+        raise SimdiffError(f"recipe {str(file)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    missing = [key for key in ("removed_layers", "num_layers_before") if key not in document]
+    if missing:
+        raise SimdiffError(f"recipe {str(file)!r} lacks {', '.join(missing)}; pass the simdiff.json written by prune")
+    return Recipe(
+        removed_layers=[int(i) for i in document["removed_layers"]],
+        num_layers_before=int(document["num_layers_before"]),
+        base_model=document.get("base_model"),
+        model_type=document.get("model_type"),
+        architectures=document.get("architectures"),
+        criterion=document.get("criterion"),
+    )
+
+
+def check_recipe_matches(recipe: Recipe, config, model: str) -> None:
+    """Refuse a recipe made on a model of another depth, type or architecture."""
+    problems = []
+    if recipe.num_layers_before != config.num_hidden_layers:
+        problems.append(f"{recipe.num_layers_before} layers, the model has {config.num_hidden_layers}")
+    if recipe.model_type is not None and recipe.model_type != config.model_type:
+        problems.append(f"model_type {recipe.model_type!r}, the model is {config.model_type!r}")
+    architectures = getattr(config, "architectures", None)
+    if recipe.architectures is not None and architectures is not None and recipe.architectures != architectures:
+        problems.append(f"architectures {recipe.architectures}, the model has {architectures}")
+    if problems:
+        made_on = f" (made on {recipe.base_model})" if recipe.base_model else ""
+        raise SimdiffError(f"the recipe does not match {model}{made_on}: it records {'; '.join(problems)}")
+
+
+# -- the plan: which tensors go where under which name ---------------------------------------------------
+def input_shards(folder: Path) -> list[str]:
+    """The safetensors shard file names of a checkpoint folder, in order."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return sorted(set(weight_map.values()))
+    if (folder / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
+    raise SimdiffError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}; apply reads safetensors checkpoints "
+                       "(re-save the model with save_pretrained, or prune it in memory with simdiff prune)")
+
+
+def skeleton(config):
+    """The model built from ``config`` on the meta device (no memory for weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def layer_name_pattern(names: list[str], layer_path: str, base_prefix: str, num_layers: int) -> re.Pattern:
+    """The regex ``<path>.(i).(rest)`` matching the decoder-layer tensors in ``names``.
+
+    Some checkpoints store names without the base-model prefix (``h.0.`` for ``transformer.h.0.``).
+    """
+    candidates = [layer_path]
+    if base_prefix and layer_path.startswith(base_prefix + "."):
+        candidates.append(layer_path[len(base_prefix) + 1:])
+    for path in candidates:
+        pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.+)$")
+        found = {int(m.group(1)) for m in map(pattern.match, names) if m}
+        if found:
+            if found != set(range(num_layers)):
+                raise SimdiffError(f"the checkpoint's tensors under {path}. cover layers {sorted(found)}, "
+                                   f"its config has {num_layers}")
+            return pattern
+    raise SimdiffError(f"no tensor name in the checkpoint starts with {layer_path}.<i>.; cannot find its layers")
+
+
+def renamed(name: str, pattern: re.Pattern, new_index: dict[int, int]) -> str | None:
+    """The tensor's name in the pruned checkpoint, or None when it belongs to a removed layer."""
+    match = pattern.match(name)
+    if match is None:
+        return name
+    old = int(match.group(1))
+    if old not in new_index:
+        return None
+    start, end = match.span(1)
+    return f"{name[:start]}{new_index[old]}{name[end:]}"
+
+
+def shard_names(shards: list[list[str]]) -> list[str]:
+    if len(shards) == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+def copy_shard(src: Path, dst: Path, names: dict[str, str]) -> tuple[int, int]:
+    """Write the tensors ``names`` (old -> new name) of shard ``src`` into ``dst``; return (bytes, parameters)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, framework="pt") as reader:
+        metadata = reader.metadata()
+        tensors = {new: reader.get_tensor(old) for old, new in names.items()}
+    save_file(tensors, dst, metadata=metadata)
+    return sum(t.numel() * t.element_size() for t in tensors.values()), sum(t.numel() for t in tensors.values())
+
+
+def check_written_shard(path: Path, expected: dict[str, tuple[str, list[int]]]) -> None:
+    """Reopen a written shard and compare its names, dtypes and shapes with the input's."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as reader:
+        actual = {name: (reader.get_slice(name).get_dtype(), reader.get_slice(name).get_shape())
+                  for name in list(reader.keys())}
+    if actual != expected:
+        raise SimdiffError(f"{path.name} was not written as planned; the output was discarded")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer files, generation config and the like (top-level files other than weights)."""
+    copied = []
+    for file in sorted(src.iterdir()):
+        if file.is_file() and file.name not in REWRITTEN and not file.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(file, dst / file.name)
+            copied.append(file.name)
+    return copied
+
+
+@dataclass
+class ApplyResult:
+    """What ``apply`` wrote."""
+
+    out: Path
+    removed: list[int]
+    kept: list[int]
+    shards: list[str]
+    metadata: dict
+
+
+def apply_to_path(model: str | os.PathLike, removed: list[int] | None = None, out: str | os.PathLike = "",
+                  overwrite: bool = False, recipe: Recipe | None = None) -> ApplyResult:
+    """Remove decoder layers ``removed`` (or the recipe's) from the checkpoint ``model`` on disk into ``out``."""
+    if Path(model).suffix == ".gguf":
+        raise SimdiffError(f"{model}: apply reads safetensors checkpoints; GGUF input is not supported yet")
+    return apply_to_safetensors(str(model), removed, out, overwrite, recipe)
+
+
+def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.PathLike, overwrite: bool,
+                         recipe: Recipe | None) -> ApplyResult:
+    from transformers import AutoConfig
+
+    from simdiff.model.load import resolve_model_path
+
+    folder = Path(resolve_model_path(model))
+    if not folder.is_dir():
+        raise SimdiffError(f"{model!r} is not a local checkpoint; apply needs one (download it first, e.g. "
+                           f"`hf download {model} --local-dir DIR`)")
+    target = check_output_dir(out, overwrite)
+    refuse_overlap(folder, target)
+    config = AutoConfig.from_pretrained(folder)
+    if recipe is not None:
+        check_recipe_matches(recipe, config, model)
+        removed = recipe.removed_layers if removed is None else removed
+    if removed is None:
+        raise SimdiffError("give the layers to remove: --layers 3,12,13 or --recipe simdiff.json")
+    removed = validate_layer_indices(removed, config.num_hidden_layers)
+    model_type, architectures = config.model_type, getattr(config, "architectures", None)
+
+    pruned = skeleton(config)
+    layer_path = find_decoder_layers(pruned).path
+    total = len(find_decoder_layers(pruned))
+    kept = remove_layers(pruned, removed)  # the in-memory rules for the config, checked on the meta device
+
+    shard_files = input_shards(folder)
+    names_by_shard = shard_tensor_names(folder, shard_files)
+    pattern = layer_name_pattern([n for names in names_by_shard for n in names], layer_path,
+                                 pruned.base_model_prefix, total)
+    new_index = {old: new for new, old in enumerate(kept)}
+    plan = [{old: new for old in names if (new := renamed(old, pattern, new_index)) is not None}
+            for names in names_by_shard]
+    kept_shards = [(src, names) for src, names in zip(shard_files, plan) if names]
+    outputs = shard_names([names for _, names in kept_shards])
+
+    metadata = apply_metadata(model, removed, kept, total, model_type, architectures, recipe)
+    with atomic_directory(target, overwrite) as tmp:
+        weight_map, total_size, total_parameters = {}, 0, 0
+        for (src, names), dst in progress(list(zip(kept_shards, outputs)), desc="writing shards"):
+            size, parameters = copy_shard(folder / src, tmp / dst, names)
+            total_size, total_parameters = total_size + size, total_parameters + parameters
+            check_written_shard(tmp / dst, shard_layout(folder / src, names))
+            weight_map.update(dict.fromkeys(names.values(), dst))
+        if len(outputs) > 1:
+            write_index(tmp, folder, weight_map, total_size, total_parameters)
+        copy_side_files(folder, tmp)
+        pruned.config.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        _write_model_card(tmp, metadata)
+    log.info("wrote %s (%d shards)", target, len(outputs))
+    return ApplyResult(target, removed, kept, outputs, metadata)
+
+
+def refuse_overlap(model_folder: Path, target: Path) -> None:
+    """Never write into (or over) the input checkpoint."""
+    src, dst = model_folder.resolve(), target.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise SimdiffError(f"--out {str(target)!r} overlaps the input checkpoint {str(model_folder)!r}; "
+                           "choose a folder outside it")
+
+
+def shard_tensor_names(folder: Path, shard_files: list[str]) -> list[list[str]]:
+    from safetensors import safe_open
+
+    names = []
+    for file in shard_files:
+        with safe_open(folder / file, framework="pt") as reader:
+            names.append(list(reader.keys()))
+    return names
+
+
+def shard_layout(path: Path, names: dict[str, str]) -> dict[str, tuple[str, list[int]]]:
+    """New name -> (dtype, shape) of the tensors ``names`` of the shard at ``path``, read from its header."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as reader:
+        return {new: (reader.get_slice(old).get_dtype(), reader.get_slice(old).get_shape())
+                for old, new in names.items()}
+
+
+def write_index(tmp: Path, folder: Path, weight_map: dict[str, str], total_size: int, total_parameters: int) -> None:
+    """``model.safetensors.index.json`` for the written shards (the input's metadata, sizes updated)."""
+    source = folder / INDEX_FILE
+    metadata = json.loads(source.read_text(encoding="utf-8")).get("metadata", {}) if source.is_file() else {}
+    metadata = {**metadata, "total_size": total_size, "total_parameters": total_parameters}
+    document = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def apply_metadata(model: str, removed: list[int], kept: list[int], total: int, model_type: str,
+                   architectures: list[str] | None, recipe: Recipe | None) -> dict:
+    """The ``simdiff.json`` of an applied selection (itself a recipe for ``apply --recipe``)."""
+    return {
+        "removed_layers": removed,
+        "kept_layers": kept,
+        "criterion": recipe.criterion if recipe is not None else "manual",
+        "layer_map": {str(new): old for new, old in enumerate(kept)},
+        "base_model": model,
+        "model_type": model_type,
+        "architectures": architectures,
+        "num_layers_before": total,
+        "num_layers_after": len(kept),
+        "applied_on_disk": True,
+        **provenance(),
+    }
