@@ -9,6 +9,7 @@ from pathlib import Path
 from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
 from simdiff.data import batches, calibration_windows
 from simdiff.data.windows import Batch
+from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
 from simdiff.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers, num_layers_in_config
 from simdiff.model.load import load_model
@@ -105,6 +106,8 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
 
     ``offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on ``device``.
     ``layers``: remove exactly these (original indices) without calibration or scoring.
+    Under ``torchrun``/``accelerate launch`` the scoring is data parallel (:mod:`simdiff.distributed`) and
+    only rank 0 saves (the other ranks return a result with ``out=None``).
     """
     calibration = calibration or Calibration()
     options = options or Options()
@@ -112,6 +115,8 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
     out_path = check_output_dir(out, overwrite)
     if layers is not None:
         validate_layer_indices(layers, configured_layer_count(model_name))
+    check_data_parallel_support(set() if layers is not None else needs_of([criterion, *FREE_CRITERIA]), device_map)
+    device = start_data_parallel(device)
     offload_device = (device or "cpu") if offload == "layerwise" else None
     model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
                                   device_map=device_map)
@@ -125,6 +130,8 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
     selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
                                          iterative, keep_first, keep_last, offload_device=offload_device)
     log.info("%s removes layers %s of %d", criterion, selection.removed, total)
+    if not is_main_process():  # data parallel: rank 0 saves
+        return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
     kept = remove_layers(model, selection.removed)
     metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
                               iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
@@ -150,6 +157,8 @@ def prune_given_layers(model, tokenizer, model_name: str, out: Path, layers: lis
     """Remove exactly ``layers`` (``prune --layers``): no calibration, no scores."""
     selection = Selection("manual", validate_layer_indices(layers, total))
     scores = ScoreResult(Evidence(num_layers=total), Options())
+    if not is_main_process():
+        return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
     kept = remove_layers(model, selection.removed)
     metadata = prune_metadata(model_name, selection, scores, kept, total, None, None, dtype=dtype,
                               model_type=model.config.model_type, architectures=model.config.architectures)

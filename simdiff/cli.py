@@ -52,16 +52,22 @@ def parse_criteria(value: str) -> list[str]:
 
 def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
+    from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
     from simdiff.model import load_model
+    from simdiff.pipeline import needs_of
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
     criteria = parse_criteria(args.criteria)
-    offload_device = (args.device or "cpu") if args.offload == "layerwise" else None
-    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else args.device, args.device_map)
+    check_data_parallel_support(needs_of(criteria), args.device_map)
+    device = start_data_parallel(args.device)
+    offload_device = (device or "cpu") if args.offload == "layerwise" else None
+    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else device, args.device_map)
     sizes = (args.block_size,) if args.block_size else ()
     result = score(model, tokenizer, criteria, calibration_from(args), options_from(args), sizes,
                    offload_device=offload_device)
+    if not is_main_process():  # data parallel: rank 0 reports
+        return
     print(format_score_table(result.scores))
     document = {"model": args.model, "options": vars(options_from(args)),
                 "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
@@ -94,6 +100,8 @@ def run_prune(args: argparse.Namespace) -> None:
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
                    device_map=args.device_map, overwrite=args.overwrite, offload=args.offload, layers=args.layers)
+    if result.out is None:  # a data-parallel rank other than 0
+        return
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {result.selection.criterion}")
     print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
