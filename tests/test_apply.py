@@ -174,3 +174,9 @@ def test_output_inside_the_input_is_refused(bf16_checkpoint, capsys) -> None:
     assert main(["-q", "apply", str(bf16_checkpoint), "--layers", "1", "--out", str(bf16_checkpoint),
                  "--overwrite"]) == 2
     assert sorted(p.name for p in bf16_checkpoint.iterdir()) == before
+
+
+def test_prune_layers_out_of_range_is_refused(bf16_checkpoint, tmp_path, capsys) -> None:
+    assert main(["-q", "prune", str(bf16_checkpoint), "--layers", "2,6", "--out", str(tmp_path / "o")]) == 2
+    assert "layer indices [6] out of range: the model has layers 0..5" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
