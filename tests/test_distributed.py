@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from tiny import data_dir, save_tiny
 
+import simdiff
 from simdiff.cli import main
 from simdiff.save import METADATA_FILE
 
@@ -52,7 +53,9 @@ def launch_two_processes(ws, score_args: list[str], prune_args: list[str]) -> di
     script, forwards = ws["root"] / "launched.py", ws["root"] / "forwards"
     script.write_text(LAUNCHED, encoding="utf-8")
     forwards.mkdir()
-    env = {**os.environ, "FORWARDS_DIR": str(forwards), "OMP_NUM_THREADS": "1"}
+    source = str(Path(simdiff.__file__).resolve().parents[1])  # the simdiff under test, also in the children
+    env = {**os.environ, "FORWARDS_DIR": str(forwards), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script), *score_args, "--then", *prune_args],
                          env=env, capture_output=True, text=True, timeout=600)
