@@ -95,11 +95,14 @@ def start_data_parallel(device: str | None) -> str | None:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if on_cuda else "gloo")
         atexit.register(dist.destroy_process_group)
-    if not world.is_main:
-        logging.getLogger("simdiff").setLevel(logging.WARNING)
+    if not world.is_main:  # one process reports
+        from transformers.utils import logging as transformers_logging
+
         from simdiff.progress import set_progress
 
+        logging.getLogger("simdiff").setLevel(logging.WARNING)
         set_progress(False)
+        transformers_logging.disable_progress_bar()
     log.info("data-parallel scoring: %d processes, rank %d on %s", world.size, world.rank, device or "cpu")
     return device
 
