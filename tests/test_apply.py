@@ -180,3 +180,22 @@ def test_prune_layers_out_of_range_is_refused(bf16_checkpoint, tmp_path, capsys)
     assert main(["-q", "prune", str(bf16_checkpoint), "--layers", "2,6", "--out", str(tmp_path / "o")]) == 2
     assert "layer indices [6] out of range: the model has layers 0..5" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@torch.no_grad()
+def test_checkpoint_without_base_model_prefix(tmp_path) -> None:
+    """Old GPT-2 checkpoints name layers ``h.0.`` instead of ``transformer.h.0.``; apply finds them too."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = save_checkpoint(tmp_path / "gpt2", "gpt2", dtype=torch.float32)
+    file = checkpoint / "model.safetensors"
+    tensors = load_file(file)
+    save_file({name.removeprefix("transformer."): t for name, t in tensors.items()}, file, metadata={"format": "pt"})
+    apply(checkpoint, tmp_path / "disk", "--layers", "2,3")
+    assert any(name.startswith("h.3.") for name in tensors_of(tmp_path / "disk"))
+    assert not any(name.startswith("h.4.") for name in tensors_of(tmp_path / "disk"))
+    original = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    with bypass_layers(original, [2, 3]):
+        assert torch.equal(pruned(ids).logits, original(ids).logits)
