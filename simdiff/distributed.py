@@ -2,9 +2,10 @@
 
 Each process holds the whole model (on ``cuda:LOCAL_RANK``, or the CPU) and runs the streaming statistics
 pass on its share of the calibration batches (batch i goes to rank i mod world size, so every window is
-computed in the same batch as in one process); the float64 sums of :class:`LayerStatistics` are then added
-across processes with ``all_reduce``. Every rank ends with the same statistics, hence the same scores and
-selection; only rank 0 writes outputs. Criteria needing other passes (``ppl_skip``, ``taylor``) are refused.
+computed in the same batch as in one process); the float64 sums of :class:`LayerStatistics` (and the summed
+calibration losses of ``ppl_skip``) are then added across processes with ``all_reduce``. Every rank ends
+with the same statistics, hence the same scores and selection; only rank 0 writes outputs. ``taylor`` (its
+importances need the summed gradients) is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from simdiff.collect.stats import PER_LAYER_SUMS, LayerStatistics
 from simdiff.errors import SimdiffError
+from simdiff.evaluate.perplexity import NLL
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,15 @@ def is_main_process() -> bool:
 
 def check_data_parallel_support(needs: set[str], device_map: str | None = None) -> None:
     """Refuse, before any work, what data-parallel scoring cannot do."""
-    from simdiff.criteria import LAYER_STATS
+    from simdiff.criteria import LAYER_STATS, SKIP_LOSS
 
     if launched_world() is None and active_world() is None:
         return
-    other = sorted(needs - {LAYER_STATS})
+    other = sorted(needs - {LAYER_STATS, SKIP_LOSS})
     if other:
-        raise SimdiffError(f"data-parallel scoring (torchrun/accelerate) reduces hidden-state statistics only; "
-                           f"criteria needing {', '.join(other)} must run in one process (without the launcher)")
+        raise SimdiffError(f"data-parallel scoring (torchrun/accelerate) reduces hidden-state statistics and "
+                           f"calibration losses only; criteria needing {', '.join(other)} must run in one "
+                           "process (without the launcher)")
     if device_map is not None:
         raise SimdiffError("--device-map spreads one model over several devices, but under torchrun each process "
                            "holds its own copy on cuda:LOCAL_RANK; drop --device-map (or the launcher)")
@@ -123,16 +126,29 @@ def _sum_arrays(stats: LayerStatistics) -> list[np.ndarray]:
     return arrays
 
 
-def all_reduce_statistics(stats: LayerStatistics) -> None:
-    """Add every process's float64 sums into ``stats`` (in place), on every process."""
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """The element-wise float64 sum of ``values`` over every process."""
     import torch.distributed as dist
 
-    arrays = _sum_arrays(stats)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flat = torch.from_numpy(np.concatenate(arrays)).to(device)
+    flat = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(device)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    total = flat.cpu().numpy()
+    return flat.cpu().numpy()
+
+
+def all_reduce_statistics(stats: LayerStatistics) -> None:
+    """Add every process's float64 sums into ``stats`` (in place), on every process."""
+    arrays = _sum_arrays(stats)
+    total = all_reduce_sum(np.concatenate(arrays))
     offset = 0
     for array in arrays:
         array[:] = total[offset:offset + array.size]
         offset += array.size
+
+
+def all_reduce_nll(nll: NLL) -> NLL:
+    """A summed NLL over every process's batches (unchanged outside a data-parallel group)."""
+    if active_world() is None:
+        return nll
+    total, tokens = all_reduce_sum(np.array([nll.total, nll.tokens]))
+    return NLL(float(total), int(tokens))

@@ -1,4 +1,4 @@
-"""Data-parallel scoring: two processes under torchrun (gloo, CPU) give the single-process scores."""
+"""Data-parallel scoring: two processes under torchrun (gloo, CPU) give the single-process scores and selection."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from simdiff.cli import main
 from simdiff.save import METADATA_FILE
 
 CALIB = ["--samples", "8", "--seq-len", "24", "--batch-size", "2", "--seed", "3"]  # 4 batches
-SCORE = ["--criteria", "simdiff,block_influence,angular_block,mssd,masd", "--block-size", "2"]
+SCORE = ["--criteria", "simdiff,block_influence,angular_block,mssd,masd,ppl_skip", "--block-size", "2"]
+PRUNE = ["--num-layers", "2", "--criterion", "ppl_skip", "--iterative"]  # SLEB: loss passes, re-scored per step
 # Runs under torchrun: score and prune, counting this rank's calibration forwards.
 LAUNCHED = """
 import os, sys
@@ -71,11 +72,11 @@ def relative_difference(a, b) -> float:
 def test_two_processes_score_and_prune_like_one(workspace) -> None:
     root = workspace["root"]
     assert main(command(workspace, "score", *SCORE, "--json", str(root / "one.json"))) == 0
-    assert main(command(workspace, "prune", "--num-layers", "2", "--out", str(root / "one"))) == 0
+    assert main(command(workspace, "prune", *PRUNE, "--out", str(root / "one"))) == 0
     forwards = launch_two_processes(
         workspace, command(workspace, "score", *SCORE, "--json", str(root / "two.json")),
-        command(workspace, "prune", "--num-layers", "2", "--out", str(root / "two")))
-    # each rank ran its half of the 4 batches, in the score pass and in the prune pass
+        command(workspace, "prune", *PRUNE, "--out", str(root / "two")))
+    # each rank ran its half of the 4 batches in the statistics pass of score and of prune
     assert forwards == {0: 4, 1: 4}
     one, two = (json.loads((root / f"{n}.json").read_text(encoding="utf-8")) for n in ("one", "two"))
     for name, values in one["scores"].items():
@@ -88,12 +89,16 @@ def test_two_processes_score_and_prune_like_one(workspace) -> None:
     pruned_one, pruned_two = (json.loads((root / n / METADATA_FILE).read_text(encoding="utf-8"))
                               for n in ("one", "two"))
     assert pruned_two["removed_layers"] == pruned_one["removed_layers"]
-    assert relative_difference(pruned_two["scores"]["simdiff"], pruned_one["scores"]["simdiff"]) < 1e-9
+    for step_one, step_two in zip(pruned_one["selection_steps"], pruned_two["selection_steps"], strict=True):
+        assert step_two["removed"] == step_one["removed"]
+        known = ~np.isnan(np.asarray(step_one["importance"], dtype=np.float64))
+        assert relative_difference(np.asarray(step_two["importance"])[known],
+                                   np.asarray(step_one["importance"])[known]) < 1e-9
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".two")) == []  # no temp folder left
 
 
 @pytest.mark.parametrize("args, message", [
-    (["score", "--criteria", "simdiff,ppl_skip"], "criteria needing skip_loss must run in one process"),
+    (["score", "--criteria", "simdiff,taylor"], "criteria needing taylor must run in one process"),
     (["prune", "--num-layers", "1", "--criterion", "taylor"], "criteria needing taylor must run in one process"),
     (["score", "--device-map", "auto"], "drop --device-map"),
 ])
