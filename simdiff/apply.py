@@ -18,9 +18,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from simdiff.errors import SimdiffError
+from simdiff.model.checks import (
+    PYTORCH_INDEX,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    check_weights_match,
+    checkpoint_shapes,
+    meta_model,
+    read_config_json,
+)
 from simdiff.model.layers import find_decoder_layers
 from simdiff.progress import progress
 from simdiff.save import METADATA_FILE, _write_model_card, atomic_directory, check_output_dir, provenance
@@ -28,11 +35,9 @@ from simdiff.surgery import remove_layers, validate_layer_indices
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Top-level files that are not copied: weights (any format) and what apply writes itself.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-REWRITTEN = {"config.json", INDEX_FILE, "pytorch_model.bin.index.json", METADATA_FILE, "README.md"}
+REWRITTEN = {"config.json", SAFETENSORS_INDEX, PYTORCH_INDEX, METADATA_FILE, "README.md"}
 
 
 @dataclass(frozen=True)
@@ -89,25 +94,17 @@ def check_recipe_matches(recipe: Recipe, config, model: str) -> None:
 # -- the plan: which tensors go where under which name ---------------------------------------------------
 def input_shards(folder: Path) -> list[str]:
     """The safetensors shard file names of a checkpoint folder, in order."""
-    index = folder / INDEX_FILE
+    index = folder / SAFETENSORS_INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return sorted(set(weight_map.values()))
-    if (folder / SINGLE_FILE).is_file():
-        return [SINGLE_FILE]
-    raise SimdiffError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}; apply reads safetensors checkpoints "
+    if (folder / SAFETENSORS).is_file():
+        return [SAFETENSORS]
+    raise SimdiffError(f"{folder} holds no {SAFETENSORS} or {SAFETENSORS_INDEX}; apply reads safetensors checkpoints "
                        "(re-save the model with save_pretrained, or prune it in memory with simdiff prune)")
 
 
-def skeleton(config):
-    """The model built from ``config`` on the meta device (no memory for weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def layer_name_pattern(names: list[str], layer_path: str, base_prefix: str, num_layers: int) -> re.Pattern:
+def layer_name_pattern(names: list[str], layer_path: str, base_prefix: str) -> re.Pattern:
     """The regex ``<path>.(i).(rest)`` matching the decoder-layer tensors in ``names``.
 
     Some checkpoints store names without the base-model prefix (``h.0.`` for ``transformer.h.0.``).
@@ -117,11 +114,7 @@ def layer_name_pattern(names: list[str], layer_path: str, base_prefix: str, num_
         candidates.append(layer_path[len(base_prefix) + 1:])
     for path in candidates:
         pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.+)$")
-        found = {int(m.group(1)) for m in map(pattern.match, names) if m}
-        if found:
-            if found != set(range(num_layers)):
-                raise SimdiffError(f"the checkpoint's tensors under {path}. cover layers {sorted(found)}, "
-                                   f"its config has {num_layers}")
+        if any(map(pattern.match, names)):
             return pattern
     raise SimdiffError(f"no tensor name in the checkpoint starts with {layer_path}.<i>.; cannot find its layers")
 
@@ -140,7 +133,7 @@ def renamed(name: str, pattern: re.Pattern, new_index: dict[int, int]) -> str | 
 
 def shard_names(shards: list[list[str]]) -> list[str]:
     if len(shards) == 1:
-        return [SINGLE_FILE]
+        return [SAFETENSORS]
     return [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
 
 
@@ -198,6 +191,7 @@ def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.Pa
                            f"`hf download {model} --local-dir DIR`)")
     target = check_output_dir(out, overwrite)
     refuse_overlap(folder, target)
+    read_config_json(folder)
     config = AutoConfig.from_pretrained(folder)
     if recipe is not None:
         check_recipe_matches(recipe, config, model)
@@ -208,11 +202,12 @@ def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.Pa
     shard_files = input_shards(folder)
     model_type, architectures = config.model_type, getattr(config, "architectures", None)
 
-    pruned = skeleton(config)
+    pruned = meta_model(config)
+    check_weights_match(pruned, checkpoint_shapes(folder), str(folder))  # the weights are what the config says
     total = len(find_decoder_layers(pruned))
     layer_path = find_decoder_layers(pruned).path
     kept = remove_layers(pruned, removed)  # the in-memory rules for the config, checked on the meta device
-    kept_shards = plan_shards(folder, shard_files, layer_path, pruned.base_model_prefix, total, kept)
+    kept_shards = plan_shards(folder, shard_files, layer_path, pruned.base_model_prefix, kept)
     outputs = shard_names([names for _, names in kept_shards])
 
     metadata = apply_metadata(model, removed, kept, total, model_type, architectures, recipe)
@@ -232,11 +227,11 @@ def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.Pa
     return ApplyResult(target, removed, kept, outputs, metadata)
 
 
-def plan_shards(folder: Path, shard_files: list[str], layer_path: str, base_prefix: str, total: int,
+def plan_shards(folder: Path, shard_files: list[str], layer_path: str, base_prefix: str,
                 kept: list[int]) -> list[tuple[str, dict[str, str]]]:
     """Per input shard that keeps any tensor: (file, {old name: new name}) of the tensors it keeps."""
     names_by_shard = shard_tensor_names(folder, shard_files)
-    pattern = layer_name_pattern([n for names in names_by_shard for n in names], layer_path, base_prefix, total)
+    pattern = layer_name_pattern([n for names in names_by_shard for n in names], layer_path, base_prefix)
     new_index = {old: new for new, old in enumerate(kept)}
     plan = [{old: new for old in names if (new := renamed(old, pattern, new_index)) is not None}
             for names in names_by_shard]
@@ -263,11 +258,11 @@ def shard_tensor_names(folder: Path, shard_files: list[str]) -> list[list[str]]:
 
 def write_index(tmp: Path, folder: Path, weight_map: dict[str, str], total_size: int, total_parameters: int) -> None:
     """``model.safetensors.index.json`` for the written shards (the input's metadata, sizes updated)."""
-    source = folder / INDEX_FILE
+    source = folder / SAFETENSORS_INDEX
     metadata = json.loads(source.read_text(encoding="utf-8")).get("metadata", {}) if source.is_file() else {}
     metadata = {**metadata, "total_size": total_size, "total_parameters": total_parameters}
     document = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / INDEX_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    (tmp / SAFETENSORS_INDEX).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
 def apply_metadata(model: str, removed: list[int], kept: list[int], total: int, model_type: str,

@@ -17,8 +17,9 @@ from simdiff.cli_options import (
     add_selection_options,
     calibration_from,
     options_from,
+    source_from,
 )
-from simdiff.errors import SimdiffError
+from simdiff.errors import SimdiffError, one_line
 from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
 from simdiff.progress import set_progress
 from simdiff.recover.cli import add_recover_command
@@ -54,18 +55,21 @@ def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
     from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
     from simdiff.model import load_model
+    from simdiff.model.checks import check_device
     from simdiff.pipeline import needs_of
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
     criteria = parse_criteria(args.criteria)
+    calibration, options = calibration_from(args), options_from(args)  # validated before loading
+    check_device(args.device)
     check_data_parallel_support(needs_of(criteria), args.device_map)
     device = start_data_parallel(args.device)
     offload_device = (device or "cpu") if args.offload == "layerwise" else None
-    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else device, args.device_map)
+    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else device, args.device_map,
+                                  **source_from(args))
     sizes = (args.block_size,) if args.block_size else ()
-    result = score(model, tokenizer, criteria, calibration_from(args), options_from(args), sizes,
-                   offload_device=offload_device)
+    result = score(model, tokenizer, criteria, calibration, options, sizes, offload_device=offload_device)
     if not is_main_process():  # data parallel: rank 0 reports
         return
     print(format_score_table(result.scores))
@@ -99,7 +103,8 @@ def run_prune(args: argparse.Namespace) -> None:
     result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
-                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload, layers=args.layers)
+                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload, layers=args.layers,
+                   **source_from(args))
     if result.out is None:  # a data-parallel rank other than 0
         return
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except SimdiffError as exc:
-        print(f"simdiff: error: {exc}", file=sys.stderr)
+        print(f"simdiff: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("simdiff: interrupted", file=sys.stderr)
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for users; -v shows the traceback
         if args.verbose:
             raise
-        print(f"simdiff: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        print(f"simdiff: error: {type(exc).__name__}: {one_line(str(exc))} (run with -v for the traceback)",
+              file=sys.stderr)
         return 1
     return 0
 

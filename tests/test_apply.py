@@ -11,8 +11,8 @@ from safetensors import safe_open
 from tiny import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from simdiff.apply import INDEX_FILE
 from simdiff.cli import main
+from simdiff.model.checks import SAFETENSORS_INDEX
 from simdiff.save import METADATA_FILE
 from simdiff.surgery import bypass_layers, remove_layers
 
@@ -79,7 +79,7 @@ def test_apply_sharded_checkpoint(tmp_path) -> None:
     out = tmp_path / "disk"
     assert tensors_of(out) == tensors_of(reference)
     assert config_of(out) == config_of(reference)
-    index = json.loads((out / INDEX_FILE).read_text(encoding="utf-8"))
+    index = json.loads((out / SAFETENSORS_INDEX).read_text(encoding="utf-8"))
     shards = sorted(out.glob("*.safetensors"))
     assert 1 < len(shards) <= len(input_shards)
     largest_input = max(p.stat().st_size for p in input_shards)
