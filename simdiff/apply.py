@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simdiff.errors import SimdiffError
+from simdiff.lineage import compose_rounds, input_metadata
 from simdiff.model.checks import (
     PYTORCH_INDEX,
     SAFETENSORS,
@@ -29,8 +30,9 @@ from simdiff.model.checks import (
     read_config_json,
 )
 from simdiff.model.layers import find_decoder_layers
+from simdiff.outputs import claim_output_dir
 from simdiff.progress import progress
-from simdiff.save import METADATA_FILE, _write_model_card, atomic_directory, check_output_dir, provenance
+from simdiff.save import METADATA_FILE, _write_model_card, provenance
 from simdiff.surgery import remove_layers, validate_layer_indices
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     missing = [key for key in ("removed_layers", "num_layers_before") if key not in document]
     if missing:
         raise SimdiffError(f"recipe {str(file)!r} lacks {', '.join(missing)}; pass the simdiff.json written by prune")
+    history = document.get("history") or [{}]
     return Recipe(
-        removed_layers=[int(i) for i in document["removed_layers"]],
+        # the last round's layers in its input's numbering (removed_layers counts every round, originally numbered)
+        removed_layers=[int(i) for i in history[-1].get("removed_layers", document["removed_layers"])],
         num_layers_before=int(document["num_layers_before"]),
         base_model=document.get("base_model"),
         model_type=document.get("model_type"),
@@ -189,42 +193,44 @@ def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.Pa
     if not folder.is_dir():
         raise SimdiffError(f"{model!r} is not a local checkpoint; apply needs one (download it first, e.g. "
                            f"`hf download {model} --local-dir DIR`)")
-    target = check_output_dir(out, overwrite)
-    refuse_overlap(folder, target)
-    read_config_json(folder)
-    config = AutoConfig.from_pretrained(folder)
-    if recipe is not None:
-        check_recipe_matches(recipe, config, model)
-        removed = recipe.removed_layers if removed is None else removed
-    if removed is None:
-        raise SimdiffError("give the layers to remove: --layers 3,12,13 or --recipe simdiff.json")
-    removed = validate_layer_indices(removed, config.num_hidden_layers)
-    shard_files = input_shards(folder)
-    model_type, architectures = config.model_type, getattr(config, "architectures", None)
+    with claim_output_dir(out, overwrite, inputs=[model]) as claim:  # validated and claimed before work
+        read_config_json(folder)
+        config = AutoConfig.from_pretrained(folder)
+        if recipe is not None:
+            check_recipe_matches(recipe, config, model)
+            removed = recipe.removed_layers if removed is None else removed
+        if removed is None:
+            raise SimdiffError("give the layers to remove: --layers 3,12,13 or --recipe simdiff.json")
+        removed = validate_layer_indices(removed, config.num_hidden_layers)
+        shard_files = input_shards(folder)
+        pruned = meta_model(config)
+        check_weights_match(pruned, checkpoint_shapes(folder), str(folder))  # the weights are what the config says
+        total = len(find_decoder_layers(pruned))
+        layer_path = find_decoder_layers(pruned).path
+        kept = remove_layers(pruned, removed)  # the in-memory rules for the config, checked on the meta device
+        kept_shards = plan_shards(folder, shard_files, layer_path, pruned.base_model_prefix, kept)
+        metadata = apply_metadata(model, removed, kept, total, pruned.config, recipe)
+        with claim.staging() as tmp:
+            outputs = write_shards(folder, kept_shards, tmp)
+            copy_side_files(folder, tmp)
+            pruned.config.save_pretrained(tmp)
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+            _write_model_card(tmp, metadata)
+    log.info("wrote %s (%d shards)", claim.path, len(outputs))
+    return ApplyResult(claim.path, removed, kept, outputs, metadata)
 
-    pruned = meta_model(config)
-    check_weights_match(pruned, checkpoint_shapes(folder), str(folder))  # the weights are what the config says
-    total = len(find_decoder_layers(pruned))
-    layer_path = find_decoder_layers(pruned).path
-    kept = remove_layers(pruned, removed)  # the in-memory rules for the config, checked on the meta device
-    kept_shards = plan_shards(folder, shard_files, layer_path, pruned.base_model_prefix, kept)
+
+def write_shards(folder: Path, kept_shards: list[tuple[str, dict[str, str]]], tmp: Path) -> list[str]:
+    """Write the planned shards (and their index when there are several) into ``tmp``; return their names."""
     outputs = shard_names([names for _, names in kept_shards])
-
-    metadata = apply_metadata(model, removed, kept, total, model_type, architectures, recipe)
-    with atomic_directory(target, overwrite) as tmp:
-        weight_map, total_size, total_parameters = {}, 0, 0
-        for (src, names), dst in progress(list(zip(kept_shards, outputs)), desc="writing shards"):
-            size, parameters = copy_shard(folder / src, tmp / dst, names)
-            total_size, total_parameters = total_size + size, total_parameters + parameters
-            weight_map.update(dict.fromkeys(names.values(), dst))
-        if len(outputs) > 1:
-            write_index(tmp, folder, weight_map, total_size, total_parameters)
-        copy_side_files(folder, tmp)
-        pruned.config.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        _write_model_card(tmp, metadata)
-    log.info("wrote %s (%d shards)", target, len(outputs))
-    return ApplyResult(target, removed, kept, outputs, metadata)
+    weight_map, total_size, total_parameters = {}, 0, 0
+    for (src, names), dst in progress(list(zip(kept_shards, outputs)), desc="writing shards"):
+        size, parameters = copy_shard(folder / src, tmp / dst, names)
+        total_size, total_parameters = total_size + size, total_parameters + parameters
+        weight_map.update(dict.fromkeys(names.values(), dst))
+    if len(outputs) > 1:
+        write_index(tmp, folder, weight_map, total_size, total_parameters)
+    return outputs
 
 
 def plan_shards(folder: Path, shard_files: list[str], layer_path: str, base_prefix: str,
@@ -236,14 +242,6 @@ def plan_shards(folder: Path, shard_files: list[str], layer_path: str, base_pref
     plan = [{old: new for old in names if (new := renamed(old, pattern, new_index)) is not None}
             for names in names_by_shard]
     return [(src, names) for src, names in zip(shard_files, plan) if names]
-
-
-def refuse_overlap(model_folder: Path, target: Path) -> None:
-    """Never write into (or over) the input checkpoint."""
-    src, dst = model_folder.resolve(), target.resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
-        raise SimdiffError(f"--out {str(target)!r} overlaps the input checkpoint {str(model_folder)!r}; "
-                           "choose a folder outside it")
 
 
 def shard_tensor_names(folder: Path, shard_files: list[str]) -> list[list[str]]:
@@ -265,19 +263,28 @@ def write_index(tmp: Path, folder: Path, weight_map: dict[str, str], total_size:
     (tmp / SAFETENSORS_INDEX).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-def apply_metadata(model: str, removed: list[int], kept: list[int], total: int, model_type: str,
-                   architectures: list[str] | None, recipe: Recipe | None) -> dict:
-    """The ``simdiff.json`` of an applied selection (itself a recipe for ``apply --recipe``)."""
+def apply_metadata(model: str, removed: list[int], kept: list[int], total: int, config,
+                   recipe: Recipe | None) -> dict:
+    """The ``simdiff.json`` of an applied selection (itself a recipe for ``apply --recipe``).
+
+    As for ``prune``, layer indices are in the original model's numbering when the input is itself a simdiff
+    output (:mod:`simdiff.lineage`); ``history[-1].removed_layers`` indexes the input's layers.
+    """
+    criterion = recipe.criterion if recipe is not None else "manual"
+    run = provenance()
+    lineage = compose_rounds(input_metadata(model), model, criterion, removed, kept, total, run["command"],
+                             run["created"])
     return {
-        "removed_layers": removed,
-        "kept_layers": kept,
-        "criterion": recipe.criterion if recipe is not None else "manual",
-        "layer_map": {str(new): old for new, old in enumerate(kept)},
+        "removed_layers": lineage.pop("removed_layers"),
+        "kept_layers": lineage.pop("kept_layers"),
+        "criterion": criterion,
+        "layer_map": lineage.pop("layer_map"),
         "base_model": model,
-        "model_type": model_type,
-        "architectures": architectures,
         "num_layers_before": total,
         "num_layers_after": len(kept),
+        **lineage,
+        "model_type": config.model_type,
+        "architectures": getattr(config, "architectures", None),
         "applied_on_disk": True,
-        **provenance(),
+        **run,
     }

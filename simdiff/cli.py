@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from simdiff.apply_cli import add_apply_command
 from simdiff.bench.cli import add_bench_command
@@ -36,7 +35,8 @@ def add_score_command(subparsers) -> None:
     parser.add_argument("--block-size", type=int, default=None,
                         help="also collect angular distances of blocks of this many layers")
     parser.add_argument("--json", default=None, help="write scores and raw statistics to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a PNG of the score profiles to this file")
+    parser.add_argument("--plot", default=None, help="write a plot of the score profiles to this file (.png/.svg/.pdf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
     add_calibration_options(parser)
     add_criterion_options(parser)
     parser.set_defaults(run=run_score)
@@ -56,6 +56,7 @@ def run_score(args: argparse.Namespace) -> None:
     from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
     from simdiff.model import load_model
     from simdiff.model.checks import check_device
+    from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, atomic_file, check_output_file, write_text_file
     from simdiff.pipeline import needs_of
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
@@ -64,6 +65,11 @@ def run_score(args: argparse.Namespace) -> None:
     calibration, options = calibration_from(args), options_from(args)  # validated before loading
     check_device(args.device)
     check_data_parallel_support(needs_of(criteria), args.device_map)
+    inputs = [args.model]
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, inputs, JSON_SUFFIXES, "--json")
+    if args.plot:
+        check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
     device = start_data_parallel(args.device)
     offload_device = (device or "cpu") if args.offload == "layerwise" else None
     model, tokenizer = load_model(args.model, args.dtype, None if offload_device else device, args.device_map,
@@ -76,12 +82,13 @@ def run_score(args: argparse.Namespace) -> None:
     document = {"model": args.model, "options": vars(options_from(args)),
                 "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps(document, indent=2) + "\n", args.overwrite, inputs)
         log.info("wrote %s", args.json)
     if args.plot:
         from simdiff.report.plots import plot_score_profiles
 
-        plot_score_profiles(result.scores, args.plot, title=f"layer scores: {args.model}")
+        with atomic_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot") as tmp:
+            plot_score_profiles(result.scores, tmp, title=f"layer scores: {args.model}")
         log.info("wrote %s", args.plot)
 
 

@@ -170,7 +170,7 @@ def test_bad_selection_is_refused(bf16_checkpoint, tmp_path, capsys, args, messa
 def test_output_inside_the_input_is_refused(bf16_checkpoint, capsys) -> None:
     before = sorted(p.name for p in bf16_checkpoint.iterdir())
     assert main(["-q", "apply", str(bf16_checkpoint), "--layers", "1", "--out", str(bf16_checkpoint / "x")]) == 2
-    assert "overlaps the input checkpoint" in capsys.readouterr().err
+    assert "overlaps the input" in capsys.readouterr().err
     assert main(["-q", "apply", str(bf16_checkpoint), "--layers", "1", "--out", str(bf16_checkpoint),
                  "--overwrite"]) == 2
     assert sorted(p.name for p in bf16_checkpoint.iterdir()) == before
@@ -199,3 +199,16 @@ def test_checkpoint_without_base_model_prefix(tmp_path) -> None:
     ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
     with bypass_layers(original, [2, 3]):
         assert torch.equal(pruned(ids).logits, original(ids).logits)
+
+
+def test_second_round_keeps_original_numbering_and_replays(bf16_checkpoint, tmp_path) -> None:
+    """Applying to a pruned model records layers in the original numbering; its recipe replays the round."""
+    first = in_memory_removal(bf16_checkpoint, tmp_path / "first", [1])  # original 0,2,3,4,5 remain
+    apply(first, tmp_path / "second", "--layers", "2")  # the input's layer 2 is the original layer 3
+    metadata = json.loads((tmp_path / "second" / METADATA_FILE).read_text(encoding="utf-8"))
+    assert metadata["removed_layers"] == [1, 3] and metadata["kept_layers"] == [0, 2, 4, 5]
+    assert metadata["history"][-1]["removed_layers"] == [2]
+    apply(first, tmp_path / "replayed", "--recipe", str(tmp_path / "second"))
+    assert tensors_of(tmp_path / "replayed") == tensors_of(tmp_path / "second")
+    apply(bf16_checkpoint, tmp_path / "direct", "--layers", "1,3")
+    assert tensors_of(tmp_path / "direct") == tensors_of(tmp_path / "second")
