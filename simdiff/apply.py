@@ -65,19 +65,25 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise SimdiffError(f"recipe {str(file)!r} not found; pass the simdiff.json written by prune") from None
     except json.JSONDecodeError as exc:
         raise SimdiffError(f"recipe {str(file)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(document, dict):
+        raise SimdiffError(f"recipe {str(file)!r} is not a JSON object; pass the simdiff.json written by prune")
     missing = [key for key in ("removed_layers", "num_layers_before") if key not in document]
     if missing:
         raise SimdiffError(f"recipe {str(file)!r} lacks {', '.join(missing)}; pass the simdiff.json written by prune")
     history = document.get("history") or [{}]
-    return Recipe(
-        # the last round's layers in its input's numbering (removed_layers counts every round, originally numbered)
-        removed_layers=[int(i) for i in history[-1].get("removed_layers", document["removed_layers"])],
-        num_layers_before=int(document["num_layers_before"]),
-        base_model=document.get("base_model"),
-        model_type=document.get("model_type"),
-        architectures=document.get("architectures"),
-        criterion=document.get("criterion"),
-    )
+    try:
+        return Recipe(
+            # the last round's layers in its input's numbering (removed_layers: every round, original numbering)
+            removed_layers=[int(i) for i in history[-1].get("removed_layers", document["removed_layers"])],
+            num_layers_before=int(document["num_layers_before"]),
+            base_model=document.get("base_model"),
+            model_type=document.get("model_type"),
+            architectures=document.get("architectures"),
+            criterion=document.get("criterion"),
+        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise SimdiffError(f"recipe {str(file)!r} has malformed layer fields ({exc}); pass the simdiff.json "
+                           "written by prune") from None
 
 
 def check_recipe_matches(recipe: Recipe, config, model: str) -> None:

@@ -156,8 +156,12 @@ def test_recipe_for_another_model_is_refused(bf16_checkpoint, tmp_path, capsys, 
     (["--layers", "0,1,2,3,4,5"], "keep at least one"),
     (["--layers", "1,x"], "comma-separated layer indices"),
     (["--recipe", "/nonexistent/simdiff.json"], "not found"),
+    (["--recipe", "{bad}"], "malformed layer fields"),
 ])
 def test_bad_selection_is_refused(bf16_checkpoint, tmp_path, capsys, args, message) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"removed_layers": ["x"], "num_layers_before": 6}), encoding="utf-8")
+    args = [str(bad) if a == "{bad}" else a for a in args]
     try:
         code = main(["-q", "apply", str(bf16_checkpoint), *args, "--out", str(tmp_path / "o")])
     except SystemExit as exc:  # argparse's own errors
