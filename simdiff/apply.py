@@ -104,14 +104,13 @@ def check_recipe_matches(recipe: Recipe, config, model: str) -> None:
 # -- the plan: which tensors go where under which name ---------------------------------------------------
 def input_shards(folder: Path) -> list[str]:
     """The safetensors shard file names of a checkpoint folder, in order."""
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return sorted(set(weight_map.values()))
-    if (folder / SAFETENSORS).is_file():
-        return [SAFETENSORS]
-    raise SimdiffError(f"{folder} holds no {SAFETENSORS} or {SAFETENSORS_INDEX}; apply reads safetensors checkpoints "
-                       "(re-save the model with save_pretrained, or prune it in memory with simdiff prune)")
+    from simdiff.verify import safetensors_files
+
+    if not any((folder / name).is_file() for name in (SAFETENSORS, SAFETENSORS_INDEX)):
+        raise SimdiffError(f"{folder} holds no {SAFETENSORS} or {SAFETENSORS_INDEX}; apply reads safetensors "
+                           "checkpoints (re-save the model with save_pretrained, or prune it in memory with "
+                           "simdiff prune)")
+    return [path.name for path in safetensors_files(folder)]
 
 
 def layer_name_pattern(names: list[str], layer_path: str, base_prefix: str) -> re.Pattern:
