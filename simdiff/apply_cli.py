@@ -12,7 +12,7 @@ def add_apply_command(subparsers) -> None:
         "apply", help="remove given layers from a checkpoint on disk, shard by shard (no model in memory)")
     parser.add_argument("model", help="checkpoint directory (safetensors) or built-in name (smollm2-135m)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--layers", type=layer_list, help="layers to remove, e.g. 3,12,13 (original numbering)")
+    which.add_argument("--layers", type=layer_list, help="layers to remove, e.g. 3,12,13 (the input model's numbering)")
     which.add_argument("--recipe", help="the simdiff.json of a prune (or its folder): apply its selection")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -101,7 +101,7 @@ def add_selection_options(parser: argparse.ArgumentParser) -> None:
     count.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
     count.add_argument("--ratio", type=float, help="fraction of decoder layers to remove (rounded)")
     count.add_argument("--layers", type=layer_list,
-                       help="remove exactly these layers, e.g. 3,12,13 (original numbering; no scoring)")
+                       help="remove exactly these layers, e.g. 3,12,13 (the input model's numbering; no scoring)")
     group.add_argument("--criterion", default="simdiff", help=f"one of: {', '.join(CRITERIA)}")
     group.add_argument("--iterative", action="store_true", help="re-score after each removal (one layer at a time)")
     group.add_argument("--keep-first", type=int, default=0, help="never remove the first N layers")
