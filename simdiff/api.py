@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
+from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
+from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
 from simdiff.errors import SimdiffError
 from simdiff.lineage import compose_rounds, input_metadata
 from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
-from simdiff.outputs import claim_output_dir
+from simdiff.outputs import OutputDir, claim_output_dir
 from simdiff.pipeline import (
     ScoreResult,
     Selection,
@@ -25,7 +27,7 @@ from simdiff.pipeline import (
 from simdiff.recipe import Calibration, Recipe, recipe_from_settings
 from simdiff.save import provenance, save_model
 from simdiff.select import check_removable, resolve_count
-from simdiff.surgery import remove_layers
+from simdiff.surgery import remove_layers, validate_layer_indices
 from simdiff.tune import reject_auto, resolve_alpha
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,11 @@ def prune(recipe: Recipe | str, out: str | Path | None = None, **settings) -> Pr
 
 
 def prune_recipe(recipe: Recipe) -> PruneResult:
+    """Prune as ``recipe`` says. ``selection.layers`` removes exactly those layers (no calibration, no scores).
+
+    Under ``torchrun``/``accelerate launch`` the scoring is data parallel (:mod:`simdiff.distributed`) and only
+    rank 0 saves (the other ranks return a result with ``out=None``).
+    """
     from simdiff.compare import CandidateSpec
 
     if recipe.is_comparison():
@@ -119,10 +126,18 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
     sel, spec_model = recipe.selection, recipe.model
     num_layers, ratio = (sel.num_layers or [None])[0], (sel.ratio or [None])[0]
     check_device(spec_model.device)
-    with claim_output_dir(recipe.out, recipe.overwrite, inputs=[spec_model.name]) as claim:  # before any work
+    needs = set() if sel.layers is not None else needs_of([criterion, *FREE_CRITERIA])
+    check_data_parallel_support(needs, spec_model.device_map)
+    # validated and claimed before work (by rank 0 only when data parallel: it alone writes)
+    claiming = claim_output_dir(recipe.out, recipe.overwrite, inputs=[spec_model.name]) if is_main_process() \
+        else nullcontext()
+    with claiming as claim:
+        spec_model = replace(spec_model, device=start_data_parallel(spec_model.device))
         offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
         model, tokenizer = spec_model.load(offloaded=offload_device is not None)
         total = len(find_decoder_layers(model))
+        if sel.layers is not None:
+            return prune_given_layers(model, tokenizer, recipe, claim, total)
         count = resolve_count(total, num_layers, ratio)
         check_removable(total, count, sel.keep_first, sel.keep_last)
         check_seq_len(model, calibration.seq_len)
@@ -132,11 +147,14 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options, sel.iterative,
                                              sel.keep_first, sel.keep_last, offload_device=offload_device)
         log.info("%s removes layers %s of %d", criterion, selection.removed, total)
+        if claim is None:  # data parallel: rank 0 saves
+            return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
         kept = remove_layers(model, selection.removed)
         metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
                                   iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
                                   dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
-                                  removed_count=count)
+                                  removed_count=count, model_type=model.config.model_type,
+                                  architectures=model.config.architectures)
         metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
         if alpha_search is not None:
             metadata["alpha_search"] = alpha_search.to_dict()
@@ -144,8 +162,24 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
     return PruneResult(selection, scores, kept, saved, metadata)
 
 
+def prune_given_layers(model, tokenizer, recipe: Recipe, claim: OutputDir | None, total: int) -> PruneResult:
+    """Remove exactly ``recipe.selection.layers`` (``prune --layers``, the input's numbering): no calibration,
+    no scores."""
+    selection = Selection("manual", validate_layer_indices(recipe.selection.layers, total))
+    scores = ScoreResult(Evidence(num_layers=total), Options())
+    if claim is None:  # data parallel: rank 0 saves
+        return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
+    kept = remove_layers(model, selection.removed)
+    metadata = prune_metadata(recipe.model.name, selection, scores, kept, total, None, None, dtype=recipe.model.dtype,
+                              model_type=model.config.model_type, architectures=model.config.architectures)
+    metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
+    saved = save_model(model, tokenizer, claim, metadata)
+    return PruneResult(selection, scores, kept, saved, metadata)
+
+
 def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, kept: list[int], total: int,
-                   calibration: Calibration, options: Options, **settings) -> dict:
+                   calibration: Calibration | None, options: Options | None, model_type: str | None = None,
+                   architectures: list[str] | None = None, **settings) -> dict:
     """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores).
 
     Layer indices are in the original model's numbering when the input is itself a simdiff output
@@ -164,8 +198,10 @@ def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, k
         "num_layers_before": total,
         "num_layers_after": len(kept),
         **lineage,
-        "options": asdict(options),
-        "calibration": asdict(calibration),
+        "model_type": model_type,
+        "architectures": architectures,
+        "options": None if options is None else asdict(options),
+        "calibration": None if calibration is None else asdict(calibration),
         "settings": settings,
         "selection_steps": selection.steps,
         "statistics": scores.to_dict()["statistics"],

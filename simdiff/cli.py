@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 
+from simdiff.apply_cli import add_apply_command
 from simdiff.bench.cli import add_bench_command
 from simdiff.cli_options import (
     add_calibration_options,
@@ -41,34 +43,34 @@ def add_score_command(subparsers) -> None:
     parser.set_defaults(run=run_score)
 
 
-def parse_criteria(value: str) -> list[str]:
-    """Criterion specs of a comma list (``all``: every criterion), each checked (variants included)."""
-    from simdiff.compare import parse_candidates
-
-    return [spec.label for spec in parse_candidates(value)]
-
-
 def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
+    from simdiff.compare import parse_candidates
+    from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
     from simdiff.model.checks import check_device
     from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, atomic_file, check_output_file, write_text_file
+    from simdiff.pipeline import needs_of
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
-    criteria = parse_criteria(args.criterion)
+    specs = parse_candidates(args.criterion)  # names and variants such as simdiff:beta=0.5, checked
     recipe = recipe_from_args(args)  # validated before loading
     spec = recipe.model
     check_device(spec.device)
+    check_data_parallel_support(needs_of([s.criterion for s in specs]), spec.device_map)
     inputs = [spec.name]
     if args.json:  # validated before any work
         check_output_file(args.json, args.overwrite, inputs, JSON_SUFFIXES, "--json")
     if args.plot:
         check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
+    spec = replace(spec, device=start_data_parallel(spec.device))
     offload_device = (spec.device or "cpu") if spec.offload == "layerwise" else None
     model, tokenizer = spec.load(offloaded=offload_device is not None)
     sizes = (args.block_size,) if args.block_size else ()
-    result = score(model, tokenizer, criteria, recipe.calibration, recipe.options, sizes,
+    result = score(model, tokenizer, [s.label for s in specs], recipe.calibration, recipe.options, sizes,
                    offload_device=offload_device)
+    if not is_main_process():  # data parallel: rank 0 reports
+        return
     print(format_score_table(result.scores))
     document = {"model": spec.name, "options": vars(recipe.options), "calibration": vars(recipe.calibration),
                 "recipe": recipe.to_dict(), **result.to_dict(), **provenance()}
@@ -103,9 +105,11 @@ def print_prune(recipe) -> None:
     from simdiff.api import prune
 
     result = prune(recipe)
+    if result.out is None:  # a data-parallel rank other than 0
+        return
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
-    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with "
-          f"{recipe.selection.criterion}")
+    chosen_by = result.selection.criterion if recipe.selection.layers else recipe.selection.criterion
+    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {chosen_by}")
     print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
 
 
@@ -144,7 +148,7 @@ def run_recipe(args: argparse.Namespace) -> None:
 
 # -- entry point ---------------------------------------------------------------------------------------
 COMMANDS = [add_score_command, add_prune_command, add_run_command, add_recover_command, add_eval_command,
-            add_compare_command, add_demo_command, add_bench_command]
+            add_compare_command, add_demo_command, add_bench_command, add_apply_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

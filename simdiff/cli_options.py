@@ -159,10 +159,12 @@ def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Re
         if current is None and (getattr(args, SECTION_MARK + cls.__name__, False) or _own_flag_given(cls, args)):
             current = cls()
         sections[name] = section_from(cls, args, current) if current is not None else current
-    if base is not None:  # a count given on the command line replaces the recipe's (--num-layers or --ratio)
-        for given, other in (("num_layers", "ratio"), ("ratio", "num_layers")):
-            if getattr(args, given, None) is not None and not hasattr(args, other):
-                sections["selection"] = dataclasses.replace(sections["selection"], **{other: None})
+    if base is not None:  # a count given on the command line replaces the recipe's (--num-layers, --ratio, --layers)
+        counts = ("num_layers", "ratio", "layers")
+        given = [name for name in counts if getattr(args, name, None) is not None]
+        if given:
+            cleared = {name: None for name in counts if name not in given}
+            sections["selection"] = dataclasses.replace(sections["selection"], **cleared)
     resolved = section_from(Recipe, args, dataclasses.replace(recipe, **sections))
     return recipe_from_dict(resolved.to_dict())  # validates types and choices of every field
 

@@ -101,6 +101,14 @@ def names(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
+def layer_list(text: str) -> list[int]:
+    """``--layers``: comma-separated decoder-layer indices, e.g. ``3,12,13``."""
+    layers = names(text)
+    if not layers or not all(part.isdigit() for part in layers):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,12,13, got {text!r}")
+    return [int(part) for part in layers]
+
+
 def comma_list(parse: Callable[[str], Any], what: str) -> Callable[[str], list]:
     """Parser of a comma-separated list of ``what`` (one value is a list of one)."""
     def parse_list(text: str) -> list:

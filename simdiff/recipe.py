@@ -26,6 +26,7 @@ from simdiff.flags import (
     base_type,
     comma_list,
     field_flags,
+    layer_list,
     names,
     option,
 )
@@ -95,6 +96,8 @@ class SelectionSettings:
                                                 "command takes several)", parse=comma_list(int, "integers"))
     ratio: list[float] | None = option(None, "fraction of decoder layers to remove, rounded (a comma list where "
                                              "a command takes several)", parse=comma_list(float, "numbers"))
+    layers: list[int] | None = option(None, "remove exactly these layers, e.g. 3,12,13 (the input model's "
+                                            "numbering; no scoring)", parse=layer_list)
     iterative: bool = option(False, "re-score after each removal (one layer at a time)")
     keep_first: int = option(0, "never remove the first N layers")
     keep_last: int = option(0, "never remove the last N layers")
@@ -136,9 +139,10 @@ class Recipe:
         if not self.model.name:
             raise SimdiffError("recipe field model.name is empty; name a model directory, hub id or smollm2-135m")
         parse_candidates(self.selection.criterion)
-        if (self.selection.num_layers is None) == (self.selection.ratio is None):
-            raise SimdiffError("give exactly one of --num-layers K or --ratio R (recipe: selection.num_layers or "
-                               "selection.ratio)")
+        sel = self.selection
+        if sum(value is not None for value in (sel.num_layers, sel.ratio, sel.layers)) != 1:
+            raise SimdiffError("give exactly one of --num-layers K, --ratio R or --layers 3,12,13 (recipe: "
+                               "selection.num_layers, selection.ratio or selection.layers)")
         if self.is_comparison() and self.evaluation is None:
             raise SimdiffError("a recipe with several criteria or counts is a comparison: add an evaluation section")
         return self

@@ -1,0 +1,33 @@
+"""``simdiff apply``: remove a given selection of decoder layers from a checkpoint on disk."""
+
+from __future__ import annotations
+
+import argparse
+
+from simdiff.cli_options import add_output_options, add_selection_options
+from simdiff.errors import SimdiffError
+
+
+def add_apply_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "apply", help="remove given layers from a checkpoint on disk, shard by shard (no model in memory)")
+    parser.add_argument("model", help="checkpoint directory (safetensors) or built-in name (smollm2-135m)")
+    add_selection_options(parser, only=["layers"])
+    parser.add_argument("--recipe", help="the simdiff.json of a prune (or its folder): apply its selection "
+                                         "(default: none; give it or --layers)")
+    add_output_options(parser)
+    parser.set_defaults(run=run_apply)
+
+
+def run_apply(args: argparse.Namespace) -> None:
+    from simdiff.apply import apply_to_path, load_recipe
+
+    if (args.layers is None) == (args.recipe is None):
+        raise SimdiffError("give exactly one of --layers 3,12,13 or --recipe simdiff.json: the layers to remove")
+    if args.out is None:
+        raise SimdiffError("give --out DIR: the folder the pruned checkpoint is written to")
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    result = apply_to_path(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
+    before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
+    print(f"removed layers {result.removed} ({before} -> {after} layers) on disk")
+    print(f"saved to {result.out} ({len(result.shards)} shard{'s' if len(result.shards) > 1 else ''})")
