@@ -78,18 +78,22 @@ def test_keyword_settings_build_the_same_recipe_as_the_cli() -> None:
         recipe_from_settings("m", ratios=[0.25])
 
 
-def test_run_replays_simdiff_json_bit_for_bit(ws, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("selection", [["--num-layers", "2", "--criterion", "simdiff:beta=0.5"], ["--layers", "1,3"]])
+def test_run_replays_simdiff_json_bit_for_bit(selection, ws, tmp_path, capsys) -> None:
     """`simdiff run out/simdiff.json --out other/` removes the same layers and writes identical weights."""
     first, second = tmp_path / "first", tmp_path / "second"
-    assert main(["-q", "prune", str(ws["model"]), "--num-layers", "2", "--criterion", "simdiff:beta=0.5",
-                 "--calib", str(ws["calib"]), *CALIB, "--out", str(first)]) == 0
+    assert main(["-q", "prune", str(ws["model"]), *selection, "--calib", str(ws["calib"]), *CALIB,
+                 "--out", str(first)]) == 0
     assert main(["-q", "run", str(first / METADATA_FILE), "--out", str(second)]) == 0
     a, b = (json.loads((p / METADATA_FILE).read_text()) for p in (first, second))
     assert a["removed_layers"] == b["removed_layers"] and len(a["removed_layers"]) == 2
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
-    assert a["recipe"]["selection"]["criterion"] == "simdiff:beta=0.5" and a["options"]["beta"] == 0.5
     assert {**a["recipe"], "out": None} == {**b["recipe"], "out": None}
     assert b["recipe"]["out"] == str(second) and "removed layers" in capsys.readouterr().out
+    if "--layers" in selection:
+        assert a["removed_layers"] == [1, 3] and a["recipe"]["selection"]["layers"] == [1, 3]
+    else:
+        assert a["recipe"]["selection"]["criterion"] == "simdiff:beta=0.5" and a["options"]["beta"] == 0.5
 
 
 def test_prune_takes_a_recipe(ws, tmp_path) -> None:
