@@ -174,3 +174,32 @@ def _replace_dir(src: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, target)
+
+
+def check_output_file(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Validate a single-file output path before any work is done."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise SimdiffError(f"output {str(path)!r} is a directory; give a file path")
+    if path.exists() and not overwrite:
+        raise SimdiffError(f"output {str(path)!r} already exists; pass --overwrite or choose another --out")
+    return path
+
+
+@contextmanager
+def atomic_file(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path of the file ``out``; on success it replaces ``out``, on error it is deleted."""
+    target = check_output_file(out, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600 files; give the output a normal file's permissions
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
