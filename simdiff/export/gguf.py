@@ -206,11 +206,11 @@ def prune_gguf(src: str | Path, removed: Sequence[int], out: str | Path, overwri
     reader = open_gguf(src)
     count = check_prunable(reader)
     removed = validate_layer_indices(removed, count)
-    kept = [i for i in range(count) if i not in set(removed)]
+    kept = [i for i in range(count) if i not in removed]
     metadata = pruned_metadata(reader, kept)
     tensors = renamed_tensors(reader, kept)
     removed_bytes = sum(t.n_bytes for t in reader.tensors
-                        if (m := BLOCK_TENSOR.match(t.name)) and int(m.group(1)) in set(removed))
+                        if (m := BLOCK_TENSOR.match(t.name)) and int(m.group(1)) not in kept)
     with atomic_file(out, overwrite) as tmp:
         write_gguf(reader, metadata, tensors, tmp)
     log.info("wrote %s: %d of %d blocks", out, len(kept), count)
