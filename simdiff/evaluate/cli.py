@@ -15,6 +15,7 @@ from simdiff.cli_options import (
     add_model_options,
     calibration_from,
     options_from,
+    source_from,
 )
 from simdiff.errors import SimdiffError
 
@@ -102,9 +103,29 @@ def add_eval_command(subparsers) -> None:
 def evaluate_model(name: str, args: argparse.Namespace, settings) -> dict:
     from simdiff.evaluate.suite import Evaluator
     from simdiff.model import load_model
+    from simdiff.model.checks import check_seq_len
 
-    model, tokenizer = load_model(name, args.dtype, args.device, args.device_map)
+    model, tokenizer = load_model(name, args.dtype, args.device, args.device_map, **source_from(args))
+    if settings.ppl:
+        check_seq_len(model, settings.seq_len)
     return {"model": name, **Evaluator(model, tokenizer, settings)(name)}
+
+
+def read_baseline_json(path: str) -> dict:
+    """An earlier ``simdiff eval --json`` result, read (and refused when unusable) before any evaluation."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SimdiffError(f"--baseline {path!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SimdiffError(f"--baseline {path!r} cannot be read ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise SimdiffError(f"--baseline {path!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    sections = ("perplexity", "tasks")
+    if not (isinstance(document, dict) and set(sections) & set(document)
+            and all(isinstance(document.get(name, {}), dict) for name in sections)):
+        raise SimdiffError(f"--baseline {path!r} is not a `simdiff eval --json` result (no perplexity/tasks)")
+    return document
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -113,12 +134,10 @@ def run_eval(args: argparse.Namespace) -> None:
 
     _quiet_lm_eval()
     settings = settings_from(args)
+    baseline = read_baseline_json(args.baseline) if args.baseline and args.baseline.endswith(".json") else None
     result = evaluate_model(args.model, args, settings)
     if args.baseline:
-        path = Path(args.baseline)
-        if path.suffix == ".json" and path.is_file():
-            baseline = json.loads(path.read_text(encoding="utf-8"))
-        else:
+        if baseline is None:
             baseline = evaluate_model(args.baseline, args, settings)
         result["baseline"] = baseline
         result["retained"] = percent_retained(baseline, result)
@@ -179,7 +198,7 @@ def run_comparison(args: argparse.Namespace, model_name: str, num_layers: list[i
     check_output_dir(args.out, args.overwrite)
     specs = parse_candidates(args.criteria)
     settings = settings_from(args)
-    model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map)
+    model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map, **source_from(args))
     total = len(find_decoder_layers(model))
     counts = list(num_layers) if num_layers else [resolve_count(total, ratio=r) for r in ratios or []]
     setup = CompareSetup(specs, counts, calibration_from(args), options_from(args), settings, args.keep_first,
