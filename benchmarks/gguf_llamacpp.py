@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simdiff.cli_options import add_data_dir_option
+from simdiff.cli_options import add_data_dir_option, layer_list
 from simdiff.data import load_text
-from simdiff.export.cli import layer_indices
 from simdiff.export.gguf import prune_gguf
 from simdiff.model.load import builtin_gguf_file
 from simdiff.save import provenance
@@ -92,7 +91,7 @@ def decode_seconds_per_token(llm, prompt: list[int], new_tokens: int) -> tuple[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", default=None, help="GGUF model file (default: the built-in smollm2-135m's)")
-    parser.add_argument("--layers", type=layer_indices, default=layer_indices(SIMDIFF_8_OF_30),
+    parser.add_argument("--layers", type=layer_list, default=layer_list(SIMDIFF_8_OF_30),
                         help=f"blocks to remove (default: {SIMDIFF_8_OF_30})")
     parser.add_argument("--tokens", type=int, default=1024, help="WikiText-2 test tokens for perplexity")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per decode repeat")

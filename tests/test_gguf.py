@@ -231,9 +231,9 @@ def test_apply_cli_refusals(tiny_file, tmp_path, capsys) -> None:
     out = str(tmp_path / "out.gguf")
     assert "made on a model of 30 layers" in apply_error(capsys, [str(tiny_file), "--recipe", str(recipe), "--out", out])
     assert "out of range" in apply_error(capsys, [str(tiny_file), "--layers", "1,6", "--out", out])
-    assert "is the input GGUF file" in apply_error(
+    assert "overlaps the input" in apply_error(
         capsys, [str(tiny_file), "--layers", "1", "--out", str(tiny_file), "--overwrite"])
-    assert "must be a .gguf file" in apply_error(capsys, [str(tiny_file), "--layers", "1", "--out", str(tmp_path)])
+    assert "unknown extension" in apply_error(capsys, [str(tiny_file), "--layers", "1", "--out", str(tmp_path / "x")])
     (tmp_path / "not.gguf").write_text("not a gguf file")
     assert "not a readable GGUF file" in apply_error(capsys, [str(tmp_path / "not.gguf"), "--layers", "1", "--out", out])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not.gguf", "simdiff.json", "tiny.gguf"]
@@ -282,3 +282,6 @@ def test_smollm2_prune_export_gguf(tmp_path, capsys) -> None:
     assert reader.get_field("llama.block_count").contents() == metadata["num_layers_after"] == 22
     assert_smaller_by_removed_blocks(builtin_gguf(), out / "pruned.gguf", metadata["removed_layers"])
     assert "pruned.gguf" in stdout
+    code, _, err = run_cli(capsys, ["apply", str(builtin_gguf()), "--recipe", str(out), "--out", str(tmp_path / "a.gguf")])
+    assert code == 0, err
+    assert (tmp_path / "a.gguf").read_bytes() == (out / "pruned.gguf").read_bytes()  # the recipe replays it

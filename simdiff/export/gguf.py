@@ -15,18 +15,24 @@ sliced and are refused: :data:`POSITIONAL_KEYS`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simdiff.errors import SimdiffError
-from simdiff.save import atomic_file
+from simdiff.outputs import atomic_file, check_output_file
 from simdiff.surgery import validate_layer_indices
+
+if TYPE_CHECKING:
+    from simdiff.apply import Recipe
 
 log = logging.getLogger(__name__)
 
 BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
+GGUF_SUFFIXES = (".gguf",)
 
 # Metadata that places layers by position. Each key is refused when its value is above the threshold (a value at
 # or below it means "every layer alike", which survives removal). {arch} is the file's architecture.
@@ -194,24 +200,39 @@ def write_gguf(reader, metadata: list[tuple], tensors: list[tuple[str, object]],
     writer.close()
 
 
-def prune_gguf(src: str | Path, removed: Sequence[int], out: str | Path, overwrite: bool = False) -> GGUFPruneResult:
+def check_gguf_output(out: str | os.PathLike, overwrite: bool, src: str | os.PathLike) -> Path:
+    """Validate the output file before any work (simdiff.outputs: a .gguf name, never over the input)."""
+    return check_output_file(out, overwrite, inputs=(src,), suffixes=GGUF_SUFFIXES, flag="--out")
+
+
+def prune_gguf(src: str | os.PathLike, removed: Sequence[int] | None, out: str | os.PathLike,
+               overwrite: bool = False, recipe: Recipe | None = None) -> GGUFPruneResult:
     """Write a copy of the GGUF file ``src`` without the decoder blocks ``removed`` (original numbering) to ``out``.
 
-    Kept tensors are byte-identical to the input's; ``out`` appears by one rename when complete; ``src`` is
-    only read (``out`` may not be ``src``).
+    ``recipe`` (a prune's ``simdiff.json``, :func:`simdiff.apply.load_recipe`) supplies ``removed`` when it is
+    None, and is refused when it was made on a model of another depth. Kept tensors are byte-identical to the
+    input's; ``out`` appears by one rename when complete (simdiff.outputs); ``src`` is only read.
     """
-    src, out = Path(src).expanduser(), Path(out).expanduser()
-    if out.exists() and out.resolve() == src.resolve():
-        raise SimdiffError(f"--out {str(out)!r} is the input GGUF file; choose another output path")
+    src = Path(src).expanduser()
+    check_gguf_output(out, overwrite, src)
     reader = open_gguf(src)
     count = check_prunable(reader)
+    if recipe is not None:
+        if recipe.num_layers_before != count:
+            made_on = f" ({recipe.base_model})" if recipe.base_model else ""
+            raise SimdiffError(f"the recipe was made on a model of {recipe.num_layers_before} layers{made_on}; "
+                               f"{str(src)!r} has {count} blocks")
+        removed = recipe.removed_layers if removed is None else removed
+    if removed is None:
+        raise SimdiffError("give the layers to remove: --layers 3,12,13 or --recipe simdiff.json")
     removed = validate_layer_indices(removed, count)
     kept = [i for i in range(count) if i not in removed]
     metadata = pruned_metadata(reader, kept)
     tensors = renamed_tensors(reader, kept)
     removed_bytes = sum(t.n_bytes for t in reader.tensors
                         if (m := BLOCK_TENSOR.match(t.name)) and int(m.group(1)) not in kept)
-    with atomic_file(out, overwrite) as tmp:
+    with atomic_file(out, overwrite, inputs=(src,), suffixes=GGUF_SUFFIXES, flag="--out") as tmp:
         write_gguf(reader, metadata, tensors, tmp)
+    out = Path(out).expanduser()
     log.info("wrote %s: %d of %d blocks", out, len(kept), count)
     return GGUFPruneResult(out, count, kept, removed, removed_bytes, src.stat().st_size, out.stat().st_size)
