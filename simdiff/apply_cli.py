@@ -11,7 +11,8 @@ from simdiff.errors import SimdiffError
 def add_apply_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "apply", help="remove given layers from a checkpoint on disk, shard by shard (no model in memory)")
-    parser.add_argument("model", help="checkpoint directory (safetensors) or built-in name (smollm2-135m)")
+    parser.add_argument("model", help="checkpoint directory (safetensors), built-in name (smollm2-135m), "
+                                      "or a .gguf file (docs/gguf.md)")
     add_selection_options(parser, only=["layers"])
     parser.add_argument("--recipe", help="the simdiff.json of a prune (or its folder): apply its selection "
                                          "(default: none; give it or --layers)")
@@ -21,11 +22,15 @@ def add_apply_command(subparsers) -> None:
 
 def run_apply(args: argparse.Namespace) -> None:
     from simdiff.apply import apply_to_path, load_recipe
+    from simdiff.export.cli import is_gguf, run_apply_gguf
 
     if (args.layers is None) == (args.recipe is None):
         raise SimdiffError("give exactly one of --layers 3,12,13 or --recipe simdiff.json: the layers to remove")
     if args.out is None:
-        raise SimdiffError("give --out DIR: the folder the pruned checkpoint is written to")
+        raise SimdiffError("give --out DIR (or FILE.gguf for a GGUF input): where the pruned checkpoint goes")
+    if is_gguf(args.model):
+        run_apply_gguf(args)
+        return
     recipe = load_recipe(args.recipe) if args.recipe else None
     result = apply_to_path(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]

@@ -89,7 +89,7 @@ def run_score(args: argparse.Namespace) -> None:
 def add_prune_command(subparsers) -> None:
     parser = subparsers.add_parser("prune", help="remove the least important decoder layers and save the model")
     add_model_options(parser, offload=True)
-    add_output_options(parser)
+    add_output_options(parser, only=("out", "overwrite", "export"))
     add_selection_options(parser)
     add_calibration_options(parser)
     add_criterion_options(parser)
@@ -103,7 +103,9 @@ def run_prune(args: argparse.Namespace) -> None:
 def print_prune(recipe) -> None:
     """Prune as ``recipe`` says and print what was removed and where it went."""
     from simdiff.api import prune
+    from simdiff.export.cli import check_export, export_after_prune
 
+    gguf_source = check_export(recipe.model.name, recipe.export)
     result = prune(recipe)
     if result.out is None:  # a data-parallel rank other than 0
         return
@@ -111,6 +113,8 @@ def print_prune(recipe) -> None:
     chosen_by = result.selection.criterion if recipe.selection.layers else recipe.selection.criterion
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {chosen_by}")
     print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
+    export_after_prune(gguf_source, result.selection.removed, result.out)
+    export_after_prune(gguf_source, result.selection.removed, result.out)
 
 
 # -- simdiff run ---------------------------------------------------------------------------------------
@@ -122,8 +126,8 @@ def add_run_command(subparsers) -> None:
     parser.add_argument("--model", dest="model", default=argparse.SUPPRESS,
                         help="model directory, hub id or built-in name (default: the recipe's)")
     add_model_options(parser, offload=True, override=True)
-    for add in (add_output_options, add_selection_options, add_calibration_options, add_criterion_options,
-                add_evaluation_options):
+    add_output_options(parser, only=("out", "overwrite", "export"), override=True)
+    for add in (add_selection_options, add_calibration_options, add_criterion_options, add_evaluation_options):
         add(parser, override=True)
     parser.set_defaults(run=run_recipe)
 
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "matplotlib", "httpx"):
+    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "matplotlib", "httpx", "gguf"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     set_progress(not quiet)
     from transformers.utils import logging as hf_logging  # its own bars (model loading)

@@ -132,10 +132,12 @@ def add_evaluation_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     add_fields(parser, EvalSettings, "evaluation", **kwargs)
 
 
-def add_output_options(parser: argparse.ArgumentParser, out: str | None = None, **kwargs) -> None:
-    """``--out`` and ``--overwrite`` (``--out`` is checked when the command runs, so recipes may supply it)."""
-    add_fields(parser, Recipe, "output", defaults={"out": out}, shown={"out": "required"} if out is None else None,
-               **kwargs)
+def add_output_options(parser: argparse.ArgumentParser, out: str | None = None,
+                       only: tuple[str, ...] = ("out", "overwrite"), **kwargs) -> None:
+    """``--out`` and ``--overwrite`` (and ``--export`` where asked); ``--out`` is checked when the command runs,
+    so recipes may supply it."""
+    add_fields(parser, Recipe, "output", only=list(only), defaults={"out": out},
+               shown={"out": "required"} if out is None else None, **kwargs)
 
 
 def add_command_flags(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:

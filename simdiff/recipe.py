@@ -115,8 +115,11 @@ class Recipe:
     selection: SelectionSettings = option(help="which layers go", default_factory=SelectionSettings)
     options: Options = option(help="criterion options", default_factory=Options)
     evaluation: EvalSettings | None = option(None, "what to measure after pruning (none: no evaluation)")
-    out: str | None = option(None, "output folder (written atomically)")
-    overwrite: bool = option(False, "replace an existing output")
+    out: str | None = option(None, "output folder, or .gguf file for a GGUF input (written atomically)")
+    overwrite: bool = option(False, "replace an existing output (a previous simdiff output)")
+    export: str | None = option(None, "gguf: also write the model's GGUF file without the removed layers as "
+                                      "OUT/pruned.gguf (quantized tensors byte-identical; built-in models only)",
+                                choices=("gguf",))
 
     def to_dict(self) -> dict:
         return asdict(self)
