@@ -114,7 +114,6 @@ def print_prune(recipe) -> None:
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {chosen_by}")
     print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
     export_after_prune(gguf_source, result.selection.removed, result.out)
-    export_after_prune(gguf_source, result.selection.removed, result.out)
 
 
 # -- simdiff run ---------------------------------------------------------------------------------------
