@@ -8,6 +8,7 @@ from pathlib import Path
 
 from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
 from simdiff.data import batches, calibration_windows
+from simdiff.data.text import text_variant
 from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
@@ -25,7 +26,7 @@ from simdiff.pipeline import (
 from simdiff.save import check_output_dir, provenance, save_model
 from simdiff.select import resolve_count
 from simdiff.surgery import remove_layers
-from simdiff.tune import reject_auto, resolve_alpha
+from simdiff.tune import BEST_OF, Searcher, SearchSettings, reject_auto, search_kind, searched_options
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,12 @@ class Calibration:
     batch_size: int = 4
     seed: int = 0
     data_dir: str | None = None
+    heldout_samples: int = 32  # held-out windows for --alpha auto / best-of (simdiff.tune)
+    skip_first_token: bool = False  # leave position 0 of each window out of the statistics
 
     def batches(self, tokenizer) -> list[Batch]:
         windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)
-        return batches(windows, self.batch_size)
+        return batches(windows, self.batch_size, self.skip_first_token)
 
 
 @dataclass
@@ -100,32 +103,48 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
           criterion: str = "simdiff", calibration: Calibration | None = None, options: Options | None = None,
           iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "float32",
           device: str | None = None, device_map: str | None = None, overwrite: bool = False,
-          offload: str | None = None) -> PruneResult:
+          offload: str | None = None, search: SearchSettings | None = None) -> PruneResult:
     """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``.
 
     ``offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on ``device``.
+    ``criterion="best-of"`` or ``options.alpha="auto"`` choose on held-out calibration windows (``search``).
     """
     calibration = calibration or Calibration()
     options = options or Options()
-    get_criterion(criterion)
+    search = search or SearchSettings()
+    kind = search_kind(criterion, options, iterative)
+    if kind is None:
+        get_criterion(criterion)
+    else:
+        search.check()
+        if offload is not None:
+            raise SimdiffError(f"{criterion if kind == BEST_OF else '--alpha auto'} needs the model in memory; "
+                               "drop --offload")
     out_path = check_output_dir(out, overwrite)
     offload_device = (device or "cpu") if offload == "layerwise" else None
     model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
                                   device_map=device_map)
     total = len(find_decoder_layers(model))
     count = resolve_count(total, num_layers, ratio)
-    # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
-    options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, iterative,
-                                          keep_first, keep_last)
-    selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                         iterative, keep_first, keep_last, offload_device=offload_device)
+    searched = None
+    if kind is None:
+        selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
+                                             iterative, keep_first, keep_last, offload_device=offload_device)
+    else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
+        pool = search.pool if kind == BEST_OF else ("simdiff",)
+        reported = sorted({*FREE_CRITERIA, *pool}, key=list(CRITERIA).index)
+        searcher = Searcher(model, tokenizer, calibration, search, [count], reported, keep_first, keep_last)
+        searched = searcher.search(kind, count, searched_options(options))
+        selection, options = searcher.selection(searched, searched_options(options))
+        scores = ScoreResult(searcher.evidence, options,
+                             {name: importance(name, searcher.evidence, options) for name in reported})
     log.info("%s removes layers %s of %d", criterion, selection.removed, total)
     kept = remove_layers(model, selection.removed)
     metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
                               iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
                               requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count)
-    if alpha_search is not None:
-        metadata["alpha_search"] = alpha_search.to_dict()
+    if searched is not None:
+        metadata["alpha_search" if kind == "alpha" else "best_of"] = searched.to_dict()
     saved = save_model(model, tokenizer, out_path, metadata, overwrite=overwrite)
     return PruneResult(selection, scores, kept, saved, metadata)
 
@@ -143,7 +162,7 @@ def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, k
         "num_layers_before": total,
         "num_layers_after": len(kept),
         "options": asdict(options),
-        "calibration": asdict(calibration),
+        "calibration": {**asdict(calibration), "text": text_variant(calibration.source, "valid", calibration.data_dir)},
         "settings": settings,
         "selection_steps": selection.steps,
         "statistics": scores.to_dict()["statistics"],

@@ -13,9 +13,11 @@ from simdiff.cli_options import (
     add_calibration_options,
     add_criterion_options,
     add_model_options,
+    add_search_options,
     add_selection_options,
     calibration_from,
     options_from,
+    search_from,
 )
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
@@ -83,6 +85,7 @@ def add_prune_command(subparsers) -> None:
     add_selection_options(parser)
     add_calibration_options(parser)
     add_criterion_options(parser)
+    add_search_options(parser)
     parser.set_defaults(run=run_prune)
 
 
@@ -92,7 +95,8 @@ def run_prune(args: argparse.Namespace) -> None:
     result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
-                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload)
+                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload,
+                   search=search_from(args))
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
     print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from simdiff.data import bos_token_id, contiguous_windows, data_dir, load_text, tokenize_text
-from simdiff.data.text import NAMED_DATASETS
+from simdiff.data.text import NAMED_DATASETS, local_text_path
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import NLL
 from simdiff.model.load import load_model, resolve_model_path
@@ -62,8 +62,9 @@ def check_not_evaluation_text(source: str, data_root: str | None) -> None:
     folder = data_dir(data_root)
     if source == EVAL_SOURCE or folder is None:
         return
-    test_file = (folder / NAMED_DATASETS[EVAL_SOURCE] / f"{EVAL_SPLIT}.txt").resolve()
-    if test_file.exists() and test_file.is_relative_to(Path(source).expanduser().resolve()):  # the file or a parent
+    given = Path(source).expanduser().resolve()
+    test_files = {local_text_path(name, EVAL_SPLIT, folder) for name in NAMED_DATASETS} - {None}
+    if any(path.resolve().is_relative_to(given) for path in test_files):  # the file or a parent
         raise SimdiffError(f"--data {source!r} contains the WikiText-2 test split, which recovery is evaluated "
                            "on; train on wikitext2 (its validation split) or another text")
 
