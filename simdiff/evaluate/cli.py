@@ -126,10 +126,11 @@ def run_eval(args: argparse.Namespace) -> None:
         result["retained"] = percent_retained(baseline, result)
     document = {**result, "settings": vars(settings), **provenance()}
     for source, report in result["perplexity"].items():
-        print(f"{source}: perplexity {report['perplexity']:.4f} over {report['tokens']} tokens "
-              f"({report['windows']} windows of {settings.seq_len})")
+        print(f"{source}: perplexity {report['perplexity']:.4f} ± {_fmt(report['perplexity_stderr'], 4)} over "
+              f"{report['tokens']} tokens ({report['windows']} windows of {settings.seq_len}; "
+              f"{report['protocol']['text']})")
     for task, scores in result["tasks"].items():
-        print(f"{task}: acc {_fmt(scores.get('acc'))}, acc_norm {_fmt(scores.get('acc_norm'))} "
+        print(f"{task}: acc {_acc_text(scores, 'acc')}, acc_norm {_acc_text(scores, 'acc_norm')} "
               f"({scores['samples']} questions)")
     if "retained" in result:
         kept = result["retained"]
@@ -211,7 +212,7 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 # -- simdiff demo --------------------------------------------------------------------------------------
-DEMO_CRITERIA = "simdiff,block_influence,angular_block,random"
+DEMO_CRITERIA = "simdiff,block_influence,angular_block"
 DEMO_RIVAL = "block_influence"
 
 
