@@ -53,6 +53,11 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--tasks", default="piqa")
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--one-pass", action="store_true",
+                        help="score the one-shot methods on the search's scoring windows too (one statistics pass "
+                             "for everything; they differ from `prune`'s windows, which also cover the held-out span)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the selections already in --json and only evaluate the sets of --methods")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
@@ -76,6 +81,11 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
+    if args.resume:
+        doc = json.loads(out.read_text(encoding="utf-8"))
+        evaluate_all(model, tokenizer, doc, args, save, counts, methods)
+        return
+
     def select(method: str, evidence) -> None:
         criterion = method.split(":")[0]
         for count in counts:
@@ -87,7 +97,7 @@ def main() -> None:
     plain = [m for m in methods if m in ("simdiff", "block_influence", "angular_block", "taylor")]
     for label, skip, wanted in (("all", False, plain), ("skip-first", True, ["simdiff:skip-first"])):
         wanted = [m for m in wanted if m in methods]
-        if not wanted:
+        if not wanted or (args.one_pass and label == "all"):
             continue
         needs = {LAYER_STATS} | ({TAYLOR} if "taylor" in wanted else set())
         start = time.perf_counter()
@@ -104,6 +114,10 @@ def main() -> None:
         settings = SearchSettings(objective=objective)
         start = time.perf_counter()
         searcher = Searcher(model, tokenizer, calibration, settings, counts, settings.pool)
+        if args.one_pass and objective == "kl":
+            doc["costs"]["evidence scoring windows"] = searcher.calibration_seconds
+            for method in plain:
+                select(method, searcher.evidence)
         for count in counts:
             for kind in kinds:
                 search = searcher.search(kind, count, options)
@@ -116,18 +130,24 @@ def main() -> None:
         select("ppl_skip", gather_evidence(model, batches(windows, calibration.batch_size), {SKIP_LOSS}))
         doc["costs"]["evidence ppl_skip"] = time.perf_counter() - start
         save()
+    evaluate_all(model, tokenizer, doc, args, save, counts, methods)
+
+
+def evaluate_all(model, tokenizer, doc: dict, args, save, counts: list[int], methods: list[str]) -> None:
     for source in args.ppl.split(","):
         settings = EvalSettings(ppl=[source], seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, batch_size=4,
                                 data_dir=args.data_dir)
-        evaluate_sets(model, Evaluator(model, tokenizer, settings), doc, "perplexity", save, counts)
+        evaluate_sets(model, Evaluator(model, tokenizer, settings), doc, "perplexity", save, counts, methods)
     if args.tasks:
         settings = EvalSettings(ppl=[], tasks=args.tasks.split(","), limit=args.limit, data_dir=args.data_dir)
-        evaluate_sets(model, Evaluator(model, tokenizer, settings), doc, "tasks", save, counts)
+        evaluate_sets(model, Evaluator(model, tokenizer, settings), doc, "tasks", save, counts, methods)
 
 
-def evaluate_sets(model, evaluator, doc: dict, part: str, save, counts: list[int]) -> None:
-    """Evaluate (``part`` of) every distinct removed set not yet measured: dense first, then by count order."""
-    wanted = [[]] + [s["removed"] for c in counts for s in doc["selections"] if s["count"] == c]
+def evaluate_sets(model, evaluator, doc: dict, part: str, save, counts: list[int], methods: list[str]) -> None:
+    """Evaluate (``part`` of) every distinct removed set of ``methods`` not yet measured: dense first, then by
+    count order."""
+    wanted = [[]] + [s["removed"] for c in counts for s in doc["selections"] if s["count"] == c
+                     and s["method"] in methods]
     for removed in wanted:
         key = ",".join(map(str, removed)) or "dense"
         entry = doc["sets"].setdefault(key, {"removed": removed})
