@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
+from simdiff.apply_cli import add_apply_command
 from simdiff.bench.cli import add_bench_command
 from simdiff.cli_options import (
     add_calibration_options,
@@ -18,8 +18,9 @@ from simdiff.cli_options import (
     calibration_from,
     options_from,
     search_from,
+    source_from,
 )
-from simdiff.errors import SimdiffError
+from simdiff.errors import SimdiffError, one_line
 from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
 from simdiff.progress import set_progress
 from simdiff.recover.cli import add_recover_command
@@ -36,7 +37,8 @@ def add_score_command(subparsers) -> None:
     parser.add_argument("--block-size", type=int, default=None,
                         help="also collect angular distances of blocks of this many layers")
     parser.add_argument("--json", default=None, help="write scores and raw statistics to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a PNG of the score profiles to this file")
+    parser.add_argument("--plot", default=None, help="write a plot of the score profiles to this file (.png/.svg/.pdf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
     add_calibration_options(parser)
     add_criterion_options(parser)
     parser.set_defaults(run=run_score)
@@ -53,26 +55,42 @@ def parse_criteria(value: str) -> list[str]:
 
 def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
+    from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
     from simdiff.model import load_model
+    from simdiff.model.checks import check_device
+    from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, atomic_file, check_output_file, write_text_file
+    from simdiff.pipeline import needs_of
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
     criteria = parse_criteria(args.criteria)
-    offload_device = (args.device or "cpu") if args.offload == "layerwise" else None
-    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else args.device, args.device_map)
+    calibration, options = calibration_from(args), options_from(args)  # validated before loading
+    check_device(args.device)
+    check_data_parallel_support(needs_of(criteria), args.device_map)
+    inputs = [args.model]
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, inputs, JSON_SUFFIXES, "--json")
+    if args.plot:
+        check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
+    device = start_data_parallel(args.device)
+    offload_device = (device or "cpu") if args.offload == "layerwise" else None
+    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else device, args.device_map,
+                                  **source_from(args))
     sizes = (args.block_size,) if args.block_size else ()
-    result = score(model, tokenizer, criteria, calibration_from(args), options_from(args), sizes,
-                   offload_device=offload_device)
+    result = score(model, tokenizer, criteria, calibration, options, sizes, offload_device=offload_device)
+    if not is_main_process():  # data parallel: rank 0 reports
+        return
     print(format_score_table(result.scores))
     document = {"model": args.model, "options": vars(options_from(args)),
                 "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps(document, indent=2) + "\n", args.overwrite, inputs)
         log.info("wrote %s", args.json)
     if args.plot:
         from simdiff.report.plots import plot_score_profiles
 
-        plot_score_profiles(result.scores, args.plot, title=f"layer scores: {args.model}")
+        with atomic_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot") as tmp:
+            plot_score_profiles(result.scores, tmp, title=f"layer scores: {args.model}")
         log.info("wrote %s", args.plot)
 
 
@@ -95,16 +113,18 @@ def run_prune(args: argparse.Namespace) -> None:
     result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
-                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload,
-                   search=search_from(args))
+                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload, layers=args.layers,
+                   search=search_from(args), **source_from(args))
+    if result.out is None:  # a data-parallel rank other than 0
+        return
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
-    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
-    print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
+    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {result.selection.criterion}")
+    print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
 
 
 # -- entry point ---------------------------------------------------------------------------------------
 COMMANDS = [add_score_command, add_prune_command, add_recover_command, add_eval_command, add_compare_command,
-            add_demo_command, add_bench_command]
+            add_demo_command, add_bench_command, add_apply_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except SimdiffError as exc:
-        print(f"simdiff: error: {exc}", file=sys.stderr)
+        print(f"simdiff: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("simdiff: interrupted", file=sys.stderr)
@@ -140,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for users; -v shows the traceback
         if args.verbose:
             raise
-        print(f"simdiff: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        print(f"simdiff: error: {type(exc).__name__}: {one_line(str(exc))} (run with -v for the traceback)",
+              file=sys.stderr)
         return 1
     return 0
 

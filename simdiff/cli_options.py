@@ -12,6 +12,7 @@ import dataclasses
 from simdiff.api import Calibration
 from simdiff.criteria import CRITERIA, NORMALIZERS, Options
 from simdiff.criteria.simdiff import DIFF_SCALES
+from simdiff.model.load import DTYPES
 from simdiff.tune import OBJECTIVES, SearchSettings
 
 OPTION_HELP = {
@@ -21,19 +22,28 @@ OPTION_HELP = {
     "diff_scale": "MSSD/MASD of y - x in the model's scale, or relative to each token's input RMS",
     "seed": "seed for calibration sampling and the random criterion",
 }
+DTYPE_HELP = "weights' dtype (default: auto, the checkpoint's own; statistics are float32 either way)"
 OPTION_CHOICES = {"normalize": list(NORMALIZERS), "diff_scale": list(DIFF_SCALES)}
 
 
 def add_model_options(parser: argparse.ArgumentParser, offload: bool = False) -> None:
     parser.add_argument("model", help="model directory, hub id (org/name), or built-in name (smollm2-135m)")
     group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    group.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
     group.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     group.add_argument("--device-map", default=None, help="accelerate placement, e.g. auto (several GPUs + CPU)")
+    group.add_argument("--revision", default=None, help="hub model: branch, tag or commit (a token comes from $HF_TOKEN)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="run the model's own Python code (auto_map); only for sources you trust")
     if offload:
         group.add_argument("--offload", default=None, choices=["layerwise"],
                            help="layerwise: keep the model in CPU memory and score it one decoder layer at a time "
                                 "on --device (for models bigger than device memory)")
+
+
+def source_from(args: argparse.Namespace) -> dict:
+    """``load_model`` keyword arguments naming where the model comes from (``--revision``, ``--trust-remote-code``)."""
+    return {"revision": getattr(args, "revision", None), "trust_remote_code": getattr(args, "trust_remote_code", False)}
 
 
 def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -104,11 +114,21 @@ def alpha_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
 
 
+def layer_list(text: str) -> list[int]:
+    """``--layers``: comma-separated decoder-layer indices, e.g. ``3,12,13``."""
+    layers = [part.strip() for part in text.split(",") if part.strip()]
+    if not layers or not all(part.isdigit() for part in layers):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,12,13, got {text!r}")
+    return [int(part) for part in layers]
+
+
 def add_selection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("selection")
     count = group.add_mutually_exclusive_group(required=True)
     count.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
     count.add_argument("--ratio", type=float, help="fraction of decoder layers to remove (rounded)")
+    count.add_argument("--layers", type=layer_list,
+                       help="remove exactly these layers, e.g. 3,12,13 (the input model's numbering; no scoring)")
     group.add_argument("--criterion", default="simdiff",
                        help=f"one of: {', '.join(CRITERIA)}; or best-of (the best of --pool on held-out windows)")
     group.add_argument("--iterative", action="store_true", help="re-score after each removal (one layer at a time)")

@@ -25,9 +25,12 @@ from simdiff.data import batches, calibration_windows
 from simdiff.data.text import text_variant
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
+from simdiff.model.checks import check_seq_len
 from simdiff.model.layers import find_decoder_layers
+from simdiff.outputs import MARKER, OutputDir, claimed_dir
 from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
-from simdiff.save import atomic_directory, provenance
+from simdiff.save import provenance
+from simdiff.select import check_removable
 from simdiff.surgery import bypass_layers
 from simdiff.tune import BEST_OF, Searcher, SearchSettings, is_auto, search_kind, searched_options
 
@@ -111,7 +114,11 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     """Evaluate the dense model and every (criterion, count) candidate; returns the results document."""
     total = len(find_decoder_layers(model))
     counts = _check_counts(setup.counts, total)
+    check_removable(total, max(counts), setup.keep_first, setup.keep_last)
     cal = setup.calibration
+    check_seq_len(model, cal.seq_len)
+    if setup.evaluation.ppl:
+        check_seq_len(model, setup.evaluation.seq_len, "--eval-seq-len")
     windows = calibration_windows(tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, cal.data_dir)
     calib_batches = batches(windows, cal.batch_size, cal.skip_first_token)
     criteria = list(dict.fromkeys(s.criterion for s in setup.specs if s.criterion != BEST_OF))
@@ -190,18 +197,24 @@ def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: Cand
     return row
 
 
-def write_results(document: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write results.json, results.md and the PNG plots into ``out`` atomically (temp dir, then rename)."""
+def write_results(document: dict, out: str | os.PathLike | OutputDir, overwrite: bool = False) -> Path:
+    """Write results.json, results.md, the PNG plots and the ``simdiff.json`` marker into ``out`` atomically.
+
+    ``out`` is a path or an :class:`~simdiff.outputs.OutputDir` claimed when the comparison started.
+    """
     from simdiff.report.comparison import comparison_markdown, plot_perplexity_vs_removed
     from simdiff.report.plots import plot_score_profiles
 
-    with atomic_directory(out, overwrite) as tmp:
+    with claimed_dir(out, overwrite) as claim, claim.staging() as tmp:
         (tmp / RESULTS_JSON).write_text(json.dumps(_finite(document), indent=2, default=_jsonable) + "\n", encoding="utf-8")
         (tmp / RESULTS_MD).write_text(comparison_markdown(document), encoding="utf-8")
         profiles = {k: np.asarray(v) for k, v in document["profiles"].items()}
         plot_score_profiles(profiles, tmp / PROFILES_PNG, title=f"layer importance: {document['model']}")
         plot_perplexity_vs_removed(document, tmp / PPL_PNG)
-    return Path(out)
+        marker = {"output": "comparison", "files": [RESULTS_JSON, RESULTS_MD, PROFILES_PNG, PPL_PNG],
+                  **{key: document.get(key) for key in ("model", "versions", "command", "created")}}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return claim.path
 
 
 def _jsonable(value):

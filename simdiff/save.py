@@ -1,4 +1,4 @@
-"""Atomic, verified saving: write to a temporary directory, reload with plain transformers, then rename."""
+"""Verified model saving (through the output contract of :mod:`simdiff.outputs`), provenance for JSON results."""
 
 from __future__ import annotations
 
@@ -7,22 +7,22 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError
+from simdiff.outputs import MARKER, Inputs, OutputDir, claimed_dir, fault_point
+from simdiff.outputs import atomic_directory as atomic_directory  # re-exported for existing callers
+from simdiff.outputs import check_output_dir as check_output_dir
 from simdiff.progress import progress
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "simdiff.json"
+METADATA_FILE = MARKER
+# save_pretrained serialises a whole shard in memory (50 GB by default): 5 GB shards, the Hub's usual size,
+# keep saving at the model plus one shard.
+SHARD_SIZE = "5GB"
 
 
 def package_versions() -> dict[str, str]:
@@ -55,16 +55,6 @@ def provenance() -> dict:
     }
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Validate an output path before any work is done."""
-    path = Path(out).expanduser()
-    if path.exists() and not overwrite:
-        raise SimdiffError(f"output {str(path)!r} already exists; pass --overwrite or choose another --out")
-    if path.exists() and not path.is_dir():
-        raise SimdiffError(f"output {str(path)!r} exists and is not a directory")
-    return path
-
-
 def _write_model_card(folder: Path, metadata: dict) -> None:
     removed = metadata.get("removed_layers")
     base = metadata.get("base_model", "model")
@@ -89,88 +79,35 @@ def _write_model_card(folder: Path, metadata: dict) -> None:
     (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@torch.no_grad()
-def verify_reload(folder: Path, reference: nn.Module | None = None, tokenizer=None, atol: float = 1e-3) -> None:
-    """Reload ``folder`` with plain ``AutoModelForCausalLM``, generate with the KV cache, compare logits."""
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-    reloaded.eval()
-    vocab = reloaded.config.vocab_size
-    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids if tokenizer is not None else None
-    if ids is None or ids.shape[1] == 0:
-        ids = torch.arange(1, 6).unsqueeze(0) % vocab
-    generated = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-                                  do_sample=False, use_cache=True, pad_token_id=reloaded.config.eos_token_id or 0)
-    if generated.shape[1] != ids.shape[1] + 4:
-        raise SimdiffError(f"reloaded model in {folder} did not generate 4 new tokens")
-    if reference is not None:
-        device = next(reference.parameters()).device
-        expected = reference(ids.to(device)).logits.float().cpu()
-        actual = reloaded(ids).logits.float()
-        if not torch.allclose(expected, actual, atol=atol, rtol=1e-3):
-            diff = (expected - actual).abs().max().item()
-            raise SimdiffError(f"reloaded model's logits differ from the in-memory model's by {diff:.3g}")
-
-
 def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verify: bool = True) -> None:
-    """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify by a reload."""
+    """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify what was written."""
     from simdiff.surgery import check_config_consistent
+    from simdiff.verify import verify_saved
 
     check_config_consistent(model)  # refuse to write a config that would not rebuild this model
     steps = ["weights", "tokenizer", "metadata", "verify"] if verify else ["weights", "tokenizer", "metadata"]
     for step in progress(steps, desc="saving", leave=False):
         if step == "weights":
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, max_shard_size=SHARD_SIZE)
+            fault_point("mid-weights", truncate=folder / "model.safetensors")
+            fault_point("weights-written")
         elif step == "tokenizer" and tokenizer is not None:
             tokenizer.save_pretrained(folder)
         elif step == "metadata":
             (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
             _write_model_card(folder, metadata)
         elif step == "verify":
-            verify_reload(folder, model, tokenizer)
+            verify_saved(model, folder, tokenizer)
 
 
-def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: dict, overwrite: bool = False,
-               verify: bool = True) -> Path:
-    """Save ``model`` + tokenizer + ``simdiff.json`` + model card to ``out`` atomically, verified by a reload."""
-    target = check_output_dir(out, overwrite)
-    with atomic_directory(target, overwrite) as tmp:
-        write_model(model, tokenizer, tmp, metadata, verify)
-    log.info("saved %s", target)
-    return target
+def save_model(model: nn.Module, tokenizer, out: str | os.PathLike | OutputDir, metadata: dict,
+               overwrite: bool = False, verify: bool = True, inputs: Inputs = ()) -> Path:
+    """Save ``model`` + tokenizer + ``simdiff.json`` + model card to ``out`` atomically, verified (simdiff.verify).
 
-
-@contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``out``; on success it replaces ``out``, on error it is deleted.
-
-    Readers never see a half-written ``out``: it appears (or is replaced) by one rename at the end.
+    ``out`` is a path, or an :class:`~simdiff.outputs.OutputDir` the caller claimed at the start of its work.
+    ``inputs``: the input model(s), which the output may not overlap (see :mod:`simdiff.outputs`).
     """
-    target = check_output_dir(out, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    _make_readable(tmp)
-    try:
-        yield tmp
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp creates 0700 folders; give the output the permissions of a normal mkdir (umask applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-
-
-def _replace_dir(src: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(src, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, target)
+    with claimed_dir(out, overwrite, inputs) as claim, claim.staging() as tmp:
+        write_model(model, tokenizer, tmp, metadata, verify)
+    log.info("saved %s", claim.path)
+    return claim.path

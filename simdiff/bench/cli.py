@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from simdiff.bench.run import BenchSettings
 from simdiff.errors import SimdiffError
+from simdiff.model.load import DTYPES
 
 log = logging.getLogger("simdiff")
 
@@ -28,7 +28,8 @@ def add_bench_command(subparsers) -> None:
                       help="benchmark an architecture with random weights: a shape name (llama-3.1-8b), "
                            "a config.json or a model folder")
     group = parser.add_argument_group("device")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                       help="weights' dtype (default: auto, a checkpoint's own; float32 with --random-weights)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     group.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
@@ -45,6 +46,7 @@ def add_bench_command(subparsers) -> None:
     shapes.add_argument("--compile", action="store_true",
                         help="decode with a static KV cache and torch.compile (CUDA graphs on GPUs)")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.set_defaults(run=run_bench)
 
 
@@ -117,10 +119,14 @@ def run_bench(args: argparse.Namespace) -> None:
     import torch
 
     from simdiff.bench.run import bench_models
+    from simdiff.outputs import check_output_file, write_text_file
     from simdiff.save import provenance
 
     settings = settings_from(args)
     settings.check()
+    inputs = [args.model, args.against, args.random_weights]
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, inputs)
     if args.threads is not None:
         if args.threads < 1:
             raise SimdiffError(f"--threads must be >= 1, got {args.threads}")
@@ -129,5 +135,5 @@ def run_bench(args: argparse.Namespace) -> None:
     result = bench_models(models, settings)
     print(format_bench(result))
     if args.json:
-        Path(args.json).write_text(json.dumps({**result, **provenance()}, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps({**result, **provenance()}, indent=2) + "\n", args.overwrite, inputs)
         log.info("wrote %s", args.json)

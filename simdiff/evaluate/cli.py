@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from simdiff.cli_options import (
+    DTYPE_HELP,
     add_calibration_options,
     add_criterion_options,
     add_data_dir_option,
@@ -17,8 +18,10 @@ from simdiff.cli_options import (
     calibration_from,
     options_from,
     search_from,
+    source_from,
 )
 from simdiff.errors import SimdiffError
+from simdiff.model.load import DTYPES
 
 log = logging.getLogger("simdiff")
 
@@ -98,29 +101,51 @@ def add_eval_command(subparsers) -> None:
     parser.add_argument("--baseline", default=None,
                         help="dense model (name/path) or an earlier `simdiff eval --json` file: adds %% retained")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.set_defaults(run=run_eval)
 
 
 def evaluate_model(name: str, args: argparse.Namespace, settings) -> dict:
     from simdiff.evaluate.suite import Evaluator
     from simdiff.model import load_model
+    from simdiff.model.checks import check_seq_len
 
-    model, tokenizer = load_model(name, args.dtype, args.device, args.device_map)
+    model, tokenizer = load_model(name, args.dtype, args.device, args.device_map, **source_from(args))
+    if settings.ppl:
+        check_seq_len(model, settings.seq_len)
     return {"model": name, **Evaluator(model, tokenizer, settings)(name)}
+
+
+def read_baseline_json(path: str) -> dict:
+    """An earlier ``simdiff eval --json`` result, read (and refused when unusable) before any evaluation."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SimdiffError(f"--baseline {path!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SimdiffError(f"--baseline {path!r} cannot be read ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise SimdiffError(f"--baseline {path!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    sections = ("perplexity", "tasks")
+    if not (isinstance(document, dict) and set(sections) & set(document)
+            and all(isinstance(document.get(name, {}), dict) for name in sections)):
+        raise SimdiffError(f"--baseline {path!r} is not a `simdiff eval --json` result (no perplexity/tasks)")
+    return document
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from simdiff.evaluate.suite import percent_retained
+    from simdiff.outputs import check_output_file, write_text_file
     from simdiff.save import provenance
 
     _quiet_lm_eval()
     settings = settings_from(args)
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, [args.model, args.baseline])
+    baseline = read_baseline_json(args.baseline) if args.baseline and args.baseline.endswith(".json") else None
     result = evaluate_model(args.model, args, settings)
     if args.baseline:
-        path = Path(args.baseline)
-        if path.suffix == ".json" and path.is_file():
-            baseline = json.loads(path.read_text(encoding="utf-8"))
-        else:
+        if baseline is None:
             baseline = evaluate_model(args.baseline, args, settings)
         result["baseline"] = baseline
         result["retained"] = percent_retained(baseline, result)
@@ -139,7 +164,7 @@ def run_eval(args: argparse.Namespace) -> None:
         for metric, value in kept["average"].items():
             print(f"% retained ({metric}, mean over tasks): {_fmt(value, 1)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps(document, indent=2) + "\n", args.overwrite, [args.model, args.baseline])
         log.info("wrote %s", args.json)
 
 
@@ -176,20 +201,21 @@ def run_comparison(args: argparse.Namespace, model_name: str, num_layers: list[i
     from simdiff.compare import CompareSetup, compare, parse_candidates, write_results
     from simdiff.model import load_model
     from simdiff.model.layers import find_decoder_layers
-    from simdiff.save import check_output_dir
+    from simdiff.outputs import check_output_dir, claim_output_dir
     from simdiff.select import resolve_count
 
     _quiet_lm_eval()
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, [model_name])
     specs = parse_candidates(args.criteria)
     settings = settings_from(args)
-    model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map)
-    total = len(find_decoder_layers(model))
-    counts = list(num_layers) if num_layers else [resolve_count(total, ratio=r) for r in ratios or []]
-    setup = CompareSetup(specs, counts, calibration_from(args), options_from(args), settings, args.keep_first,
-                         args.keep_last, args.metric, search_from(args))
-    document = compare(model, tokenizer, setup, model_name)
-    out = write_results(document, args.out, args.overwrite)
+    with claim_output_dir(args.out, args.overwrite, [model_name]) as claim:  # claimed before any model work
+        model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map, **source_from(args))
+        total = len(find_decoder_layers(model))
+        counts = list(num_layers) if num_layers else [resolve_count(total, ratio=r) for r in ratios or []]
+        setup = CompareSetup(specs, counts, calibration_from(args), options_from(args), settings, args.keep_first,
+                             args.keep_last, args.metric, search_from(args))
+        document = compare(model, tokenizer, setup, model_name)
+        out = write_results(document, claim)
     log.info("wrote %s", out)
     return document
 
@@ -221,7 +247,7 @@ def add_demo_command(subparsers) -> None:
         "demo", help="prune 25%% of smollm2-135m with SimDiff and baselines; perplexity and PIQA with standard errors")
     parser.add_argument("model", nargs="?", default="smollm2-135m", help="model (default: smollm2-135m)")
     group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    group.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
     group.add_argument("--device", default=None)
     group.add_argument("--device-map", default=None)
     parser.add_argument("--ratio", type=float, default=0.25, help="fraction of layers to remove (default: 0.25)")
