@@ -38,18 +38,56 @@ def _cell(report: dict | None) -> str:
     return f"{report['perplexity']:.2f} ± {report['perplexity_stderr']:.2f}"
 
 
-def table(curve: dict) -> str:
+def paired(report: dict | None, rival: dict | None) -> str:
+    """Mean per-window NLL difference against ``rival`` on the same windows, ± its standard error."""
+    from simdiff.evaluate.perplexity import standard_error
+
+    if not report or not rival:
+        return "–"
+    diffs = [a - b for a, b in zip(report["window_nll"], rival["window_nll"])]
+    if not any(diffs):
+        return "same set"
+    mean, se = sum(diffs) / len(diffs), standard_error(diffs)
+    return f"{mean:+.3f} ± {se:.3f}" + (" *" if abs(mean) >= 2 * se else "")
+
+
+def table(curve: dict, rival_method: str = "block_influence") -> str:
     sources = curve["evaluation"]["ppl"]
-    header = ["removed", "method", "layers", *(f"{_short(s)} ppl" for s in sources), "held-out passes"]
-    rows = [["0", "dense", "–", *(_cell(curve["sets"]["dense"].get("perplexity", {}).get(s)) for s in sources), "–"]]
+    header = ["removed", "method", "layers", *(f"{_short(s)} ppl ± SE" for s in sources),
+              *(f"{_short(s)} Δ NLL vs {rival_method}" for s in sources), "held-out passes"]
+    dense = curve["sets"]["dense"].get("perplexity", {})
+    rows = [["0", "dense", "–", *(_cell(dense.get(s)) for s in sources), *("–" for _ in sources), "–"]]
     for count in sorted({s["count"] for s in curve["selections"]}):
+        rival = next((s for s in curve["selections"] if s["count"] == count and s["method"] == rival_method), None)
+        rival_ppl = curve["sets"].get(",".join(map(str, rival["removed"])), {}).get("perplexity", {}) if rival else {}
         for selection in (s for s in curve["selections"] if s["count"] == count):
-            entry = curve["sets"].get(",".join(map(str, selection["removed"])), {})
+            entry = curve["sets"].get(",".join(map(str, selection["removed"])), {}).get("perplexity", {})
             search = selection.get("search", {})
             rows.append([str(count), selection["method"], ", ".join(map(str, selection["removed"])),
-                         *(_cell(entry.get("perplexity", {}).get(s)) for s in sources),
+                         *(_cell(entry.get(s)) for s in sources),
+                         *(paired(entry.get(s), rival_ppl.get(s)) for s in sources),
                          str(search.get("heldout_passes", "–"))])
     return markdown_table(header, rows)
+
+
+def search_table(curve: dict) -> str:
+    """Every candidate of each best-of search (the alpha path's sets and the pooled criteria's) with its score."""
+    header = ["removed", "candidate set", "proposed by", "α range", "held-out score", "chosen by"]
+    rows = []
+    for selection in curve["selections"]:
+        if not selection["method"].startswith("best-of"):
+            continue
+        search = selection["search"]
+        auto = next((s["removed"] for s in curve["selections"] if s["count"] == selection["count"]
+                     and s["method"] == "alpha-auto:" + search["objective"]), None)
+        for c in search["candidates"]:
+            chosen = [name for name, hit in (("alpha auto", c["removed"] == auto),
+                                             ("best-of", c["removed"] == search["removed"])) if hit]
+            span = "–" if c["alpha_range"] is None else f"{c['alpha_range'][0]:.3f}–{c['alpha_range'][1]:.3f}"
+            rows.append([str(selection["count"]), ", ".join(map(str, c["removed"])),
+                         " / ".join(x.replace("simdiff alpha=", "simdiff α=") for x in c["sources"]), span,
+                         f"{c['score']:.4f}", ", ".join(chosen) or "–"])
+    return markdown_table(header, sorted(rows, key=lambda r: (int(r[0]), float(r[4]))))
 
 
 def main() -> None:
@@ -59,6 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     curve = json.loads(Path(args.json).read_text(encoding="utf-8"))
     print(table(curve))
+    print()
+    print(search_table(curve))
     if args.img:
         for source in curve["evaluation"]["ppl"]:
             if source in curve["sets"]["dense"].get("perplexity", {}):
