@@ -71,7 +71,8 @@ def _wikitext2_from_datasets(split: str, config: str = "wikitext-2-raw-v1") -> s
     except ConnectionError as exc:  # offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) or no network, and not cached
         raise SimdiffError(
             f"WikiText-2 is not available: no --data-dir (or {DATA_DIR_ENV}) and the download failed "
-            f"({one_line(str(exc))}); pass --data-dir to a folder holding wikitext-2-raw/ or wikitext-2/"
+            f"({one_line(str(exc))}); pass --data-dir to a folder holding wikitext-2/{{valid,test}}.txt "
+            "(and wikitext-2-raw/test.txt, the raw test split)"
         ) from exc
     return "".join(rows["text"])
 
