@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
+from simdiff.data.text import text_variant
 from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
 from simdiff.errors import SimdiffError
 from simdiff.lineage import compose_rounds, input_metadata
@@ -28,7 +29,7 @@ from simdiff.recipe import Calibration, Recipe, recipe_from_settings
 from simdiff.save import provenance, save_model
 from simdiff.select import check_removable, resolve_count
 from simdiff.surgery import remove_layers, validate_layer_indices
-from simdiff.tune import reject_auto, resolve_alpha
+from simdiff.tune import BEST_OF, Searcher, reject_auto, search_kind, searched_options
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,18 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         raise SimdiffError("give --out DIR: the folder the pruned model is written to")
     spec = CandidateSpec.parse(recipe.selection.criterion)
     criterion, options, calibration = spec.criterion, spec.options(recipe.options), recipe.calibration
-    sel, spec_model = recipe.selection, recipe.model
+    sel, spec_model, search = recipe.selection, recipe.model, recipe.search
     num_layers, ratio = (sel.num_layers or [None])[0], (sel.ratio or [None])[0]
+    kind = None if sel.layers is not None else search_kind(criterion, options, sel.iterative)
+    if kind is not None:
+        search.check()
+        if spec_model.offload is not None:
+            raise SimdiffError(f"{criterion if kind == BEST_OF else '--alpha auto'} needs the model in memory; "
+                               "drop --offload")
+    pool = search.pool if kind == BEST_OF else ("simdiff",)
     check_device(spec_model.device)
-    needs = set() if sel.layers is not None else needs_of([criterion, *FREE_CRITERIA])
-    check_data_parallel_support(needs, spec_model.device_map)
+    scored = [*FREE_CRITERIA, *(pool if kind is not None else [criterion])]
+    check_data_parallel_support(set() if sel.layers is not None else needs_of(scored), spec_model.device_map)
     # validated and claimed before work (by rank 0 only when data parallel: it alone writes)
     claiming = claim_output_dir(recipe.out, recipe.overwrite, inputs=[spec_model.name]) if is_main_process() \
         else nullcontext()
@@ -141,11 +149,19 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         count = resolve_count(total, num_layers, ratio)
         check_removable(total, count, sel.keep_first, sel.keep_last)
         check_seq_len(model, calibration.seq_len)
-        # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
-        options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options,
-                                              sel.iterative, sel.keep_first, sel.keep_last)
-        selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options, sel.iterative,
-                                             sel.keep_first, sel.keep_last, offload_device=offload_device)
+        searched = None
+        if kind is None:
+            selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
+                                                 sel.iterative, sel.keep_first, sel.keep_last,
+                                                 offload_device=offload_device)
+        else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
+            reported = sorted(set(scored), key=list(CRITERIA).index)
+            searcher = Searcher(model, tokenizer, calibration, search, [count], reported, sel.keep_first,
+                                sel.keep_last)
+            searched = searcher.search(kind, count, searched_options(options))
+            selection, options = searcher.selection(searched, searched_options(options))
+            scores = ScoreResult(searcher.evidence, options,
+                                 {name: importance(name, searcher.evidence, options) for name in reported})
         log.info("%s removes layers %s of %d", criterion, selection.removed, total)
         if claim is None:  # data parallel: rank 0 saves
             return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
@@ -156,8 +172,8 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
                                   removed_count=count, model_type=model.config.model_type,
                                   architectures=model.config.architectures)
         metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
-        if alpha_search is not None:
-            metadata["alpha_search"] = alpha_search.to_dict()
+        if searched is not None:
+            metadata["alpha_search" if kind == "alpha" else "best_of"] = searched.to_dict()
         saved = save_model(model, tokenizer, claim, metadata)
     return PruneResult(selection, scores, kept, saved, metadata)
 
@@ -201,7 +217,8 @@ def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, k
         "model_type": model_type,
         "architectures": architectures,
         "options": None if options is None else asdict(options),
-        "calibration": None if calibration is None else asdict(calibration),
+        "calibration": None if calibration is None else {
+            **asdict(calibration), "text": text_variant(calibration.source, "valid", calibration.data_dir)},
         "settings": settings,
         "selection_steps": selection.steps,
         "statistics": scores.to_dict()["statistics"],

@@ -19,6 +19,7 @@ from simdiff.cli_options import (
     add_model_options,
     add_output_options,
     add_renamed_hints,
+    add_search_options,
     add_selection_options,
     recipe_from_args,
 )
@@ -93,6 +94,7 @@ def add_prune_command(subparsers) -> None:
     add_selection_options(parser)
     add_calibration_options(parser)
     add_criterion_options(parser)
+    add_search_options(parser)
     parser.set_defaults(run=run_prune)
 
 
@@ -126,7 +128,8 @@ def add_run_command(subparsers) -> None:
                         help="model directory, hub id or built-in name (default: the recipe's)")
     add_model_options(parser, offload=True, override=True)
     add_output_options(parser, only=("out", "overwrite", "export"), override=True)
-    for add in (add_selection_options, add_calibration_options, add_criterion_options, add_evaluation_options):
+    for add in (add_selection_options, add_calibration_options, add_criterion_options, add_search_options,
+                add_evaluation_options):
         add(parser, override=True)
     parser.set_defaults(run=run_recipe)
 

@@ -126,6 +126,13 @@ def add_selection_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     add_fields(parser, SelectionSettings, "selection", **kwargs)
 
 
+def add_search_options(parser: argparse.ArgumentParser, **kwargs) -> None:
+    """How --alpha auto and --criterion best-of choose on held-out calibration windows (simdiff.tune)."""
+    from simdiff.tune import SearchSettings
+
+    add_fields(parser, SearchSettings, "held-out selection (--alpha auto, --criterion best-of)", **kwargs)
+
+
 def add_evaluation_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     from simdiff.evaluate.suite import EvalSettings
 

@@ -31,6 +31,7 @@ from simdiff.flags import (
     option,
 )
 from simdiff.model.load import DTYPES
+from simdiff.tune import SearchSettings
 
 RECIPE_KEY = "recipe"
 
@@ -74,6 +75,11 @@ class Calibration:
     seed: int = option(0, Options.__dataclass_fields__["seed"].metadata["help"])
     data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
 
+    heldout_samples: int = option(32, "held-out windows (cut from the end of the calibration text, disjoint from the "
+                                      "scoring windows) for --alpha auto and --criterion best-of")
+    skip_first_token: bool = option(False, "leave position 0 of each window (BOS / attention sink) out of the "
+                                           "layer statistics")
+
     def __post_init__(self) -> None:
         """Refuse impossible settings when made, before the model is loaded."""
         for flag, value, least in (("--samples", self.samples, 1), ("--calib-seq-len", self.seq_len, 2),
@@ -83,7 +89,7 @@ class Calibration:
 
     def batches(self, tokenizer) -> list[Batch]:
         windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)
-        return batches(windows, self.batch_size)
+        return batches(windows, self.batch_size, self.skip_first_token)
 
 
 @dataclass
@@ -114,6 +120,8 @@ class Recipe:
     calibration: Calibration = option(help="calibration windows", default_factory=Calibration)
     selection: SelectionSettings = option(help="which layers go", default_factory=SelectionSettings)
     options: Options = option(help="criterion options", default_factory=Options)
+    search: SearchSettings = option(help="held-out selection (--alpha auto, --criterion best-of)",
+                                    default_factory=SearchSettings)
     evaluation: EvalSettings | None = option(None, "what to measure after pruning (none: no evaluation)")
     out: str | None = option(None, "output folder, or .gguf file for a GGUF input (written atomically)")
     overwrite: bool = option(False, "replace an existing output (a previous simdiff output)")
@@ -152,7 +160,8 @@ class Recipe:
 
 
 SECTION_TYPES: dict[str, type] = {"model": ModelSettings, "calibration": Calibration,
-                                  "selection": SelectionSettings, "options": Options, "evaluation": EvalSettings}
+                                  "selection": SelectionSettings, "options": Options, "search": SearchSettings,
+                                  "evaluation": EvalSettings}
 
 
 def _type_name(flag: FieldFlag) -> str:

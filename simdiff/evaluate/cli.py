@@ -15,6 +15,7 @@ from simdiff.cli_options import (
     add_evaluation_options,
     add_model_options,
     add_output_options,
+    add_search_options,
     add_selection_options,
     recipe_from_args,
 )
@@ -97,10 +98,11 @@ def evaluate_against(name: str, spec, settings, baseline: str | None) -> dict:
 
 def print_evaluation(result: dict, settings) -> None:
     for source, report in result["perplexity"].items():
-        print(f"{source}: perplexity {report['perplexity']:.4f} over {report['tokens']} tokens "
-              f"({report['windows']} windows of {settings.seq_len})")
+        print(f"{source}: perplexity {report['perplexity']:.4f} ± {_fmt(report['perplexity_stderr'], 4)} over "
+              f"{report['tokens']} tokens ({report['windows']} windows of {settings.seq_len}; "
+              f"{report['protocol']['text']})")
     for task, scores in result["tasks"].items():
-        print(f"{task}: acc {_fmt(scores.get('acc'))}, acc_norm {_fmt(scores.get('acc_norm'))} "
+        print(f"{task}: acc {_acc_text(scores, 'acc')}, acc_norm {_acc_text(scores, 'acc_norm')} "
               f"({scores['samples']} questions)")
     if "retained" in result:
         kept = result["retained"]
@@ -150,6 +152,7 @@ def add_compare_parts(parser: argparse.ArgumentParser, criteria: str, out: str |
     add_evaluation_options(parser, defaults=evaluation)
     add_calibration_options(parser, defaults=calibration)
     add_criterion_options(parser)
+    add_search_options(parser)
 
 
 def add_compare_command(subparsers) -> None:
@@ -182,7 +185,7 @@ def run_comparison_recipe(recipe) -> dict:
         total = len(find_decoder_layers(model))
         counts = list(sel.num_layers) if sel.num_layers else [resolve_count(total, ratio=r) for r in sel.ratio or []]
         setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, sel.keep_first,
-                             sel.keep_last, settings.metric)
+                             sel.keep_last, settings.metric, recipe.search)
         document = compare(model, tokenizer, setup, spec.name)
         document["recipe"] = replace(recipe, overwrite=False).to_dict()
         out = write_results(document, claim)
@@ -209,16 +212,43 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 # -- simdiff demo --------------------------------------------------------------------------------------
-DEMO_CRITERIA = "simdiff,block_influence,angular_block,mssd,masd,ppl_skip,taylor,reverse,random"
+DEMO_CRITERIA = "simdiff,block_influence,angular_block"
+DEMO_RIVAL = "block_influence"
 
 
 def add_demo_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="score all criteria on smollm2-135m, prune 25%%, dense vs pruned perplexity and PIQA")
+        "demo", help="prune 25%% of smollm2-135m with SimDiff and baselines; perplexity and PIQA with standard errors")
     add_model_options(parser, defaults={"name": "smollm2-135m"}, shown={"name": "smollm2-135m"})
+    # many short windows: 32 windows of 512 tokens give a per-window spread, hence a standard error
     add_compare_parts(parser, DEMO_CRITERIA, out="out/demo", counts=("ratio",), selection={"ratio": [0.25]},
-                      evaluation={"tasks": ["piqa"], "limit": 50, "max_tokens": 4096}, calibration={"samples": 8})
+                      evaluation={"tasks": ["piqa"], "limit": 50, "max_tokens": 16384, "seq_len": 512,
+                                  "batch_size": 4},
+                      calibration={"samples": 8})
     parser.set_defaults(run=run_demo)
+
+
+def _ppl_text(report: dict) -> str:
+    return f"{_fmt(report['perplexity'], 2)} ± {_fmt(report.get('perplexity_stderr'), 2)}"
+
+
+def _acc_text(scores: dict, metric: str) -> str:
+    return f"{_fmt(scores.get(metric))} ± {_fmt(scores.get(metric + '_stderr'))}"
+
+
+def noise_note(a: dict, b: dict, source: str) -> str:
+    """Paired comparison of two candidates' perplexity on the same windows: the difference and whether it is noise."""
+    from simdiff.evaluate.perplexity import standard_error
+
+    if a["removed_layers"] == b["removed_layers"]:
+        return "the same layers"
+    x, y = a["perplexity"][source]["window_nll"], b["perplexity"][source]["window_nll"]
+    diffs = [p - q for p, q in zip(x, y)]
+    mean, se = sum(diffs) / len(diffs), standard_error(diffs)
+    verdict = ("within noise (less than 2 standard errors)" if abs(mean) < 2 * se
+               else f"{a['label'] if mean < 0 else b['label']} is better beyond 2 standard errors")
+    return (f"{source} mean NLL difference {mean:+.4f} ± {se:.4f} nats/token over {len(diffs)} paired windows: "
+            f"{verdict}")
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -230,17 +260,21 @@ def run_demo(args: argparse.Namespace) -> None:
     document = run_comparison_recipe(recipe)
     metric = recipe.evaluation.metric
     count = document["counts"][0]
-    dense = document["rows"][0]
-    pruned = next(r for r in document["rows"] if r["label"] == "simdiff" and r["count"] == count)
+    rows = {r["label"]: r for r in document["rows"] if r["count"] in (0, count)}
+    dense, pruned = rows["dense"], rows["simdiff"]
     print(f"\n{document['model']}: SimDiff removes {count} of {document['num_layers']} layers "
-          f"{pruned['removed_layers']}")
-    for source in dense["perplexity"]:
-        print(f"  {source} perplexity: dense {_fmt(dense['perplexity'][source]['perplexity'], 2)} -> pruned "
-              f"{_fmt(pruned['perplexity'][source]['perplexity'], 2)}")
+          f"{pruned['removed_layers']}  (± = one standard error)")
+    for source, report in dense["perplexity"].items():
+        print(f"  {source} perplexity ({report['tokens']} tokens, {report['windows']} windows): dense "
+              f"{_ppl_text(report)} -> pruned {_ppl_text(pruned['perplexity'][source])}")
     for task in dense["tasks"]:
         print(f"  {task} {metric} ({dense['tasks'][task]['samples']} questions): dense "
-              f"{_fmt(dense['tasks'][task].get(metric))} -> pruned {_fmt(pruned['tasks'][task].get(metric))} "
+              f"{_acc_text(dense['tasks'][task], metric)} -> pruned {_acc_text(pruned['tasks'][task], metric)} "
               f"({_fmt(pruned['retained']['tasks'].get(task, {}).get(metric), 1)}% retained)")
+    if DEMO_RIVAL in rows:
+        for source in dense["perplexity"]:
+            print(f"  SimDiff vs {DEMO_RIVAL}: {noise_note(pruned, rows[DEMO_RIVAL], source)}")
     print("\nall criteria:")
     print_summary(document, metric)
-    print(f"\ncomparison folder: {recipe.out} (results.md, results.json, {', '.join(['score_profiles.png', 'perplexity_vs_removed.png'])})")
+    print(f"\ncomparison folder: {recipe.out} (results.md, results.json, score_profiles.png, "
+          "perplexity_vs_removed.png); a small smoke test: the measured comparison is in docs/results.md")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from simdiff.data.text import text_variant
 from simdiff.data.windows import Batch
 from simdiff.model.load import model_device
 from simdiff.progress import progress
@@ -55,6 +56,30 @@ def nll_over(model: nn.Module, batches: Sequence[Batch], desc: str | None = "per
     return result
 
 
+@torch.no_grad()
+def window_nlls(model: nn.Module, batches: Sequence[Batch], desc: str | None = "perplexity") -> tuple[list[float], list[int]]:
+    """Summed next-token NLL and predicted-token count of every window (row) of every batch."""
+    totals, counts = [], []
+    for batch in (progress(batches, desc=desc) if desc else batches):
+        batch = batch.to(model_device(model))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(logits.device)
+        nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch.input_ids[:, 1:].to(logits.device),
+                                          reduction="none")
+        totals += (nll.double() * mask).sum(1).tolist()
+        counts += mask.sum(1).tolist()
+    return totals, counts
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (sample std / sqrt(n)); NaN for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 @dataclass
 class PerplexityProtocol:
     """How a perplexity is measured: non-overlapping windows over a split of a text source."""
@@ -73,6 +98,7 @@ class PerplexityProtocol:
             "bos_per_window": bos is not None,
             "max_tokens": self.max_tokens,
             "split": self.split if self.source in _named() else None,
+            "text": text_variant(self.source, self.split, self.data_dir),
             "loss": "summed next-token NLL over predicted tokens, exp(total / tokens)",
         }
 
@@ -81,6 +107,7 @@ def _named() -> dict:
     from simdiff.data.text import NAMED_DATASETS
 
     return NAMED_DATASETS
+
 
 
 def evaluation_batches(tokenizer, protocol: PerplexityProtocol) -> tuple[list[Batch], int | None]:
@@ -95,10 +122,19 @@ def evaluation_batches(tokenizer, protocol: PerplexityProtocol) -> tuple[list[Ba
 
 def perplexity_report(model: nn.Module, batches: Sequence[Batch], protocol: PerplexityProtocol,
                       bos: int | None, desc: str | None = "perplexity") -> dict:
-    """Perplexity, NLL and token count of ``model`` on prepared evaluation batches, with the protocol."""
-    nll = nll_over(model, batches, desc=desc)
+    """Perplexity, NLL and token count of ``model`` on prepared evaluation batches, with the protocol.
+
+    ``window_nll`` holds each window's mean NLL, for paired comparisons of two models on the same windows;
+    ``mean_nll_stderr`` is the standard error of the mean over windows, and ``perplexity_stderr`` its
+    first-order (delta-method) image, perplexity * stderr.
+    """
+    totals, counts = window_nlls(model, batches, desc=desc)
+    nll = NLL(sum(totals), sum(counts))
+    per_window = [t / c for t, c in zip(totals, counts)]
+    stderr = standard_error(per_window)
     return {"source": protocol.source, "perplexity": nll.perplexity, "mean_nll": nll.mean, "tokens": nll.tokens,
-            "windows": sum(int(b.input_ids.shape[0]) for b in batches), "protocol": protocol.describe(bos)}
+            "windows": len(per_window), "mean_nll_stderr": stderr, "perplexity_stderr": nll.perplexity * stderr,
+            "window_nll": per_window, "protocol": protocol.describe(bos)}
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, protocol: PerplexityProtocol | None = None) -> dict:
