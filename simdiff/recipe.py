@@ -96,8 +96,9 @@ class Calibration:
 class SelectionSettings:
     """Which layers go: criterion (or several to compare), how many, which are protected."""
 
-    criterion: str = option("simdiff", "criterion, a variant such as simdiff:alpha=auto, or (where a command "
-                                       "takes several) a comma list or 'all'")
+    criterion: str = option("simdiff", "criterion, a variant such as simdiff:alpha=auto, best-of (the best of "
+                                       "--pool on held-out windows), or (where a command takes several) a comma "
+                                       "list or 'all'")
     num_layers: list[int] | None = option(None, "number of decoder layers to remove (a comma list where a "
                                                 "command takes several)", parse=comma_list(int, "integers"))
     ratio: list[float] | None = option(None, "fraction of decoder layers to remove, rounded (a comma list where "

@@ -40,7 +40,8 @@ class Options:
     """Criterion options (the SimDiff knobs and the seed of ``random``)."""
 
     alpha: float | str = option(0.75, "SimDiff weight of the similarity term (1 - alpha goes to the difference "
-                                      "terms); 'auto' tunes it on held-out calibration perplexity",
+                                      "terms); 'auto' evaluates every distinct selection along alpha in [0, 1] on "
+                                      "held-out calibration windows (--objective) and keeps the best",
                                 parse=number_or_auto)
     beta: float = option(1.0, "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)")
     normalize: str = option("rank", "how each SimDiff metric is normalised across layers", choices=NORMALIZERS)
