@@ -63,6 +63,9 @@ def add_evaluation_options(parser: argparse.ArgumentParser, prefix: str = "", pp
                        help="comma-separated lm-eval tasks, e.g. piqa,hellaswag (piqa runs offline from "
                             f"--data-dir) (default: {tasks or 'none'})")
     group.add_argument("--limit", type=int, default=limit, help="questions per task (default: all)")
+    group.add_argument("--num-fewshot", type=int, default=None,
+                       help="examples in each lm-eval prompt, as lm-eval's --num_fewshot (default: each task's own, "
+                            "0 for most)")
     group.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
     group.add_argument("--task-max-length", type=int, default=None,
                        help="lm-eval context length (default: the model's max_position_embeddings)")
@@ -75,12 +78,15 @@ def settings_from(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < (2 if name == "eval_seq_len" else 1):
             raise SimdiffError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise SimdiffError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
     if not args.ppl and not args.tasks:
         raise SimdiffError("nothing to evaluate: give --ppl wikitext2 and/or --tasks piqa")
     return EvalSettings(ppl=args.ppl, seq_len=args.eval_seq_len, max_tokens=args.max_tokens,
                         batch_size=args.eval_batch_size, tasks=args.tasks, limit=args.limit,
                         task_batch_size=args.task_batch_size, max_length=args.task_max_length,
-                        data_dir=args.data_dir)
+                        data_dir=args.data_dir, num_fewshot=args.num_fewshot,
+                        log_samples=getattr(args, "log_samples", False))
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -95,49 +101,98 @@ def add_eval_command(subparsers) -> None:
     add_data_dir_option(parser)
     parser.add_argument("--baseline", default=None,
                         help="dense model (name/path) or an earlier `simdiff eval --json` file: adds %% retained")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--allow-protocol-mismatch", action="store_true",
+                        help="accept a --baseline file measured with other windows, tokens, limit, shots or task "
+                             "versions (default: refuse)")
+    parser.add_argument("--json", default=None,
+                        help="write the results here, in lm-evaluation-harness's results schema")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="also write lm-eval's per-question records, samples_<task>_<date>.jsonl, beside --json")
     parser.set_defaults(run=run_eval)
 
 
-def evaluate_model(name: str, args: argparse.Namespace, settings) -> dict:
+def evaluate_model(name: str, args: argparse.Namespace, settings) -> tuple[dict, dict]:
+    """(our result, lm-eval's raw output for the tasks) of the model ``name``."""
     from simdiff.evaluate.suite import Evaluator
     from simdiff.model import load_model
 
     model, tokenizer = load_model(name, args.dtype, args.device, args.device_map)
-    return {"model": name, **Evaluator(model, tokenizer, settings)(name)}
+    evaluator = Evaluator(model, tokenizer, settings)
+    return {"model": name, **evaluator(name)}, evaluator.lm_eval_output
+
+
+def _record(result: dict, settings, lm_output: dict) -> dict:
+    """Our record of one evaluation: the result, its settings and lm-eval's task versions."""
+    from simdiff.evaluate.results import task_tables
+
+    versions = task_tables(lm_output, result["tasks"])["versions"]
+    return {**result, "settings": vars(settings), "task_versions": versions}
+
+
+def _baseline_file(args: argparse.Namespace) -> Path | None:
+    path = Path(args.baseline) if args.baseline else None
+    return path if path is not None and path.suffix == ".json" and path.is_file() else None
+
+
+def _print_result(result: dict, settings, prefix: str = "") -> None:
+    for source, report in result["perplexity"].items():
+        stderr = report.get("perplexity_stderr")
+        print(f"{prefix}{source}: perplexity {report['perplexity']:.4f}"
+              + (f" ± {_fmt(stderr, 4)}" if stderr is not None else "")
+              + f" over {report['tokens']} tokens ({report['windows']} windows of {settings.seq_len})")
+    for task, scores in result["tasks"].items():
+        metrics = ", ".join(f"{m} {_fmt(scores.get(m))}" + (f" ± {_fmt(scores[m + '_stderr'])}"
+                                                             if m + "_stderr" in scores else "")
+                            for m in ("acc", "acc_norm"))
+        print(f"{prefix}{task}: {metrics} ({scores['samples']} questions)")
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from simdiff.evaluate.results import (
+        check_same_protocol,
+        lm_eval_document,
+        read_baseline,
+        samples_date,
+        write_samples,
+    )
     from simdiff.evaluate.suite import percent_retained
     from simdiff.save import provenance
 
     _quiet_lm_eval()
     settings = settings_from(args)
-    result = evaluate_model(args.model, args, settings)
-    if args.baseline:
-        path = Path(args.baseline)
-        if path.suffix == ".json" and path.is_file():
-            baseline = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            baseline = evaluate_model(args.baseline, args, settings)
-        result["baseline"] = baseline
-        result["retained"] = percent_retained(baseline, result)
-    document = {**result, "settings": vars(settings), **provenance()}
-    for source, report in result["perplexity"].items():
-        print(f"{source}: perplexity {report['perplexity']:.4f} over {report['tokens']} tokens "
-              f"({report['windows']} windows of {settings.seq_len})")
-    for task, scores in result["tasks"].items():
-        print(f"{task}: acc {_fmt(scores.get('acc'))}, acc_norm {_fmt(scores.get('acc_norm'))} "
-              f"({scores['samples']} questions)")
-    if "retained" in result:
-        kept = result["retained"]
+    if args.log_samples and not (args.json and settings.tasks):
+        raise SimdiffError("--log-samples writes lm-eval's per-question records beside the results: give --json "
+                           "FILE and --tasks")
+    baseline_path = _baseline_file(args)
+    baseline = read_baseline(baseline_path) if baseline_path else None
+    if baseline is not None and not args.allow_protocol_mismatch:  # before any model is loaded
+        check_same_protocol(baseline, {"settings": vars(settings)}, baseline_path, settings_only=True)
+    result, lm_output = evaluate_model(args.model, args, settings)
+    record = _record(result, settings, lm_output)
+    if baseline is not None and not args.allow_protocol_mismatch:
+        check_same_protocol(baseline, record, baseline_path)
+    if args.baseline and baseline is None:  # a model: evaluated here with the same settings
+        dense, dense_output = evaluate_model(args.baseline, args, settings)
+        baseline = _record(dense, settings, dense_output)
+    if baseline is not None:
+        record["baseline"] = baseline
+        record["retained"] = percent_retained(baseline, result)
+    _print_result(result, settings)
+    if baseline is not None:
+        _print_result(baseline, settings, prefix=f"baseline {baseline.get('model', args.baseline)} ")
+        kept = record["retained"]
         for source, ratio in kept["ppl_ratio"].items():
             print(f"{source}: perplexity ratio vs baseline {_fmt(ratio, 3)}")
         for metric, value in kept["average"].items():
             print(f"% retained ({metric}, mean over tasks): {_fmt(value, 1)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        log.info("wrote %s", args.json)
+        path = Path(args.json)
+        document = lm_eval_document(args.model, result, settings, lm_output, {**record, **provenance()})
+        path.write_text(json.dumps(document, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+        log.info("wrote %s", path)
+        if args.log_samples:
+            for written in write_samples(path, lm_output.get("samples", {}), result["tasks"], samples_date()):
+                log.info("wrote %s", written)
 
 
 # -- simdiff compare -----------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ class NLL:
         return math.exp(self.mean) if self.tokens else float("nan")
 
 
-def batch_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL of one batch (a float64 scalar tensor, differentiable) and its token count.
+def window_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window summed next-token NLL (float64, differentiable) and per-window predicted-token counts.
 
     A token is predicted (and counted) when it and its predecessor are both real (mask 1).
     """
@@ -40,8 +40,16 @@ def batch_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     logits = logits[:, :-1].float()
     targets = batch.input_ids[:, 1:].to(logits.device)
     mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool().to(logits.device)
-    nll = nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
-    return nll.double(), int(mask.sum())
+    rows = torch.arange(mask.shape[0], device=logits.device).unsqueeze(1).expand_as(mask)[mask]
+    losses = nn.functional.cross_entropy(logits[mask], targets[mask], reduction="none").double()
+    totals = torch.zeros(mask.shape[0], dtype=torch.float64, device=logits.device).index_add(0, rows, losses)
+    return totals, mask.sum(dim=1)
+
+
+def batch_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of one batch (a float64 scalar tensor, differentiable) and its token count."""
+    totals, counts = window_nll(model, batch)
+    return totals.sum(), int(counts.sum())
 
 
 @torch.no_grad()
@@ -93,12 +101,45 @@ def evaluation_batches(tokenizer, protocol: PerplexityProtocol) -> tuple[list[Ba
     return batches(windows, protocol.batch_size), bos
 
 
+@torch.no_grad()
+def window_nlls(model: nn.Module, batches: Sequence[Batch], desc: str | None = "perplexity") -> tuple[list, list]:
+    """Summed NLL and predicted-token count of every window, in order (no gradients)."""
+    totals, counts = [], []
+    for batch in (progress(batches, desc=desc) if desc else batches):
+        total, count = window_nll(model, batch)
+        totals += total.tolist()
+        counts += count.tolist()
+    return totals, counts
+
+
+def mean_nll_stderr(totals: Sequence[float], counts: Sequence[int]) -> float:
+    """Standard error of the token-weighted mean NLL over windows (ratio estimator; NaN below 2 windows).
+
+    Windows are treated as independent draws, which contiguous windows of one text only approximate.
+    """
+    n = len(totals)
+    tokens = sum(counts)
+    if n < 2 or not tokens:
+        return float("nan")
+    mean = sum(totals) / tokens
+    residual = sum((t - mean * c) ** 2 for t, c in zip(totals, counts))
+    return math.sqrt(n / (n - 1) * residual) / tokens
+
+
 def perplexity_report(model: nn.Module, batches: Sequence[Batch], protocol: PerplexityProtocol,
                       bos: int | None, desc: str | None = "perplexity") -> dict:
-    """Perplexity, NLL and token count of ``model`` on prepared evaluation batches, with the protocol."""
-    nll = nll_over(model, batches, desc=desc)
-    return {"source": protocol.source, "perplexity": nll.perplexity, "mean_nll": nll.mean, "tokens": nll.tokens,
-            "windows": sum(int(b.input_ids.shape[0]) for b in batches), "protocol": protocol.describe(bos)}
+    """Perplexity, NLL (with standard errors over windows) and token count of ``model`` on prepared batches.
+
+    ``perplexity_stderr`` is the delta-method error, perplexity × stderr(mean NLL); None below 2 windows.
+    """
+    totals, counts = window_nlls(model, batches, desc=desc)
+    nll = NLL(math.fsum(totals), sum(counts))
+    stderr = mean_nll_stderr(totals, counts)
+    known = math.isfinite(stderr)
+    return {"source": protocol.source, "perplexity": nll.perplexity,
+            "perplexity_stderr": nll.perplexity * stderr if known else None,
+            "mean_nll": nll.mean, "mean_nll_stderr": stderr if known else None, "tokens": nll.tokens, "windows": len(totals),
+            "protocol": protocol.describe(bos)}
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, protocol: PerplexityProtocol | None = None) -> dict:

@@ -28,6 +28,8 @@ class EvalSettings:
     task_batch_size: int = 8
     max_length: int | None = None
     data_dir: str | None = None
+    num_fewshot: int | None = None
+    log_samples: bool = False
 
     def protocol(self, source: str) -> PerplexityProtocol:
         return PerplexityProtocol(source, "test", self.seq_len, self.max_tokens, self.batch_size, self.data_dir)
@@ -44,7 +46,13 @@ class Evaluator:
             from simdiff.evaluate.harness import TaskRunner
 
             self._tasks = TaskRunner(model, tokenizer, settings.tasks, settings.limit, settings.task_batch_size,
-                                     settings.data_dir, settings.max_length)
+                                     settings.data_dir, settings.max_length, settings.num_fewshot,
+                                     settings.log_samples)
+
+    @property
+    def lm_eval_output(self) -> dict:
+        """lm-eval's raw ``simple_evaluate`` result of the last call (empty without tasks)."""
+        return self._tasks.last_output if self._tasks is not None else {}
 
     def __call__(self, desc: str = "") -> dict:
         """``{"perplexity": {source: report}, "tasks": {task: scores}, "eval_seconds": s}``."""
