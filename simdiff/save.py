@@ -65,30 +65,6 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def _write_model_card(folder: Path, metadata: dict) -> None:
-    removed = metadata.get("removed_layers")
-    base = metadata.get("base_model", "model")
-    lines = ["---", "library_name: transformers", "tags: [simdiff, depth-pruning]", "---"]
-    if removed is not None:
-        lines += [
-            f"# {base} with {len(removed)} decoder layers removed",
-            "",
-            f"Pruned by simdiff with criterion `{metadata.get('criterion')}`.",
-            f"Removed layers (original numbering): {removed}.",
-            f"Layers: {metadata.get('num_layers_before')} -> {metadata.get('num_layers_after')}.",
-        ]
-    else:
-        lines += [f"# {base}", "", "Saved by simdiff."]
-    lines += [
-        "",
-        "It is a plain checkpoint: `AutoModelForCausalLM.from_pretrained(path)` loads it.",
-        "Settings and per-layer scores are in `simdiff.json`.",
-    ]
-    if metadata.get("command"):
-        lines += ["", f"Command: `{metadata['command']}`"]
-    (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 @torch.no_grad()
 def verify_reload(folder: Path, reference: nn.Module | None = None, tokenizer=None, atol: float = 1e-3) -> None:
     """Reload ``folder`` with plain ``AutoModelForCausalLM``, generate with the KV cache, compare logits."""
@@ -115,6 +91,7 @@ def verify_reload(folder: Path, reference: nn.Module | None = None, tokenizer=No
 
 def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verify: bool = True) -> None:
     """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify by a reload."""
+    from simdiff.report.card import drop_stale_config_name, write_model_card
     from simdiff.surgery import check_config_consistent
 
     check_config_consistent(model)  # refuse to write a config that would not rebuild this model
@@ -126,7 +103,8 @@ def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verif
             tokenizer.save_pretrained(folder)
         elif step == "metadata":
             (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-            _write_model_card(folder, metadata)
+            write_model_card(folder, metadata)
+            drop_stale_config_name(folder)
         elif step == "verify":
             verify_reload(folder, model, tokenizer)
 
