@@ -34,7 +34,7 @@ def add_score_command(subparsers) -> None:
     parser.add_argument("--block-size", type=int, default=None,
                         help="also collect angular distances of blocks of this many layers")
     parser.add_argument("--json", default=None, help="write scores and raw statistics to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a PNG of the score profiles to this file")
+    parser.add_argument("--plot", default=None, help="write a layer x criterion heatmap of removal ranks to this PNG (and an SVG beside it)")
     add_calibration_options(parser)
     add_criterion_options(parser)
     parser.set_defaults(run=run_score)
@@ -68,9 +68,9 @@ def run_score(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         log.info("wrote %s", args.json)
     if args.plot:
-        from simdiff.report.plots import plot_score_profiles
+        from simdiff.report.plots import plot_layer_ranks
 
-        plot_score_profiles(result.scores, args.plot, title=f"layer scores: {args.model}")
+        plot_layer_ranks(result.scores, args.plot, title=f"layer ranks per criterion: {args.model}")
         log.info("wrote %s", args.plot)
 
 

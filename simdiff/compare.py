@@ -31,7 +31,7 @@ from simdiff.tune import is_auto, tune_alpha
 log = logging.getLogger(__name__)
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
-PROFILES_PNG, PPL_PNG = "score_profiles.png", "perplexity_vs_removed.png"
+RANKS_PNG, PPL_PNG = "layer_ranks.png", "perplexity_vs_removed.png"  # each with an .svg twin
 OPTION_TYPES = {"alpha": float, "beta": float, "normalize": str, "diff_scale": str, "seed": int}
 
 
@@ -171,16 +171,26 @@ def _candidate(model, evaluator, evidence, windows, spec: CandidateSpec, count: 
     return row
 
 
+def removal_counts(document: dict) -> dict[str, dict[int, int]]:
+    """criterion label -> {layer: the smallest count of removed layers at which the label removes it}."""
+    out: dict[str, dict[int, int]] = {}
+    for row in sorted(document["rows"], key=lambda r: -r["count"]):
+        if row["count"] > 0:
+            out.setdefault(row["label"], {}).update({layer: row["count"] for layer in row["removed_layers"]})
+    return out
+
+
 def write_results(document: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write results.json, results.md and the PNG plots into ``out`` atomically (temp dir, then rename)."""
+    """Write results.json, results.md and the plots (PNG and SVG) into ``out`` atomically (temp dir, then rename)."""
     from simdiff.report.comparison import comparison_markdown, plot_perplexity_vs_removed
-    from simdiff.report.plots import plot_score_profiles
+    from simdiff.report.plots import plot_layer_ranks
 
     with atomic_directory(out, overwrite) as tmp:
         (tmp / RESULTS_JSON).write_text(json.dumps(_finite(document), indent=2, default=_jsonable) + "\n", encoding="utf-8")
         (tmp / RESULTS_MD).write_text(comparison_markdown(document), encoding="utf-8")
-        profiles = {k: np.asarray(v) for k, v in document["profiles"].items()}
-        plot_score_profiles(profiles, tmp / PROFILES_PNG, title=f"layer importance: {document['model']}")
+        profiles = {k: np.asarray(v, dtype=np.float64) for k, v in document["profiles"].items()}
+        plot_layer_ranks(profiles, tmp / RANKS_PNG, title=f"layer ranks per criterion: {document['model']}",
+                         removed=removal_counts(document))
         plot_perplexity_vs_removed(document, tmp / PPL_PNG)
     return Path(out)
 

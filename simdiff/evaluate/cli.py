@@ -298,4 +298,4 @@ def run_demo(args: argparse.Namespace) -> None:
               f"({_fmt(pruned['retained']['tasks'].get(task, {}).get(args.metric), 1)}% retained)")
     print("\nall criteria:")
     print_summary(document, args.metric)
-    print(f"\ncomparison folder: {args.out} (results.md, results.json, {', '.join(['score_profiles.png', 'perplexity_vs_removed.png'])})")
+    print(f"\ncomparison folder: {args.out} (results.md, results.json, {', '.join(['layer_ranks.png', 'perplexity_vs_removed.png'])}, and SVGs)")
