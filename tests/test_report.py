@@ -82,15 +82,15 @@ def test_rank_heatmap_marks_removed_cells(tmp_path):
 
 
 def test_perplexity_plot_clips_controls_and_draws_no_line_from_zero(tmp_path):
-    rows = [_row("dense", 0, [], 20.0, 0.64, 0.2, 0.03), _row("simdiff", 4, [1, 2, 3, 4], 34.0, 0.60, 0.5, 0.03),
+    rows = [_row("dense", 0, [], 10.0, 0.64, 0.2, 0.03), _row("simdiff", 4, [1, 2, 3, 4], 34.0, 0.60, 0.5, 0.03),
             _row("block_influence", 4, [1, 2, 3, 4], 34.0, 0.60, 0.5, 0.03, same_layers_as="simdiff -4"),
             _row("reverse", 4, [8, 9, 10, 11], 7600.0, 0.55, 90.0, 0.03)]
     fig = perplexity_figure(_document(rows))
     ppl_axis, retained_axis = fig.axes[:2]
     low, high = ppl_axis.get_ylim()
-    assert low < 20.0 and 34.5 < high < 7600.0  # the control does not stretch the axis
+    assert low < 10.0 and 34.5 < high < 7600.0  # the dense reference is shown; the control does not stretch it
     dense_line, *drawn = ppl_axis.lines
-    assert dense_line.get_linestyle() == ":" and dense_line.get_ydata()[0] == 20.0  # a reference, not a point
+    assert dense_line.get_linestyle() == ":" and dense_line.get_ydata()[0] == 10.0  # a reference, not a point
     for line in drawn:  # nothing is drawn at 0 removed layers (a single count has no line)
         assert min(np.asarray(line.get_xdata(), dtype=float)) > 3
     labels = [t.get_text() for t in fig.legends[0].get_texts()]

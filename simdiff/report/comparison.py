@@ -164,10 +164,9 @@ def _panels(document: dict, source: str | None) -> list[Panel]:
 
 def _useful_range(values: list[tuple[float, float]], dense: float, log: bool) -> tuple[float, float]:
     """Axis limits spanning the candidates' values ± errors and the dense reference, with a margin."""
-    low = min([dense] + [v - e for v, e in values])
+    low = min([dense] + [max(v - e, v / 2) if log else v - e for v, e in values])
     high = max([dense] + [v + e for v, e in values])
     if log:
-        low = max(low, min(v for v, _ in values) * 0.5) if values else low
         return low / 1.12, high * 1.25
     pad = 0.08 * (high - low or 1.0)
     return low - pad, high + pad
@@ -223,6 +222,8 @@ def _draw_panel(ax, document: dict, panel: Panel, offsets: dict[str, float]) -> 
         name = label + (" (control)" if control else "") + (f" = {', '.join(same)}" if same else "")
         handles[name] = handle
     ax.set_xticks(document["counts"])
+    if len(document["counts"]) == 1:
+        ax.set_xlim(document["counts"][0] - 1, document["counts"][0] + 1)
     ax.set_xlabel("decoder layers removed")
     ax.set_ylabel(panel.ylabel)
     ax.grid(alpha=0.3, which="both")
