@@ -116,6 +116,8 @@ def test_step_order_is_a_pure_function_of_step(repeated_text):
 
 
 def test_cli_recover_saves_a_vanilla_checkpoint(tmp_path, repeated_text, capsys):
+    from huggingface_hub import ModelCard
+
     pruned = save_tiny("llama", tmp_path / "pruned")
     (pruned / "simdiff.json").write_text(json.dumps({"removed_layers": [3], "criterion": "simdiff"}))
     out = tmp_path / "recovered"
@@ -137,6 +139,11 @@ def test_cli_recover_saves_a_vanilla_checkpoint(tmp_path, repeated_text, capsys)
     assert math.isfinite(ppl["before"]) and math.isfinite(ppl["after"]) and ppl["before"] != ppl["after"]
     assert "versions" in rec and "command" in rec
     assert (out / "recovery_loss.png").stat().st_size > 1000
+    card = ModelCard.load(out / "README.md")
+    (measured,) = card.data.to_dict()["model-index"][0]["results"]
+    assert measured["metrics"][0] == {"type": "perplexity", "name": "token perplexity after recovery",
+                                      "value": round(ppl["after"], 4)}
+    assert card.data.to_dict()["base_model"] == str(pruned.resolve()) and "## Recovery" in card.text
     assert (tmp_path / "recovered.checkpoints" / "step-0000004").is_dir()
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     original = AutoModelForCausalLM.from_pretrained(pruned)

@@ -105,13 +105,14 @@ def _pruned_body(metadata: dict, base: str) -> list[str]:
     removed = metadata["removed_layers"]
     calibration = metadata.get("calibration") or {}
     options = metadata.get("options") or {}
+    before, after = metadata.get("num_layers_before"), metadata.get("num_layers_after")
     lines = [
-        f"# {Path(base).name} with {len(removed)} of {metadata.get('num_layers_before')} decoder layers removed",
+        f"# {Path(base).name} with {len(removed)}{f' of {before}' if before else ''} decoder layers removed",
         "",
         f"Depth-pruned from `{base}` by simdiff: whole decoder layers were removed, the rest is unchanged.",
         "",
         f"- Removed layers (original numbering): {removed}",
-        f"- Layers: {metadata.get('num_layers_before')} → {metadata.get('num_layers_after')}",
+        *([f"- Layers: {before} → {after}"] if before and after else []),
         f"- Criterion: `{metadata.get('criterion')}`"
         + (f" (options: {', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""),
     ]
