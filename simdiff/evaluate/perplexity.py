@@ -136,10 +136,10 @@ def perplexity_report(model: nn.Module, batches: Sequence[Batch], protocol: Perp
     nll = NLL(math.fsum(totals), sum(counts))
     stderr = mean_nll_stderr(totals, counts)
     known = math.isfinite(stderr)
-    return {"source": protocol.source, "perplexity": nll.perplexity,
-            "perplexity_stderr": nll.perplexity * stderr if known else None,
-            "mean_nll": nll.mean, "mean_nll_stderr": stderr if known else None, "tokens": nll.tokens, "windows": len(totals),
-            "protocol": protocol.describe(bos)}
+    return {"source": protocol.source,
+            "perplexity": nll.perplexity, "perplexity_stderr": nll.perplexity * stderr if known else None,
+            "mean_nll": nll.mean, "mean_nll_stderr": stderr if known else None,
+            "tokens": nll.tokens, "windows": len(totals), "protocol": protocol.describe(bos)}
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, protocol: PerplexityProtocol | None = None) -> dict:

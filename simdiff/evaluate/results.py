@@ -112,6 +112,7 @@ def protocol_of(record: dict) -> dict:
         "--limit": settings.get("limit"),
         "--num-fewshot": settings.get("num_fewshot"),
         "perplexity tokens": {s: r.get("tokens") for s, r in record.get("perplexity", {}).items()},
+        "perplexity text": {s: r.get("protocol", {}).get("text") for s, r in record.get("perplexity", {}).items()},
         "task versions": dict(record.get("task_versions", {})),
     }
 
