@@ -230,3 +230,6 @@ def test_eval_command_rejects_nothing_to_do(tmp_path, capsys):
     folder = save_tiny("llama", tmp_path / "tiny")
     assert main(["-q", "eval", str(folder), "--ppl", ""]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+    assert main(["-q", "eval", str(folder), "--tasks", "piqa", "--log-samples"]) == 2
+    err = capsys.readouterr().err
+    assert "--log-samples" in err and "--json FILE" in err
