@@ -10,6 +10,7 @@ from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
 from simdiff.data import batches, calibration_windows
 from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
+from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import load_model
 from simdiff.pipeline import (
@@ -23,7 +24,7 @@ from simdiff.pipeline import (
     needs_of,
 )
 from simdiff.save import check_output_dir, provenance, save_model
-from simdiff.select import resolve_count
+from simdiff.select import check_removable, resolve_count
 from simdiff.surgery import remove_layers
 from simdiff.tune import reject_auto, resolve_alpha
 
@@ -42,6 +43,13 @@ class Calibration:
     batch_size: int = 4
     seed: int = 0
     data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings when made, before the model is loaded."""
+        for flag, value, least in (("--samples", self.samples, 1), ("--seq-len", self.seq_len, 2),
+                                   ("--batch-size", self.batch_size, 1), ("--seed", self.seed, 0)):
+            if value < least:
+                raise SimdiffError(f"{flag} must be >= {least}, got {value}")
 
     def batches(self, tokenizer) -> list[Batch]:
         windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)
@@ -72,6 +80,7 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
     reject_auto(options)
     for name in criteria:
         get_criterion(name)
+    check_seq_len(model, calibration.seq_len)
     return score_layers(model, calibration.batches(tokenizer), criteria, options or Options(), block_sizes,
                         offload_device=offload_device)
 
@@ -100,7 +109,7 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
           criterion: str = "simdiff", calibration: Calibration | None = None, options: Options | None = None,
           iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "float32",
           device: str | None = None, device_map: str | None = None, overwrite: bool = False,
-          offload: str | None = None) -> PruneResult:
+          offload: str | None = None, revision: str | None = None, trust_remote_code: bool = False) -> PruneResult:
     """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``.
 
     ``offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on ``device``.
@@ -109,11 +118,14 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
     options = options or Options()
     get_criterion(criterion)
     out_path = check_output_dir(out, overwrite)
+    check_device(device)
     offload_device = (device or "cpu") if offload == "layerwise" else None
     model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
-                                  device_map=device_map)
+                                  device_map=device_map, revision=revision, trust_remote_code=trust_remote_code)
     total = len(find_decoder_layers(model))
     count = resolve_count(total, num_layers, ratio)
+    check_removable(total, count, keep_first, keep_last)
+    check_seq_len(model, calibration.seq_len)
     # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
     options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, iterative,
                                           keep_first, keep_last)

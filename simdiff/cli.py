@@ -16,8 +16,9 @@ from simdiff.cli_options import (
     add_selection_options,
     calibration_from,
     options_from,
+    source_from,
 )
-from simdiff.errors import SimdiffError
+from simdiff.errors import SimdiffError, one_line
 from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
 from simdiff.progress import set_progress
 from simdiff.recover.cli import add_recover_command
@@ -52,15 +53,18 @@ def parse_criteria(value: str) -> list[str]:
 def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
     from simdiff.model import load_model
+    from simdiff.model.checks import check_device
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
     criteria = parse_criteria(args.criteria)
+    calibration, options = calibration_from(args), options_from(args)  # validated before loading
+    check_device(args.device)
     offload_device = (args.device or "cpu") if args.offload == "layerwise" else None
-    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else args.device, args.device_map)
+    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else args.device, args.device_map,
+                                  **source_from(args))
     sizes = (args.block_size,) if args.block_size else ()
-    result = score(model, tokenizer, criteria, calibration_from(args), options_from(args), sizes,
-                   offload_device=offload_device)
+    result = score(model, tokenizer, criteria, calibration, options, sizes, offload_device=offload_device)
     print(format_score_table(result.scores))
     document = {"model": args.model, "options": vars(options_from(args)),
                 "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
@@ -92,7 +96,8 @@ def run_prune(args: argparse.Namespace) -> None:
     result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
-                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload)
+                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload,
+                   **source_from(args))
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
     print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except SimdiffError as exc:
-        print(f"simdiff: error: {exc}", file=sys.stderr)
+        print(f"simdiff: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("simdiff: interrupted", file=sys.stderr)
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for users; -v shows the traceback
         if args.verbose:
             raise
-        print(f"simdiff: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        print(f"simdiff: error: {type(exc).__name__}: {one_line(str(exc))} (run with -v for the traceback)",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -29,10 +29,18 @@ def add_model_options(parser: argparse.ArgumentParser, offload: bool = False) ->
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     group.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     group.add_argument("--device-map", default=None, help="accelerate placement, e.g. auto (several GPUs + CPU)")
+    group.add_argument("--revision", default=None, help="hub model: branch, tag or commit (a token comes from $HF_TOKEN)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="run the model's own Python code (auto_map); only for sources you trust")
     if offload:
         group.add_argument("--offload", default=None, choices=["layerwise"],
                            help="layerwise: keep the model in CPU memory and score it one decoder layer at a time "
                                 "on --device (for models bigger than device memory)")
+
+
+def source_from(args: argparse.Namespace) -> dict:
+    """``load_model`` keyword arguments naming where the model comes from (``--revision``, ``--trust-remote-code``)."""
+    return {"revision": getattr(args, "revision", None), "trust_remote_code": getattr(args, "trust_remote_code", False)}
 
 
 def add_data_dir_option(parser: argparse.ArgumentParser) -> None:

@@ -22,9 +22,11 @@ from simdiff.criteria import Options, get_criterion
 from simdiff.data import batches, calibration_windows
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
+from simdiff.model.checks import check_seq_len
 from simdiff.model.layers import find_decoder_layers
 from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
 from simdiff.save import atomic_directory, provenance
+from simdiff.select import check_removable
 from simdiff.surgery import bypass_layers
 from simdiff.tune import is_auto, tune_alpha
 
@@ -106,7 +108,11 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     """Evaluate the dense model and every (criterion, count) candidate; returns the results document."""
     total = len(find_decoder_layers(model))
     counts = _check_counts(setup.counts, total)
+    check_removable(total, max(counts), setup.keep_first, setup.keep_last)
     cal = setup.calibration
+    check_seq_len(model, cal.seq_len)
+    if setup.evaluation.ppl:
+        check_seq_len(model, setup.evaluation.seq_len, "--eval-seq-len")
     windows = calibration_windows(tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, cal.data_dir)
     calib_batches = batches(windows, cal.batch_size)
     criteria = list(dict.fromkeys(s.criterion for s in setup.specs))

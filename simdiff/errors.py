@@ -11,3 +11,8 @@ def did_you_mean(name: str, choices: list[str]) -> str:
 
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of spaces collapsed (error messages are one line)."""
+    return " ".join(text.split())

@@ -32,6 +32,16 @@ def resolve_count(total: int, num_layers: int | None = None, ratio: float | None
     return count
 
 
+def check_removable(total: int, count: int, keep_first: int = 0, keep_last: int = 0) -> None:
+    """Refuse, before any pass, a count that --keep-first/--keep-last leave no room for."""
+    if keep_first < 0 or keep_last < 0:
+        raise SimdiffError(f"--keep-first/--keep-last must be >= 0, got {keep_first}/{keep_last}")
+    removable = max(0, total - keep_first - keep_last)
+    if count > removable:
+        raise SimdiffError(f"cannot remove {count} layers: only {removable} are removable with "
+                           f"--keep-first {keep_first} --keep-last {keep_last}")
+
+
 def protected_mask(total: int, keep_first: int = 0, keep_last: int = 0) -> np.ndarray:
     """Boolean mask of layers that may be removed."""
     if keep_first < 0 or keep_last < 0:

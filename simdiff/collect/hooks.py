@@ -94,5 +94,6 @@ def collect_layer_statistics(
         for batch in progress(batches, desc="calibration pass"):
             recorder.start_batch(batch.attention_mask)
             run_decoder(model, batch)
-    recorder.stats.check_finite(None if active_layers is None else list(active_layers))
+    recorder.stats.check_finite(None if active_layers is None else list(active_layers),
+                                next(model.parameters()).dtype)
     return recorder.stats

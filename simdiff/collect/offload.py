@@ -196,6 +196,6 @@ def collect_layer_statistics_offloaded(
     stats = LayerStatistics(n)
     for recorder in recorders:
         stats.merge(recorder.stats)
-    stats.check_finite(None if active_layers is None else list(active_layers))
+    stats.check_finite(None if active_layers is None else list(active_layers), next(model.parameters()).dtype)
     log.info("layer-wise offload: %s", report.describe())
     return stats, report

@@ -55,6 +55,18 @@ def layer_sums(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     return {name: float(v.double().sum()) for name, v in per_token.items()}
 
 
+def non_finite_advice(dtype: torch.dtype | None) -> str:
+    """What to try when statistics are NaN/inf, given the dtype the model ran in."""
+    if dtype == torch.float16:
+        return "run with --dtype float32 or bfloat16 instead of float16"
+    if dtype == torch.bfloat16:
+        return "run with --dtype float32 instead of bfloat16"
+    if dtype in (torch.float32, torch.float64):
+        return (f"the model already ran in {str(dtype).removeprefix('torch.')}, so its weights or the input hold "
+                "NaN/inf: check the checkpoint (e.g. a damaged or diverged model)")
+    return "check the checkpoint, or run with --dtype float32"
+
+
 @dataclass
 class LayerStatistics:
     """Running float64 sums for ``num_layers`` layers; see the module docstring for definitions."""
@@ -132,23 +144,22 @@ class LayerStatistics:
         sub.sums = {name: values[layers].copy() for name, values in self.sums.items()}
         return sub
 
-    def check_finite(self, layers: list[int] | None = None) -> None:
-        """Raise a clear error naming the first layer whose statistics are NaN/inf (e.g. fp16 overflow)."""
+    def check_finite(self, layers: list[int] | None = None, dtype: torch.dtype | None = None) -> None:
+        """Raise a clear error naming the first layer whose statistics are NaN/inf.
+
+        ``dtype`` is the model's: the advice suggests a wider dtype only when there is one to switch to.
+        """
         indices = np.arange(self.num_layers) if layers is None else np.asarray(layers, dtype=int)
         for name in PER_LAYER_SUMS:
             bad = indices[~np.isfinite(self.sums[name][indices])]
             if bad.size:
-                raise SimdiffError(
-                    f"non-finite statistics ({name}) at layer {int(bad[0])}: the hidden states overflowed or "
-                    "hold NaN; run with --dtype float32 or bfloat16 instead of float16"
-                )
+                raise SimdiffError(f"non-finite statistics ({name}) at layer {int(bad[0])}: the hidden states "
+                                   f"overflowed or hold NaN; {non_finite_advice(dtype)}")
         for n, values in self.block_sums.items():
             bad = np.flatnonzero(~np.isfinite(values))
             if bad.size:
-                raise SimdiffError(
-                    f"non-finite angular distance for the block of {n} layers starting at layer {int(bad[0])}; "
-                    "run with --dtype float32 or bfloat16"
-                )
+                raise SimdiffError(f"non-finite angular distance for the block of {n} layers starting at layer "
+                                   f"{int(bad[0])}; {non_finite_advice(dtype)}")
 
     def to_dict(self) -> dict:
         """Raw sums and the derived means, JSON-serialisable."""

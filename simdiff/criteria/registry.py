@@ -39,6 +39,18 @@ class Options:
     diff_scale: str = "relative"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse out-of-range values when the options are made, before any calibration pass."""
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if name == "alpha" and isinstance(value, str) and value.strip().lower() == "auto":
+                continue  # tuned later by simdiff.tune
+            if isinstance(value, str) or not 0.0 <= value <= 1.0:
+                raise SimdiffError(f"--{name} must lie in [0, 1]{' or be auto' if name == 'alpha' else ''}, "
+                                   f"got {value}")
+        if self.seed < 0:
+            raise SimdiffError(f"--seed must be >= 0, got {self.seed}")
+
 
 @dataclass(frozen=True)
 class Criterion:

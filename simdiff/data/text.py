@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
-from simdiff.errors import SimdiffError
+from simdiff.errors import SimdiffError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,13 @@ def _wikitext2_from_datasets(split: str) -> str:
             "wikitext-2/{valid,test}.txt, or `pip install simdiff[data]` to download it"
         ) from exc
     hf_split = {"valid": "validation", "test": "test", "train": "train"}[split]
-    rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+    try:
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+    except ConnectionError as exc:  # offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) or no network, and not cached
+        raise SimdiffError(
+            f"WikiText-2 is not available: no --data-dir (or {DATA_DIR_ENV}) and the download failed "
+            f"({one_line(str(exc))}); pass --data-dir to a folder holding wikitext-2/{{valid,test}}.txt"
+        ) from exc
     return "".join(rows["text"])
 
 
@@ -46,39 +53,65 @@ def load_named_text(name: str, split: str, root: str | os.PathLike | None = None
     return _wikitext2_from_datasets(split)
 
 
-def _read_file(path: Path) -> str:
-    if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SimdiffError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict) or "text" not in row:
-                    raise SimdiffError(f"{path}:{number} has no 'text' field; each line must be {{\"text\": ...}}")
-                texts.append(str(row["text"]))
-        return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    """The non-empty string in the ``text`` field of line ``number`` of a .jsonl file."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise SimdiffError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
+    if not isinstance(row, dict) or "text" not in row:
+        raise SimdiffError(f"{path}:{number} has no 'text' field; each line must be {{\"text\": ...}}")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise SimdiffError(f"{path}:{number}: 'text' is {json.dumps(text)[:20]}, not a string; give the line's text "
+                           "or drop the line")
+    if not text.strip():
+        raise SimdiffError(f"{path}:{number}: 'text' is empty; give the line's text or drop the line")
+    return text
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a .txt file, or the ``text`` fields of a .jsonl file joined by blank lines (UTF-8 only)."""
+    try:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                texts = [_jsonl_text(path, number, line) for number, line in enumerate(handle, 1) if line.strip()]
+            text = "\n\n".join(texts)
+        else:
+            text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SimdiffError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): convert it to UTF-8 "
+                           "(e.g. iconv -t utf-8) or remove binary files from the data") from exc
+    if "\x00" in text:
+        raise SimdiffError(f"{path} holds NUL bytes: it looks like a binary file, not text")
+    return text
+
+
+def text_files(source: str) -> list[Path]:
+    """The .txt/.jsonl files a path names: the file itself, or those under a folder in sorted order."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"} and p.is_file())
+        if not files:
+            raise SimdiffError(f"folder {source!r} holds no .txt or .jsonl files")
+        return files
+    if path.is_file():
+        if path.suffix not in {".txt", ".jsonl"}:
+            raise SimdiffError(f"{source!r}: expected a .txt or .jsonl file, got {path.suffix or 'no suffix'!r}")
+        return [path]
+    raise SimdiffError(
+        f"text source {source!r} not found: use one of {', '.join(NAMED_DATASETS)} or a path to a "
+        ".txt/.jsonl file or folder"
+    )
 
 
 def load_text(source: str, split: str = "valid", root: str | os.PathLike | None = None) -> str:
     """Text from a dataset name, a .txt/.jsonl file, or a folder of them (read in sorted order)."""
     if source in NAMED_DATASETS:
         return load_named_text(source, split, root)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"} and p.is_file())
-        if not files:
-            raise SimdiffError(f"folder {source!r} holds no .txt or .jsonl files")
-        return "\n\n".join(_read_file(p) for p in files)
-    if path.is_file():
-        if path.suffix not in {".txt", ".jsonl"}:
-            raise SimdiffError(f"{source!r}: expected a .txt or .jsonl file, got {path.suffix or 'no suffix'!r}")
-        return _read_file(path)
-    raise SimdiffError(
-        f"text source {source!r} not found: use one of {', '.join(NAMED_DATASETS)} or a path to a "
-        ".txt/.jsonl file or folder"
-    )
+    return "\n\n".join(read_text_file(p) for p in text_files(source))
+
+
+def text_digest(text: str) -> str:
+    """SHA-256 of a text with its surrounding whitespace stripped: equal texts have equal digests."""
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()

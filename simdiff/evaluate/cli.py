@@ -15,6 +15,7 @@ from simdiff.cli_options import (
     add_model_options,
     calibration_from,
     options_from,
+    source_from,
 )
 from simdiff.errors import SimdiffError
 
@@ -115,8 +116,11 @@ def evaluate_model(name: str, args: argparse.Namespace, settings) -> tuple[dict,
     """(our result, lm-eval's raw output for the tasks) of the model ``name``."""
     from simdiff.evaluate.suite import Evaluator
     from simdiff.model import load_model
+    from simdiff.model.checks import check_seq_len
 
-    model, tokenizer = load_model(name, args.dtype, args.device, args.device_map)
+    model, tokenizer = load_model(name, args.dtype, args.device, args.device_map, **source_from(args))
+    if settings.ppl:
+        check_seq_len(model, settings.seq_len)
     evaluator = Evaluator(model, tokenizer, settings)
     return {"model": name, **evaluator(name)}, evaluator.lm_eval_output
 
@@ -127,11 +131,6 @@ def _record(result: dict, settings, lm_output: dict) -> dict:
 
     versions = task_tables(lm_output, result["tasks"])["versions"]
     return {**result, "settings": vars(settings), "task_versions": versions}
-
-
-def _baseline_file(args: argparse.Namespace) -> Path | None:
-    path = Path(args.baseline) if args.baseline else None
-    return path if path is not None and path.suffix == ".json" and path.is_file() else None
 
 
 def _print_result(result: dict, settings, prefix: str = "") -> None:
@@ -163,7 +162,7 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.log_samples and not (args.json and settings.tasks):
         raise SimdiffError("--log-samples writes lm-eval's per-question records beside the results: give --json "
                            "FILE and --tasks")
-    baseline_path = _baseline_file(args)
+    baseline_path = args.baseline if args.baseline and args.baseline.endswith(".json") else None
     baseline = read_baseline(baseline_path) if baseline_path else None
     if baseline is not None and not args.allow_protocol_mismatch:  # before any model is loaded
         check_same_protocol(baseline, {"settings": vars(settings)}, baseline_path, settings_only=True)
@@ -234,7 +233,7 @@ def run_comparison(args: argparse.Namespace, model_name: str, num_layers: list[i
     check_output_dir(args.out, args.overwrite)
     specs = parse_candidates(args.criteria)
     settings = settings_from(args)
-    model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map)
+    model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map, **source_from(args))
     total = len(find_decoder_layers(model))
     counts = list(num_layers) if num_layers else [resolve_count(total, ratio=r) for r in ratios or []]
     setup = CompareSetup(specs, counts, calibration_from(args), options_from(args), settings, args.keep_first,

@@ -18,7 +18,8 @@ from pathlib import Path
 from torch import nn
 
 from simdiff.data.text import data_dir as resolve_data_dir
-from simdiff.errors import SimdiffError, did_you_mean
+from simdiff.errors import SimdiffError, did_you_mean, one_line
+from simdiff.model.hub import datasets_offline
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ def local_task_names(tasks: Sequence[str], data_dir: str | None = None) -> dict[
         else:
             mapping[task] = task
     return mapping
+
+
+def missing_task_data(task: str, why: str) -> str:
+    """The error for a task whose dataset is neither cached nor downloadable, and how to provide it."""
+    local = f", or put {LOCAL_TASKS[task][1]} under --data-dir" if task in LOCAL_TASKS else ""
+    return (f"lm-eval task {task!r} needs its dataset, which is not in the Hugging Face datasets cache, and {why}: "
+            f"run it once online to cache the data (or point HF_DATASETS_CACHE at a cache that has it){local}")
 
 
 def _import_lm_eval():
@@ -117,6 +125,8 @@ class TaskRunner:
         self._lm_eval = lm_eval
         self._manager = task_manager(str(folder) if folder else None)
         self._check_names()
+        if datasets_offline():
+            self._check_cached_data()
         self._lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
     def _check_names(self) -> None:
@@ -126,16 +136,30 @@ class TaskRunner:
                 raise SimdiffError(f"unknown lm-eval task {task!r}.{did_you_mean(task, sorted(known))} "
                                    "(see `lm-eval ls tasks`)")
 
+    def _check_cached_data(self) -> None:
+        """Offline, each standard task's dataset must be in the datasets cache: build the tasks now to know."""
+        for task, name in self.names.items():
+            if name != task:
+                continue  # a shipped local task reading --data-dir
+            try:
+                self._manager.load(name)
+            except ConnectionError as exc:
+                why = "downloads are off (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)"
+                raise SimdiffError(missing_task_data(task, why)) from exc
+
     def __call__(self) -> dict[str, dict]:
         """``{task: {"acc": .., "acc_norm": .., "acc_stderr": .., "samples": n, "lm_eval_task": name}}``."""
         if not self.tasks:
             return {}
         if not log.isEnabledFor(logging.DEBUG):  # lm-eval's per-task notices drown the results
             logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        with quiet_git():
-            out = self._lm_eval.simple_evaluate(model=self._lm, tasks=list(self.names.values()), limit=self.limit,
-                                                num_fewshot=self.num_fewshot, task_manager=self._manager,
-                                                log_samples=self.log_samples)
+        try:
+            with quiet_git():
+                out = self._lm_eval.simple_evaluate(model=self._lm, tasks=list(self.names.values()),
+                                                    limit=self.limit, num_fewshot=self.num_fewshot,
+                                                    task_manager=self._manager, log_samples=self.log_samples)
+        except ConnectionError as exc:
+            raise SimdiffError(missing_task_data(", ".join(self.tasks), one_line(str(exc)))) from exc
         self.last_output = out
         results = {}
         for task, name in self.names.items():

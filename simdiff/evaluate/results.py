@@ -144,16 +144,22 @@ def check_same_protocol(baseline: dict, current: dict, where: str, settings_only
                            "evaluate both the same way, or pass --allow-protocol-mismatch")
 
 
-def read_baseline(path: Path) -> dict:
-    """The simdiff record of an earlier ``simdiff eval --json`` file (this schema or the older flat one)."""
+def read_baseline(path: str) -> dict:
+    """The simdiff record of an earlier ``simdiff eval --json`` file (this schema or the older flat one),
+    read (and refused when unusable) before any evaluation."""
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SimdiffError(f"cannot read --baseline {str(path)!r}: {exc}") from None
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SimdiffError(f"--baseline {path!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SimdiffError(f"--baseline {path!r} cannot be read ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise SimdiffError(f"--baseline {path!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     record = document.get("simdiff", document) if isinstance(document, dict) else None
-    if not isinstance(record, dict) or not ("perplexity" in record or "tasks" in record):
-        raise SimdiffError(f"--baseline {str(path)!r} is not a `simdiff eval --json` file; give that, or the "
-                           "dense model's name or folder")
+    sections = ("perplexity", "tasks")
+    if not (isinstance(record, dict) and set(sections) & set(record)
+            and all(isinstance(record.get(name, {}), dict) for name in sections)):
+        raise SimdiffError(f"--baseline {path!r} is not a `simdiff eval --json` result (no perplexity/tasks)")
     return record
 
 

@@ -15,7 +15,18 @@ from pathlib import Path
 
 import torch
 
-from simdiff.errors import SimdiffError, did_you_mean
+from simdiff.errors import SimdiffError, did_you_mean, one_line
+from simdiff.model.checks import (
+    check_device,
+    check_loading_info,
+    check_vocabulary,
+    check_weights_match,
+    checkpoint_shapes,
+    meta_model,
+    read_config_json,
+)
+from simdiff.model.hub import local_files_only
+from simdiff.model.layers import find_decoder_layers
 from simdiff.save import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -110,28 +121,82 @@ def load_model(
     dtype: str = "float32",
     device: str | None = None,
     device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ):
-    """Load ``(model, tokenizer)`` in eval mode. ``device_map='auto'`` spreads it with accelerate."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load ``(model, tokenizer)`` in eval mode. ``device_map='auto'`` spreads it with accelerate.
 
+    A local checkpoint is checked from its headers first (:mod:`simdiff.model.checks`); ``revision`` and
+    ``trust_remote_code`` are passed to transformers (a hub token comes from ``HF_TOKEN``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_device(device)
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "is_encoder_decoder", False):
-        raise SimdiffError(
-            f"{name_or_path!r} is an encoder-decoder model ({config.model_type}); simdiff prunes decoder-only LMs"
-        )
+    source = _source_kwargs(path, revision, trust_remote_code)
+    config = _load_config(name_or_path, path, source)
+    expected = meta_model(config, trust_remote_code)
+    find_decoder_layers(expected)  # refuses encoder-only and other non-decoder models before loading
+    if Path(path).is_dir():
+        check_weights_match(expected, checkpoint_shapes(Path(path)), path)
+    tokenizer = _load_tokenizer(name_or_path, path, source)
+    check_vocabulary(expected, tokenizer, name_or_path)
     kwargs = {"dtype": parse_dtype(dtype)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs, **source)
     except ValueError as exc:
         raise SimdiffError(f"cannot load {name_or_path!r} as a causal LM: {exc}") from exc
+    if not Path(path).is_dir():  # a hub model: its weight headers were not read before the download
+        check_loading_info(loading, name_or_path)
     if device is not None and device_map is None:
         model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def _source_kwargs(path: str, revision: str | None, trust_remote_code: bool) -> dict:
+    """``from_pretrained`` arguments naming the source; a hub id is checked for access here (fail fast)."""
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if not Path(path).is_dir():
+        kwargs["local_files_only"] = local_files_only(path, revision)
+        if revision:
+            kwargs["revision"] = revision
+    elif revision:
+        raise SimdiffError(f"--revision {revision!r} applies to hub ids; {path!r} is a local directory")
+    return kwargs
+
+
+def _load_config(name: str, path: str, source: dict):
+    from transformers import AutoConfig
+
+    if Path(path).is_dir():
+        read_config_json(Path(path))
+    try:
+        config = AutoConfig.from_pretrained(path, **source)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise SimdiffError(f"{name!r} needs its own Python code (auto_map in config.json): rerun with "
+                               "--trust-remote-code if you trust its source") from exc
+        raise SimdiffError(f"cannot read the config of {name!r}: {one_line(str(exc))}") from exc
+    except OSError as exc:  # hub: unknown repo, gated without HF_TOKEN, missing revision
+        raise SimdiffError(f"cannot load {name!r}: {one_line(str(exc))}") from exc
+    if getattr(config, "is_encoder_decoder", False):
+        raise SimdiffError(
+            f"{name!r} is an encoder-decoder model ({config.model_type}); simdiff prunes decoder-only LMs"
+        )
+    return config
+
+
+def _load_tokenizer(name: str, path: str, source: dict):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SimdiffError(f"cannot load the tokenizer of {name!r}: its files (e.g. tokenizer.json, "
+                           f"tokenizer_config.json) are missing or damaged ({one_line(str(exc))[:160]})") from exc
 
 
 def model_device(model) -> torch.device:

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simdiff.data import bos_token_id, contiguous_windows, data_dir, load_text, tokenize_text
-from simdiff.data.text import NAMED_DATASETS
+from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
+from simdiff.data.text import read_text_file, text_digest, text_files
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import NLL
+from simdiff.model.checks import check_seq_len
 from simdiff.model.load import load_model, resolve_model_path
-from simdiff.recover.checkpoint import read_trainer, resolve_checkpoint
+from simdiff.recover.checkpoint import check_checkpoint_files, read_trainer, resolve_checkpoint
 from simdiff.recover.config import RecoverConfig
 from simdiff.recover.data import TRAIN_SPLIT, training_text
 from simdiff.recover.lora import attach_lora, count_parameters, merge
@@ -58,14 +59,17 @@ def evaluation_windows(tokenizer, evaluation: Evaluation) -> torch.Tensor:
 
 
 def check_not_evaluation_text(source: str, data_root: str | None) -> None:
-    """Refuse to train on the WikiText-2 test file that the before/after perplexity is measured on."""
-    folder = data_dir(data_root)
-    if source == EVAL_SOURCE or folder is None:
-        return
-    test_file = (folder / NAMED_DATASETS[EVAL_SOURCE] / f"{EVAL_SPLIT}.txt").resolve()
-    if test_file.exists() and test_file.is_relative_to(Path(source).expanduser().resolve()):  # the file or a parent
-        raise SimdiffError(f"--data {source!r} contains the WikiText-2 test split, which recovery is evaluated "
-                           "on; train on wikitext2 (its validation split) or another text")
+    """Refuse to train on the WikiText-2 test text that the before/after perplexity is measured on.
+
+    Decided by content (SHA-256 of each training file's text), so a renamed copy is caught like the original.
+    """
+    if source == EVAL_SOURCE:
+        return  # its validation split
+    evaluation = text_digest(load_text(EVAL_SOURCE, split=EVAL_SPLIT, root=data_root))
+    for path in text_files(source):
+        if text_digest(read_text_file(path)) == evaluation:
+            raise SimdiffError(f"--data {str(path)!r} holds the WikiText-2 test split, which recovery is evaluated "
+                               "on; train on wikitext2 (its validation split) or another text")
 
 
 def default_checkpoint_dir(out: Path) -> Path:
@@ -91,15 +95,18 @@ def recover(model_name: str, out: str | Path, config: RecoverConfig | None = Non
     evaluation = evaluation or Evaluation(seq_len=config.seq_len, batch_size=config.batch_size,
                                           data_dir=config.data_dir)
     out_path = check_output_dir(out, overwrite)
-    check_not_evaluation_text(config.data, config.data_dir)
+    check_not_evaluation_text(config.data, evaluation.data_dir)
     ckpt_dir = Path(checkpoint_dir).expanduser() if checkpoint_dir else default_checkpoint_dir(out_path)
     resume_path = resolve_checkpoint(resume, ckpt_dir) if resume else None
-    if resume_path is not None:  # fail before any work when the settings do not match
+    if resume_path is not None:  # fail before any work when the files are damaged or the settings differ
+        check_checkpoint_files(resume_path)
         config.check_resumable(read_trainer(resume_path)["config"])
     accelerator = make_accelerator()
     if not accelerator.is_main_process:  # one process reports under `accelerate launch`
         logging.getLogger("simdiff").setLevel(logging.WARNING)
     model, tokenizer = load_model(model_name, dtype=dtype)
+    check_seq_len(model, config.seq_len)
+    check_seq_len(model, evaluation.seq_len, "--eval-seq-len")
     model.to(accelerator.device)
     # LoRA's B matrices start at zero, so the wrapped model computes exactly what the input model does.
     peft_model = attach_lora(model, config)

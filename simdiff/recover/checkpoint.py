@@ -62,13 +62,45 @@ def resolve_checkpoint(resume: str, folder: Path | None) -> Path:
     return path
 
 
+TRAINER_KEYS = ("step", "config", "history")
+
+
 def read_trainer(path: Path) -> dict:
     """The JSON part of a checkpoint: step, settings (``config``) and loss history."""
-    return json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+    file = path / TRAINER_FILE
+    try:
+        trainer = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SimdiffError(f"checkpoint file {file} is missing; resume from another checkpoint") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SimdiffError(f"checkpoint file {file} is damaged (not valid JSON); resume from another "
+                           "checkpoint") from exc
+    if not isinstance(trainer, dict) or any(key not in trainer for key in TRAINER_KEYS):
+        raise SimdiffError(f"checkpoint file {file} lacks {', '.join(TRAINER_KEYS)}; resume from another checkpoint")
+    return trainer
+
+
+def read_state(path: Path, mmap: bool = False) -> dict:
+    """The tensor part of a checkpoint (adapter, optimiser, schedule); ``mmap`` reads no tensor data."""
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise SimdiffError(f"checkpoint file {file} is missing; resume from another checkpoint")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged archive
+        raise SimdiffError(f"checkpoint file {file} is damaged ({type(exc).__name__}); resume from another "
+                           "checkpoint") from exc
+    if not isinstance(state, dict) or any(key not in state for key in ("adapter", "optimizer", "scheduler")):
+        raise SimdiffError(f"checkpoint file {file} lacks the adapter/optimizer/scheduler state")
+    return state
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Both files of a checkpoint are present and readable (before any model is loaded)."""
+    read_trainer(path)
+    read_state(path, mmap=True)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """(tensor state, trainer JSON) of one checkpoint."""
-    trainer = read_trainer(path)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    return state, trainer
+    return read_state(path), read_trainer(path)

@@ -50,7 +50,7 @@ class RecoverConfig:
             raise SimdiffError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise SimdiffError(f"--warmup-steps must be in [0, --steps={self.steps}], got {self.warmup_steps}")
-        for name in ("heldout_windows", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("seed", "heldout_windows", "eval_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise SimdiffError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
