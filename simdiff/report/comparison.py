@@ -172,6 +172,11 @@ def _useful_range(values: list[tuple[float, float]], dense: float, log: bool) ->
     return low - pad, high + pad
 
 
+def _error_or_zero(stderr: float | None) -> float:
+    """A standard error to draw: 0 (no bar) where the results carry none or a non-finite one."""
+    return stderr if _finite(stderr) else 0.0
+
+
 def _candidate_rows(document: dict, label: str) -> list[dict]:
     return sorted((r for r in document["rows"] if r["label"] == label and r["count"] > 0), key=lambda r: r["count"])
 
@@ -180,7 +185,7 @@ def _draw_panel(ax, document: dict, panel: Panel, offsets: dict[str, float]) -> 
     """Draw every criterion on ``ax``; returns {legend label: handle}. Controls dashed, off-scale at the edge."""
     labels = document["criteria"]
     controls = {lb for lb in labels if any(r["criterion"] in CONTROLS for r in _candidate_rows(document, lb))}
-    points = {lb: [(r["count"], panel.value(r), panel.stderr(r) or 0.0, r.get("same_layers_as"))
+    points = {lb: [(r["count"], panel.value(r), _error_or_zero(panel.stderr(r)), r.get("same_layers_as"))
                    for r in _candidate_rows(document, lb) if _finite(panel.value(r))] for lb in labels}
     kept = [(v, e) for lb in labels if lb not in controls for _, v, e, _ in points[lb]]
     if not kept:
