@@ -10,9 +10,11 @@ from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
 from simdiff.data import batches, calibration_windows
 from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
+from simdiff.lineage import compose_rounds, input_metadata
 from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import load_model
+from simdiff.outputs import claim_output_dir
 from simdiff.pipeline import (
     ScoreResult,
     Selection,
@@ -23,7 +25,7 @@ from simdiff.pipeline import (
     importance,
     needs_of,
 )
-from simdiff.save import check_output_dir, provenance, save_model
+from simdiff.save import provenance, save_model
 from simdiff.select import check_removable, resolve_count
 from simdiff.surgery import remove_layers
 from simdiff.tune import reject_auto, resolve_alpha
@@ -117,47 +119,55 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
     calibration = calibration or Calibration()
     options = options or Options()
     get_criterion(criterion)
-    out_path = check_output_dir(out, overwrite)
     check_device(device)
-    offload_device = (device or "cpu") if offload == "layerwise" else None
-    model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
-                                  device_map=device_map, revision=revision, trust_remote_code=trust_remote_code)
-    total = len(find_decoder_layers(model))
-    count = resolve_count(total, num_layers, ratio)
-    check_removable(total, count, keep_first, keep_last)
-    check_seq_len(model, calibration.seq_len)
-    # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
-    options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, iterative,
-                                          keep_first, keep_last)
-    selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                         iterative, keep_first, keep_last, offload_device=offload_device)
-    log.info("%s removes layers %s of %d", criterion, selection.removed, total)
-    kept = remove_layers(model, selection.removed)
-    metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
-                              iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
-                              requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count)
-    if alpha_search is not None:
-        metadata["alpha_search"] = alpha_search.to_dict()
-    saved = save_model(model, tokenizer, out_path, metadata, overwrite=overwrite)
+    with claim_output_dir(out, overwrite, inputs=[model_name]) as claim:  # validated and claimed before work
+        offload_device = (device or "cpu") if offload == "layerwise" else None
+        model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
+                                      device_map=device_map, revision=revision, trust_remote_code=trust_remote_code)
+        total = len(find_decoder_layers(model))
+        count = resolve_count(total, num_layers, ratio)
+        check_removable(total, count, keep_first, keep_last)
+        check_seq_len(model, calibration.seq_len)
+        # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
+        options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, iterative,
+                                              keep_first, keep_last)
+        selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
+                                             iterative, keep_first, keep_last, offload_device=offload_device)
+        log.info("%s removes layers %s of %d", criterion, selection.removed, total)
+        kept = remove_layers(model, selection.removed)
+        metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
+                                  iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
+                                  requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count)
+        if alpha_search is not None:
+            metadata["alpha_search"] = alpha_search.to_dict()
+        saved = save_model(model, tokenizer, claim, metadata)
     return PruneResult(selection, scores, kept, saved, metadata)
 
 
 def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, kept: list[int], total: int,
                    calibration: Calibration, options: Options, **settings) -> dict:
-    """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores)."""
+    """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores).
+
+    Layer indices are in the original model's numbering when the input is itself a simdiff output
+    (:mod:`simdiff.lineage`); ``scores``, ``statistics`` and ``history[-1].removed_layers`` index the input's layers.
+    """
+    run = provenance()
+    lineage = compose_rounds(input_metadata(model_name), model_name, selection.criterion, selection.removed, kept,
+                             total, run["command"], run["created"])
     return {
-        "removed_layers": selection.removed,
-        "kept_layers": kept,
+        "removed_layers": lineage.pop("removed_layers"),
+        "kept_layers": lineage.pop("kept_layers"),
         "criterion": selection.criterion,
         "scores": {k: v.tolist() for k, v in scores.scores.items()},
-        "layer_map": {str(new): old for new, old in enumerate(kept)},
+        "layer_map": lineage.pop("layer_map"),
         "base_model": model_name,
         "num_layers_before": total,
         "num_layers_after": len(kept),
+        **lineage,
         "options": asdict(options),
         "calibration": asdict(calibration),
         "settings": settings,
         "selection_steps": selection.steps,
         "statistics": scores.to_dict()["statistics"],
-        **provenance(),
+        **run,
     }

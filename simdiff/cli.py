@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from simdiff.bench.cli import add_bench_command
 from simdiff.cli_options import (
@@ -35,7 +34,9 @@ def add_score_command(subparsers) -> None:
     parser.add_argument("--block-size", type=int, default=None,
                         help="also collect angular distances of blocks of this many layers")
     parser.add_argument("--json", default=None, help="write scores and raw statistics to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a layer x criterion heatmap of removal ranks to this PNG (and an SVG beside it)")
+    parser.add_argument("--plot", default=None,
+                        help="write a layer x criterion heatmap of removal ranks to this file (.png/.svg/.pdf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
     add_calibration_options(parser)
     add_criterion_options(parser)
     parser.set_defaults(run=run_score)
@@ -54,12 +55,18 @@ def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
     from simdiff.model import load_model
     from simdiff.model.checks import check_device
+    from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, atomic_file, check_output_file, write_text_file
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
     criteria = parse_criteria(args.criteria)
     calibration, options = calibration_from(args), options_from(args)  # validated before loading
     check_device(args.device)
+    inputs = [args.model]
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, inputs, JSON_SUFFIXES, "--json")
+    if args.plot:
+        check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
     offload_device = (args.device or "cpu") if args.offload == "layerwise" else None
     model, tokenizer = load_model(args.model, args.dtype, None if offload_device else args.device, args.device_map,
                                   **source_from(args))
@@ -69,12 +76,13 @@ def run_score(args: argparse.Namespace) -> None:
     document = {"model": args.model, "options": vars(options_from(args)),
                 "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps(document, indent=2) + "\n", args.overwrite, inputs)
         log.info("wrote %s", args.json)
     if args.plot:
         from simdiff.report.plots import plot_layer_ranks
 
-        plot_layer_ranks(result.scores, args.plot, title=f"layer ranks per criterion: {args.model}")
+        with atomic_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot") as tmp:
+            plot_layer_ranks(result.scores, tmp, title=f"layer ranks per criterion: {args.model}", svg_twin=False)
         log.info("wrote %s", args.plot)
 
 

@@ -24,8 +24,9 @@ from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
 from simdiff.model.checks import check_seq_len
 from simdiff.model.layers import find_decoder_layers
+from simdiff.outputs import MARKER, OutputDir, claimed_dir
 from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
-from simdiff.save import atomic_directory, provenance
+from simdiff.save import provenance
 from simdiff.select import check_removable
 from simdiff.surgery import bypass_layers
 from simdiff.tune import is_auto, tune_alpha
@@ -33,7 +34,8 @@ from simdiff.tune import is_auto, tune_alpha
 log = logging.getLogger(__name__)
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
-RANKS_PNG, PPL_PNG = "layer_ranks.png", "perplexity_vs_removed.png"  # each with an .svg twin
+RANKS_PNG, PPL_PNG = "layer_ranks.png", "perplexity_vs_removed.png"
+PLOTS = [RANKS_PNG, PPL_PNG, "layer_ranks.svg", "perplexity_vs_removed.svg"]
 OPTION_TYPES = {"alpha": float, "beta": float, "normalize": str, "diff_scale": str, "seed": int}
 
 
@@ -186,19 +188,26 @@ def removal_counts(document: dict) -> dict[str, dict[int, int]]:
     return out
 
 
-def write_results(document: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write results.json, results.md and the plots (PNG and SVG) into ``out`` atomically (temp dir, then rename)."""
+def write_results(document: dict, out: str | os.PathLike | OutputDir, overwrite: bool = False) -> Path:
+    """Write results.json, results.md, the plots (PNG and SVG) and the ``simdiff.json`` marker into ``out``
+    atomically.
+
+    ``out`` is a path or an :class:`~simdiff.outputs.OutputDir` claimed when the comparison started.
+    """
     from simdiff.report.comparison import comparison_markdown, plot_perplexity_vs_removed
     from simdiff.report.plots import plot_layer_ranks
 
-    with atomic_directory(out, overwrite) as tmp:
+    with claimed_dir(out, overwrite) as claim, claim.staging() as tmp:
         (tmp / RESULTS_JSON).write_text(json.dumps(_finite(document), indent=2, default=_jsonable) + "\n", encoding="utf-8")
         (tmp / RESULTS_MD).write_text(comparison_markdown(document), encoding="utf-8")
         profiles = {k: np.asarray(v, dtype=np.float64) for k, v in document["profiles"].items()}
         plot_layer_ranks(profiles, tmp / RANKS_PNG, title=f"layer ranks per criterion: {document['model']}",
                          removed=removal_counts(document))
         plot_perplexity_vs_removed(document, tmp / PPL_PNG)
-    return Path(out)
+        marker = {"output": "comparison", "files": [RESULTS_JSON, RESULTS_MD, *PLOTS],
+                  **{key: document.get(key) for key in ("model", "versions", "command", "created")}}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return claim.path
 
 
 def _jsonable(value):

@@ -1,4 +1,4 @@
-"""Atomic, verified saving: write to a temporary directory, reload with plain transformers, then rename."""
+"""Verified model saving (through the output contract of :mod:`simdiff.outputs`), provenance for JSON results."""
 
 from __future__ import annotations
 
@@ -7,22 +7,21 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from simdiff.errors import SimdiffError
+from simdiff.outputs import MARKER, Inputs, OutputDir, claimed_dir, fault_point
+from simdiff.outputs import atomic_directory as atomic_directory  # re-exported for existing callers
+from simdiff.outputs import check_output_dir as check_output_dir
 from simdiff.progress import progress
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "simdiff.json"
+METADATA_FILE = MARKER
 
 
 def package_versions() -> dict[str, str]:
@@ -53,16 +52,6 @@ def provenance() -> dict:
         "command": command_line(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Validate an output path before any work is done."""
-    path = Path(out).expanduser()
-    if path.exists() and not overwrite:
-        raise SimdiffError(f"output {str(path)!r} already exists; pass --overwrite or choose another --out")
-    if path.exists() and not path.is_dir():
-        raise SimdiffError(f"output {str(path)!r} exists and is not a directory")
-    return path
 
 
 @torch.no_grad()
@@ -99,6 +88,8 @@ def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verif
     for step in progress(steps, desc="saving", leave=False):
         if step == "weights":
             model.save_pretrained(folder)
+            fault_point("mid-weights", truncate=folder / "model.safetensors")
+            fault_point("weights-written")
         elif step == "tokenizer" and tokenizer is not None:
             tokenizer.save_pretrained(folder)
         elif step == "metadata":
@@ -109,46 +100,14 @@ def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verif
             verify_reload(folder, model, tokenizer)
 
 
-def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: dict, overwrite: bool = False,
-               verify: bool = True) -> Path:
-    """Save ``model`` + tokenizer + ``simdiff.json`` + model card to ``out`` atomically, verified by a reload."""
-    target = check_output_dir(out, overwrite)
-    with atomic_directory(target, overwrite) as tmp:
-        write_model(model, tokenizer, tmp, metadata, verify)
-    log.info("saved %s", target)
-    return target
+def save_model(model: nn.Module, tokenizer, out: str | os.PathLike | OutputDir, metadata: dict,
+               overwrite: bool = False, verify: bool = True, inputs: Inputs = ()) -> Path:
+    """Save ``model`` + tokenizer + ``simdiff.json`` + model card to ``out`` atomically, verified by a reload.
 
-
-@contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``out``; on success it replaces ``out``, on error it is deleted.
-
-    Readers never see a half-written ``out``: it appears (or is replaced) by one rename at the end.
+    ``out`` is a path, or an :class:`~simdiff.outputs.OutputDir` the caller claimed at the start of its work.
+    ``inputs``: the input model(s), which the output may not overlap (see :mod:`simdiff.outputs`).
     """
-    target = check_output_dir(out, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    _make_readable(tmp)
-    try:
-        yield tmp
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp creates 0700 folders; give the output the permissions of a normal mkdir (umask applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-
-
-def _replace_dir(src: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(src, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, target)
+    with claimed_dir(out, overwrite, inputs) as claim, claim.staging() as tmp:
+        write_model(model, tokenizer, tmp, metadata, verify)
+    log.info("saved %s", claim.path)
+    return claim.path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -131,6 +132,11 @@ def test_save_refuses_existing_output_and_overwrites_on_request(tmp_path) -> Non
     with pytest.raises(SimdiffError, match="already exists; pass --overwrite"):
         save_model(model, tiny_tokenizer(), out, {})
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(SimdiffError, match="not a simdiff output"):  # --overwrite replaces only our own outputs
+        save_model(model, tiny_tokenizer(), out, {}, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     save_model(model, tiny_tokenizer(), out, {"removed_layers": [1]}, overwrite=True)
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    save_model(model, tiny_tokenizer(), out, {"removed_layers": [2]}, overwrite=True)  # and an earlier output
+    assert json.loads((out / "simdiff.json").read_text())["removed_layers"] == [2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from simdiff.bench.run import BenchSettings
 from simdiff.errors import SimdiffError
@@ -45,6 +44,7 @@ def add_bench_command(subparsers) -> None:
     shapes.add_argument("--compile", action="store_true",
                         help="decode with a static KV cache and torch.compile (CUDA graphs on GPUs)")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.set_defaults(run=run_bench)
 
 
@@ -117,10 +117,14 @@ def run_bench(args: argparse.Namespace) -> None:
     import torch
 
     from simdiff.bench.run import bench_models
+    from simdiff.outputs import check_output_file, write_text_file
     from simdiff.save import provenance
 
     settings = settings_from(args)
     settings.check()
+    inputs = [args.model, args.against, args.random_weights]
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, inputs)
     if args.threads is not None:
         if args.threads < 1:
             raise SimdiffError(f"--threads must be >= 1, got {args.threads}")
@@ -129,5 +133,5 @@ def run_bench(args: argparse.Namespace) -> None:
     result = bench_models(models, settings)
     print(format_bench(result))
     if args.json:
-        Path(args.json).write_text(json.dumps({**result, **provenance()}, indent=2) + "\n", encoding="utf-8")
+        write_text_file(args.json, json.dumps({**result, **provenance()}, indent=2) + "\n", args.overwrite, inputs)
         log.info("wrote %s", args.json)

@@ -109,6 +109,7 @@ def add_eval_command(subparsers) -> None:
                         help="write the results here, in lm-evaluation-harness's results schema")
     parser.add_argument("--log-samples", action="store_true",
                         help="also write lm-eval's per-question records, samples_<task>_<date>.jsonl, beside --json")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.set_defaults(run=run_eval)
 
 
@@ -155,10 +156,13 @@ def run_eval(args: argparse.Namespace) -> None:
         write_samples,
     )
     from simdiff.evaluate.suite import percent_retained
+    from simdiff.outputs import check_output_file, write_text_file
     from simdiff.save import provenance
 
     _quiet_lm_eval()
     settings = settings_from(args)
+    if args.json:  # validated before any work
+        check_output_file(args.json, args.overwrite, [args.model, args.baseline])
     if args.log_samples and not (args.json and settings.tasks):
         raise SimdiffError("--log-samples writes lm-eval's per-question records beside the results: give --json "
                            "FILE and --tasks")
@@ -185,12 +189,13 @@ def run_eval(args: argparse.Namespace) -> None:
         for metric, value in kept["average"].items():
             print(f"% retained ({metric}, mean over tasks): {_fmt(value, 1)}")
     if args.json:
-        path = Path(args.json)
         document = lm_eval_document(args.model, result, settings, lm_output, {**record, **provenance()})
-        path.write_text(json.dumps(document, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
-        log.info("wrote %s", path)
+        text = json.dumps(document, indent=2, default=str, ensure_ascii=False) + "\n"
+        write_text_file(args.json, text, args.overwrite, [args.model, args.baseline])
+        log.info("wrote %s", args.json)
         if args.log_samples:
-            for written in write_samples(path, lm_output.get("samples", {}), result["tasks"], samples_date()):
+            for written in write_samples(Path(args.json), lm_output.get("samples", {}), result["tasks"],
+                                         samples_date()):
                 log.info("wrote %s", written)
 
 
@@ -226,20 +231,21 @@ def run_comparison(args: argparse.Namespace, model_name: str, num_layers: list[i
     from simdiff.compare import CompareSetup, compare, parse_candidates, write_results
     from simdiff.model import load_model
     from simdiff.model.layers import find_decoder_layers
-    from simdiff.save import check_output_dir
+    from simdiff.outputs import check_output_dir, claim_output_dir
     from simdiff.select import resolve_count
 
     _quiet_lm_eval()
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, [model_name])
     specs = parse_candidates(args.criteria)
     settings = settings_from(args)
-    model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map, **source_from(args))
-    total = len(find_decoder_layers(model))
-    counts = list(num_layers) if num_layers else [resolve_count(total, ratio=r) for r in ratios or []]
-    setup = CompareSetup(specs, counts, calibration_from(args), options_from(args), settings, args.keep_first,
-                         args.keep_last, args.metric)
-    document = compare(model, tokenizer, setup, model_name)
-    out = write_results(document, args.out, args.overwrite)
+    with claim_output_dir(args.out, args.overwrite, [model_name]) as claim:  # claimed before any model work
+        model, tokenizer = load_model(model_name, args.dtype, args.device, args.device_map, **source_from(args))
+        total = len(find_decoder_layers(model))
+        counts = list(num_layers) if num_layers else [resolve_count(total, ratio=r) for r in ratios or []]
+        setup = CompareSetup(specs, counts, calibration_from(args), options_from(args), settings, args.keep_first,
+                             args.keep_last, args.metric)
+        document = compare(model, tokenizer, setup, model_name)
+        out = write_results(document, claim)
     log.info("wrote %s", out)
     return document
 

@@ -27,7 +27,7 @@ from simdiff.model.checks import (
 )
 from simdiff.model.hub import local_files_only
 from simdiff.model.layers import find_decoder_layers
-from simdiff.save import atomic_directory
+from simdiff.outputs import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def _convert_gguf(spec: BuiltinModel, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_directory(target, overwrite=True) as tmp:
+    # the one writer into the model cache: replaces only a complete earlier conversion (it holds config.json)
+    with atomic_directory(target, overwrite=True, marker="config.json", protect_cache=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +15,16 @@ from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_t
 from simdiff.data.text import read_text_file, text_digest, text_files
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import NLL
+from simdiff.lineage import input_metadata
 from simdiff.model.checks import check_seq_len
 from simdiff.model.load import load_model, resolve_model_path
+from simdiff.outputs import OutputDir, check_not_protected, check_output_dir, claim_output_dir
 from simdiff.recover.checkpoint import check_checkpoint_files, read_trainer, resolve_checkpoint
 from simdiff.recover.config import RecoverConfig
 from simdiff.recover.data import TRAIN_SPLIT, training_text
 from simdiff.recover.lora import attach_lora, count_parameters, merge
 from simdiff.recover.train import TrainResult, distributed_nll, make_accelerator, train_lora
-from simdiff.save import METADATA_FILE, atomic_directory, check_output_dir, provenance, write_model
+from simdiff.save import METADATA_FILE, provenance, write_model
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +80,6 @@ def default_checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
-def input_metadata(model_name: str) -> dict:
-    """The input model's ``simdiff.json`` (e.g. from ``simdiff prune``), or an empty dict."""
-    try:
-        path = Path(resolve_model_path(model_name)) / METADATA_FILE
-    except SimdiffError:
-        return {}
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def recover(model_name: str, out: str | Path, config: RecoverConfig | None = None,
             evaluation: Evaluation | None = None, merged: bool = True, overwrite: bool = False,
             checkpoint_dir: str | Path | None = None, resume: str | None = None,
@@ -94,37 +88,44 @@ def recover(model_name: str, out: str | Path, config: RecoverConfig | None = Non
     config = config or RecoverConfig()
     evaluation = evaluation or Evaluation(seq_len=config.seq_len, batch_size=config.batch_size,
                                           data_dir=config.data_dir)
-    out_path = check_output_dir(out, overwrite)
+    out_path = check_output_dir(out, overwrite, [model_name])
     check_not_evaluation_text(config.data, evaluation.data_dir)
     ckpt_dir = Path(checkpoint_dir).expanduser() if checkpoint_dir else default_checkpoint_dir(out_path)
+    check_not_protected(ckpt_dir, [model_name], flag="--checkpoint-dir")
+    if ckpt_dir.resolve().is_relative_to(out_path.resolve()):  # the output replaces everything inside it
+        raise SimdiffError(f"--checkpoint-dir {str(ckpt_dir)!r} lies inside --out {str(out_path)!r}; put the "
+                           "checkpoints beside it (the default is OUT.checkpoints)")
     resume_path = resolve_checkpoint(resume, ckpt_dir) if resume else None
     if resume_path is not None:  # fail before any work when the files are damaged or the settings differ
         check_checkpoint_files(resume_path)
         config.check_resumable(read_trainer(resume_path)["config"])
     accelerator = make_accelerator()
-    if not accelerator.is_main_process:  # one process reports under `accelerate launch`
-        logging.getLogger("simdiff").setLevel(logging.WARNING)
-    model, tokenizer = load_model(model_name, dtype=dtype)
-    check_seq_len(model, config.seq_len)
-    check_seq_len(model, evaluation.seq_len, "--eval-seq-len")
-    model.to(accelerator.device)
-    # LoRA's B matrices start at zero, so the wrapped model computes exactly what the input model does.
-    peft_model = attach_lora(model, config)
-    parameters = count_parameters(peft_model)  # (trainable, total), before merging removes the adapters
-    text = training_text(tokenizer, config.data, config.seq_len, config.heldout_windows, config.data_dir)
-    eval_windows = evaluation_windows(tokenizer, evaluation)
-    before = distributed_nll(accelerator, peft_model, eval_windows, evaluation.batch_size, "perplexity before")
-    log.info("WikiText-2 test perplexity before recovery: %.3f (%d tokens)", before.perplexity, before.tokens)
-    result = train_lora(peft_model, text, config, accelerator, ckpt_dir, resume_path)
-    final = merge(result.model) if merged else result.model
-    after = distributed_nll(accelerator, final, eval_windows, evaluation.batch_size, "perplexity after")
-    log.info("WikiText-2 test perplexity after recovery: %.3f", after.perplexity)
-    recovery = recovery_record(model_name, config, result, before, after, evaluation, merged, dtype,
-                               parameters)
-    metadata = {**input_metadata(model_name), "recovery": recovery}
-    saved = None
-    if accelerator.is_main_process:
-        saved = _save(final, tokenizer, out_path, metadata, result.history, merged, overwrite, model_name)
+    # the main process claims --out before any work (it alone writes under `accelerate launch`)
+    claim = claim_output_dir(out_path, overwrite, [model_name]) if accelerator.is_main_process else nullcontext()
+    with claim:
+        if not accelerator.is_main_process:  # one process reports under `accelerate launch`
+            logging.getLogger("simdiff").setLevel(logging.WARNING)
+        model, tokenizer = load_model(model_name, dtype=dtype)
+        check_seq_len(model, config.seq_len)
+        check_seq_len(model, evaluation.seq_len, "--eval-seq-len")
+        model.to(accelerator.device)
+        # LoRA's B matrices start at zero, so the wrapped model computes exactly what the input model does.
+        peft_model = attach_lora(model, config)
+        parameters = count_parameters(peft_model)  # (trainable, total), before merging removes the adapters
+        text = training_text(tokenizer, config.data, config.seq_len, config.heldout_windows, config.data_dir)
+        eval_windows = evaluation_windows(tokenizer, evaluation)
+        before = distributed_nll(accelerator, peft_model, eval_windows, evaluation.batch_size, "perplexity before")
+        log.info("WikiText-2 test perplexity before recovery: %.3f (%d tokens)", before.perplexity, before.tokens)
+        result = train_lora(peft_model, text, config, accelerator, ckpt_dir, resume_path)
+        final = merge(result.model) if merged else result.model
+        after = distributed_nll(accelerator, final, eval_windows, evaluation.batch_size, "perplexity after")
+        log.info("WikiText-2 test perplexity after recovery: %.3f", after.perplexity)
+        recovery = recovery_record(model_name, config, result, before, after, evaluation, merged, dtype,
+                                   parameters)
+        metadata = {**input_metadata(model_name), "recovery": recovery}
+        saved = None
+        if accelerator.is_main_process:
+            saved = _save(final, tokenizer, claim, metadata, result.history, merged, model_name)
     accelerator.wait_for_everyone()
     return RecoverResult(saved, before.perplexity, after.perplexity, before.tokens, result, metadata)
 
@@ -151,20 +152,20 @@ def recovery_record(model_name: str, config: RecoverConfig, result: TrainResult,
     }
 
 
-def _save(model: nn.Module, tokenizer, out: Path, metadata: dict, history: dict, merged: bool, overwrite: bool,
+def _save(model: nn.Module, tokenizer, claim: OutputDir, metadata: dict, history: dict, merged: bool,
           model_name: str) -> Path:
     """Write the output in a temporary folder (verified), add the loss plot, then rename it into place."""
     from simdiff.recover.plot import plot_loss_curves
 
-    with atomic_directory(out, overwrite) as staging:
+    with claim.staging() as staging:
         if merged:
             write_model(model, tokenizer, staging, metadata)
         else:
             save_adapter(model, tokenizer, staging, metadata, model_name)
         plot_loss_curves(history, staging / PLOT_FILE, title=f"LoRA recovery: {model_name}")
         _append_card(staging, metadata["recovery"])
-    log.info("saved %s", out)
-    return out
+    log.info("saved %s", claim.path)
+    return claim.path
 
 
 def save_adapter(model: nn.Module, tokenizer, folder: Path, metadata: dict, model_name: str) -> Path:

@@ -17,11 +17,12 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
-    """Write ``fig`` to ``path`` (PNG) and beside it as SVG; close it; return the PNG path."""
+def save_figure(fig, path: str | Path, dpi: int = 130, svg_twin: bool = True) -> Path:
+    """Write ``fig`` to ``path`` (format from its suffix) and, with ``svg_twin``, beside it as SVG; close it."""
     path = Path(path)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
+    if svg_twin:
+        fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
@@ -37,9 +38,9 @@ def removal_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def plot_layer_ranks(scores: Mapping[str, np.ndarray], path: str | Path, title: str = "layer ranks",
-                     removed: Mapping[str, Mapping[int, int]] | None = None) -> Path:
-    """Write :func:`layer_rank_figure` as PNG and SVG."""
-    return save_figure(layer_rank_figure(scores, title, removed), path)
+                     removed: Mapping[str, Mapping[int, int]] | None = None, svg_twin: bool = True) -> Path:
+    """Write :func:`layer_rank_figure` to ``path`` (and, with ``svg_twin``, as SVG beside it)."""
+    return save_figure(layer_rank_figure(scores, title, removed), path, svg_twin=svg_twin)
 
 
 def layer_rank_figure(scores: Mapping[str, np.ndarray], title: str = "layer ranks",
