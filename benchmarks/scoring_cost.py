@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.25, help="removal ratio (sets the angular block size)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="default: the checkpoint's own (float32 for smollm2-135m)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared, oversubscribed machine every parallel op "

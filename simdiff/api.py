@@ -109,7 +109,7 @@ def select_for_model(model, tokenizer, criterion: str, count: int, calibration: 
 
 def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio: float | None = None,
           criterion: str = "simdiff", calibration: Calibration | None = None, options: Options | None = None,
-          iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "float32",
+          iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "auto",
           device: str | None = None, device_map: str | None = None, overwrite: bool = False,
           offload: str | None = None, revision: str | None = None, trust_remote_code: bool = False) -> PruneResult:
     """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``.

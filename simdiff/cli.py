@@ -108,7 +108,7 @@ def run_prune(args: argparse.Namespace) -> None:
                    **source_from(args))
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
-    print(f"saved to {result.out} (reloaded with AutoModelForCausalLM and generated with the KV cache)")
+    print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
 
 
 # -- entry point ---------------------------------------------------------------------------------------

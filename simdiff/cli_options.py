@@ -12,6 +12,7 @@ import dataclasses
 from simdiff.api import Calibration
 from simdiff.criteria import CRITERIA, NORMALIZERS, Options
 from simdiff.criteria.simdiff import DIFF_SCALES
+from simdiff.model.load import DTYPES
 
 OPTION_HELP = {
     "alpha": "SimDiff weight of the similarity term (1 - alpha goes to the difference terms)",
@@ -20,13 +21,14 @@ OPTION_HELP = {
     "diff_scale": "MSSD/MASD of y - x in the model's scale, or relative to each token's input RMS",
     "seed": "seed for calibration sampling and the random criterion",
 }
+DTYPE_HELP = "weights' dtype (default: auto, the checkpoint's own; statistics are float32 either way)"
 OPTION_CHOICES = {"normalize": list(NORMALIZERS), "diff_scale": list(DIFF_SCALES)}
 
 
 def add_model_options(parser: argparse.ArgumentParser, offload: bool = False) -> None:
     parser.add_argument("model", help="model directory, hub id (org/name), or built-in name (smollm2-135m)")
     group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    group.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
     group.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     group.add_argument("--device-map", default=None, help="accelerate placement, e.g. auto (several GPUs + CPU)")
     group.add_argument("--revision", default=None, help="hub model: branch, tag or commit (a token comes from $HF_TOKEN)")

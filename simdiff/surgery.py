@@ -110,13 +110,16 @@ def _structure(model: nn.Module) -> dict[str, tuple]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_config_consistent(model: nn.Module) -> None:
-    """Raise unless ``type(model)(model.config)`` builds exactly the same parameters and per-layer lists."""
-    config = model.config
+def check_config_consistent(model: nn.Module, config=None, source: str = "the pruned config") -> None:
+    """Raise unless ``type(model)(config)`` builds exactly ``model``'s parameters and per-layer lists.
+
+    ``config`` defaults to ``model.config``; ``source`` names it in the error (e.g. a written config.json).
+    """
+    config = model.config if config is None else config
     count = num_layers_in_config(config)
     for key, value in vars(config).items():
         if key.endswith("layer_types") and isinstance(value, (list, tuple)) and len(value) != count:
-            raise SimdiffError(f"config.{key} has {len(value)} entries for {count} layers")
+            raise SimdiffError(f"{source}: {key} has {len(value)} entries for {count} layers")
     with torch.device("meta"):
         rebuilt = type(model)(copy.deepcopy(config))
     expected, actual = _structure(rebuilt), _structure(model)
@@ -124,7 +127,7 @@ def check_config_consistent(model: nn.Module) -> None:
         missing = sorted(set(actual) ^ set(expected))[:3]
         shapes = [k for k in set(actual) & set(expected) if actual[k] != expected[k]][:3]
         raise SimdiffError(
-            f"the pruned config of model_type {config.model_type!r} would not rebuild the pruned model "
+            f"{source} (model_type {config.model_type!r}) would not rebuild the pruned model "
             f"(differing parameters: {missing or shapes}); this architecture needs a config rule in "
             "simdiff.surgery (LAYER_INDEX_LISTS / LEADING_LAYER_COUNTS)"
         )

@@ -1,4 +1,4 @@
-"""simdiff bench: parameter arithmetic, the ceiling, positive figures, decode paths, peak memory (no timing asserts)."""
+"""simdiff bench: parameter counts and the ceiling against hand arithmetic, decode paths, peak memory (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 from tiny import tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
 
 from simdiff.bench import BenchSettings, bench_models, ceiling, track_peak, weight_counts
 from simdiff.bench.measure import Decoder
 from simdiff.bench.models import layers_to_remove, pruned_copy
+from simdiff.bench.run import describe_models, prefill_figures
 from simdiff.cli import main
 
 TINY = BenchSettings(batch_size=2, seq_len=8, prompt_len=4, new_tokens=3, decode_batch=2, warmup=0, repeats=1)
@@ -32,8 +34,6 @@ def test_weight_counts_by_hand():
 
 
 def test_ceiling_of_a_hand_made_pair_of_configs():
-    from transformers import AutoModelForCausalLM
-
     dense = weight_counts(tiny_model("llama", num_layers=6))
     pruned = weight_counts(tiny_model("llama", num_layers=4))
     expected = (6 * LAYER + FINAL_NORM + HEAD) / (4 * LAYER + FINAL_NORM + HEAD)
@@ -55,32 +55,39 @@ def test_moe_experts_count_at_top_k_fraction():
     assert counts.per_token == pytest.approx(others + routed * 2 / 4)  # 2 of 4 experts per token
 
 
-def test_bench_pair_gives_positive_figures_and_the_ceiling(one_thread):
+def test_bench_pair_describes_hand_counted_models_and_their_ceiling(one_thread):
     dense = tiny_model("llama", num_layers=6)
     pruned, removed = pruned_copy(dense, 2)
-    assert removed == [3, 4] and len(dense.model.layers) == 6
+    assert removed == [3, 4] and len(dense.model.layers) == 6  # the reference is left whole
     result = bench_models({"dense": dense, "pruned": pruned}, TINY)
-    for name in ("dense", "pruned"):
-        figures = result["models"][name]["figures"]
-        for key in ("prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b2_tokens_per_s",
-                    "decode_b1_ms_per_token", "prefill_peak_memory_bytes"):
-            assert figures[key] > 0, key
-        model = result["models"][name]
-        assert model["weight_bytes"] >= 4 * model["params"]["total"]  # float32
-        assert figures["decode_b2_peak_memory_bytes"] == model["weight_bytes"] + figures["decode_b2_memory_growth_bytes"]
-    comparison = result["comparison"]
-    assert comparison["ceiling"] == pytest.approx((6 * LAYER + FINAL_NORM + HEAD) / (4 * LAYER + FINAL_NORM + HEAD))
-    speed = comparison["speedup"]["prefill_tokens_per_s"]
-    assert speed == pytest.approx(result["models"]["pruned"]["figures"]["prefill_tokens_per_s"]
-                                  / result["models"]["dense"]["figures"]["prefill_tokens_per_s"])
-    assert comparison["fraction_of_ceiling"]["prefill_tokens_per_s"] == pytest.approx(speed / comparison["ceiling"])
+    models = result["models"]
+    assert models["dense"]["params"]["total"] == EMBED + 6 * LAYER + FINAL_NORM + HEAD
+    assert models["pruned"]["params"]["total"] == EMBED + 4 * LAYER + FINAL_NORM + HEAD
+    assert models["dense"]["weight_bytes"] - models["pruned"]["weight_bytes"] == 2 * LAYER * 4  # float32
+    assert result["comparison"]["ceiling"] == pytest.approx(
+        (6 * LAYER + FINAL_NORM + HEAD) / (4 * LAYER + FINAL_NORM + HEAD), rel=1e-12)
+    figures = ("prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b2_tokens_per_s")
+    assert set(result["comparison"]["fraction_of_ceiling"]) == set(figures)
+
+
+def test_prefill_memory_growth_covers_the_logits_it_must_hold(one_thread):
+    """A full prefill materialises [batch, seq, vocab] float32 logits: the measured growth cannot be smaller."""
+    config = tiny_config("llama", 2)
+    config.vocab_size = 8192
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    settings = BenchSettings(batch_size=4, seq_len=256, warmup=0, repeats=1)
+    result = describe_models({"m": model}, settings)
+    prefill_figures({"m": model}, settings, result)
+    logits_bytes = 4 * 256 * 8192 * 4  # 32 MiB
+    assert result["models"]["m"]["figures"]["prefill_memory_growth_bytes"] >= logits_bytes
 
 
 def test_static_cache_decoding_matches_dynamic_cache_and_generate(one_thread):
     model = tiny_model("llama", num_layers=3)
-    dynamic, seconds = Decoder(model, 2, 5, 6).tokens()
+    dynamic, _ = Decoder(model, 2, 5, 6).tokens()
     static, _ = Decoder(model, 2, 5, 6, compile=True, compile_backend="none").tokens()
-    assert seconds > 0 and torch.equal(dynamic, static)
+    assert torch.equal(dynamic, static)
     prompt = Decoder(model, 2, 5, 6).prompt
     generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=7, min_new_tokens=7,
                                do_sample=False)

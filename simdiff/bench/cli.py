@@ -8,6 +8,7 @@ import logging
 
 from simdiff.bench.run import BenchSettings
 from simdiff.errors import SimdiffError
+from simdiff.model.load import DTYPES
 
 log = logging.getLogger("simdiff")
 
@@ -27,7 +28,8 @@ def add_bench_command(subparsers) -> None:
                       help="benchmark an architecture with random weights: a shape name (llama-3.1-8b), "
                            "a config.json or a model folder")
     group = parser.add_argument_group("device")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                       help="weights' dtype (default: auto, a checkpoint's own; float32 with --random-weights)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     group.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")

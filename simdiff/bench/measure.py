@@ -57,6 +57,11 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> None:
     model(input_ids=ids, use_cache=False)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument taking the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass
 class Decoder:
     """Greedy decoding with a KV cache, eager (dynamic cache) or compiled (static cache)."""
@@ -89,16 +94,11 @@ class Decoder:
 
         return DynamicCache(config=self.model.config)
 
-    def _cache_kwarg(self) -> str:
-        """``cache`` in recent transformers, ``past_key_values`` before."""
-        params = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
-
     @torch.no_grad()
     def tokens(self, new_tokens: int | None = None) -> tuple[torch.Tensor, float]:
         """Prefill the prompt, then greedily decode ``new_tokens``; return them and the seconds the steps took."""
         new_tokens = self.new_tokens if new_tokens is None else new_tokens
-        key = self._cache_kwarg()
+        key = cache_kwarg(self.model)
         cache = self._fresh_cache()
         positions = torch.arange(self.prompt_len, device=self.device)[None]
         out = self.model(input_ids=self.prompt, position_ids=positions, use_cache=True, logits_to_keep=1,

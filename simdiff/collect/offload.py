@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from simdiff.collect.hooks import StatisticsRecorder, layer_output
 from simdiff.collect.stats import LayerStatistics
@@ -54,7 +57,11 @@ class LayerCall(SkippedLayer):
 
 
 def move(obj, device: torch.device, memo: dict[int, object]):
-    """``obj`` (tensors inside tuples, lists and dicts) on ``device``; shared tensors are moved once."""
+    """``obj`` (tensors inside tuples, lists and dicts) on ``device``; shared tensors are moved once.
+
+    ``memo`` is keyed by ``id()``: it must not outlive the objects it was filled from, since Python gives
+    a freed object's id to a new one (use one memo per captured batch).
+    """
     if isinstance(obj, torch.Tensor):
         if id(obj) not in memo:
             memo[id(obj)] = obj.to(device)
@@ -117,6 +124,73 @@ def _statistics_bytes(hidden: list[torch.Tensor], block_sizes: Sequence[int]) ->
     return 6 * max(per_batch) + kept
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Within the block, the peak bytes of the tensor storages created there and still referenced.
+
+    Every operator's outputs are seen (on any device); a storage counts from the first tensor an operator
+    returns on it (views of and in-place changes to tensors made before the block do not count) until the
+    last such tensor is freed. On CUDA the allocator says the same; on CPU nothing else does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # data_ptr -> [tensors referring to it, bytes]
+
+    def _release(self, ptr: int) -> None:
+        entry = self._storages[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._storages[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat_inputs = tree_flatten((args, kwargs))[0]
+        inputs = {t.untyped_storage().data_ptr() for t in flat_inputs if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            ptr = tensor.untyped_storage().data_ptr()
+            if ptr not in self._storages:
+                if ptr == 0 or ptr in inputs:
+                    continue
+                self._storages[ptr] = [0, tensor.untyped_storage().nbytes()]
+                self.live += self._storages[ptr][1]
+                self.peak = max(self.peak, self.live)
+            self._storages[ptr][0] += 1
+            weakref.finalize(tensor, self._release, ptr)
+        return out
+
+
+def layer_kind(layer: nn.Module) -> tuple[str, ...]:
+    """The classes of a layer's modules: layers of one kind have the same working set for the same input."""
+    return tuple(type(m).__name__ for m in layer.modules())
+
+
+@torch.no_grad()
+def layer_working_bytes(layers: Sequence[nn.Module], hidden: torch.Tensor, calls: dict[int, tuple],
+                        device: torch.device) -> int:
+    """The most bytes one call of any kind of layer creates on ``device`` for ``hidden`` (its output, attention
+    scores, MLP intermediates, ...), measured by running the first layer of each kind once."""
+    first_of_kind: dict[tuple[str, ...], int] = {}
+    for i, layer in enumerate(layers):
+        first_of_kind.setdefault(layer_kind(layer), i)
+    most = 0
+    for i in first_of_kind.values():
+        home = next(iter(layers[i].parameters()), torch.empty(0)).device
+        layers[i].to(device)
+        args, kwargs = calls[i]
+        with LiveTensorBytes() as tracker:
+            out = layer_output(layers[i](hidden, *args, **kwargs))
+        layers[i].to(home)
+        most = max(most, tracker.peak)
+        del out
+    return most
+
+
 @dataclass
 class OffloadReport:
     """Device memory of a layer-wise pass: measured by the CUDA allocator, else accounted tensor by tensor."""
@@ -126,6 +200,7 @@ class OffloadReport:
     measured: bool = False
     largest_layer_bytes: int = 0
     activation_bytes: int = 0
+    working_bytes: int = 0
     model_bytes: int = 0
     layer_bytes: list[int] = field(default_factory=list)
 
@@ -133,7 +208,8 @@ class OffloadReport:
         how = "measured" if self.measured else "accounted"
         return (f"peak device memory ({how}) {self.peak_device_bytes / 2**20:.1f} MiB on {self.device}: "
                 f"largest layer {self.largest_layer_bytes / 2**20:.1f} MiB + activations "
-                f"{self.activation_bytes / 2**20:.1f} MiB (whole model {self.model_bytes / 2**20:.1f} MiB)")
+                f"{self.activation_bytes / 2**20:.1f} MiB, of which one layer call's working set "
+                f"{self.working_bytes / 2**20:.1f} MiB (whole model {self.model_bytes / 2**20:.1f} MiB)")
 
 
 def collect_layer_statistics_offloaded(
@@ -156,17 +232,21 @@ def collect_layer_statistics_offloaded(
     n = len(decoder)
     active = set(range(n) if active_layers is None else active_layers)
 
-    calls, hidden, masks, memo = [], [], [], {}
+    calls, hidden, masks = [], [], []
     for batch in progress(batches, desc="layer-wise: capturing layer inputs"):
         captured = capture_layer_calls(model, batch)
         hidden.append(captured[0][0].to(device))
+        memo: dict[int, object] = {}  # this batch's only: its tensors are freed once moved, their ids reused
         calls.append({i: move((args, kwargs), device, memo) for i, (_, args, kwargs) in captured.items()})
         masks.append(batch.attention_mask)
 
     layer_sizes = [module_bytes(layer) for layer in decoder.modules]
     report = OffloadReport(str(device), largest_layer_bytes=max(layer_sizes), layer_bytes=layer_sizes,
                            model_bytes=module_bytes(model))
-    report.activation_bytes = 2 * tensor_bytes(hidden) + tensor_bytes(calls) + _statistics_bytes(hidden, block_sizes)
+    largest = max(range(len(hidden)), key=lambda b: hidden[b].numel())
+    report.working_bytes = layer_working_bytes(decoder.modules, hidden[largest], calls[largest], device)
+    report.activation_bytes = (2 * tensor_bytes(hidden) + tensor_bytes(calls) + _statistics_bytes(hidden, block_sizes)
+                               + report.working_bytes)
     need = report.largest_layer_bytes + report.activation_bytes
     if max_device_bytes is not None and need > max_device_bytes:
         raise SimdiffError(f"one layer plus activations need {need / 2**20:.1f} MiB of device memory, more than the "

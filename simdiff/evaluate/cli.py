@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from simdiff.cli_options import (
+    DTYPE_HELP,
     add_calibration_options,
     add_criterion_options,
     add_data_dir_option,
@@ -18,6 +19,7 @@ from simdiff.cli_options import (
     source_from,
 )
 from simdiff.errors import SimdiffError
+from simdiff.model.load import DTYPES
 
 log = logging.getLogger("simdiff")
 
@@ -276,7 +278,7 @@ def add_demo_command(subparsers) -> None:
         "demo", help="score all criteria on smollm2-135m, prune 25%%, dense vs pruned perplexity and PIQA")
     parser.add_argument("model", nargs="?", default="smollm2-135m", help="model (default: smollm2-135m)")
     group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    group.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
     group.add_argument("--device", default=None)
     group.add_argument("--device-map", default=None)
     parser.add_argument("--ratio", type=float, default=0.25, help="fraction of layers to remove (default: 0.25)")

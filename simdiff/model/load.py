@@ -119,7 +119,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def load_model(
     name_or_path: str,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     device_map: str | dict | None = None,
     revision: str | None = None,

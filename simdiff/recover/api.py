@@ -83,7 +83,7 @@ def default_checkpoint_dir(out: Path) -> Path:
 def recover(model_name: str, out: str | Path, config: RecoverConfig | None = None,
             evaluation: Evaluation | None = None, merged: bool = True, overwrite: bool = False,
             checkpoint_dir: str | Path | None = None, resume: str | None = None,
-            dtype: str = "float32") -> RecoverResult:
+            dtype: str = "auto") -> RecoverResult:
     """LoRA-train ``model_name`` on ``config.data`` and save a merged checkpoint (or the adapter) to ``out``."""
     config = config or RecoverConfig()
     evaluation = evaluation or Evaluation(seq_len=config.seq_len, batch_size=config.batch_size,

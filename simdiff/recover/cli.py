@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from simdiff.cli_options import DTYPE_HELP
+from simdiff.model.load import DTYPES
 from simdiff.recover.config import ALL_LINEAR, RecoverConfig
 
 DEFAULTS = RecoverConfig()
@@ -19,7 +21,7 @@ def add_recover_command(subparsers) -> None:
     parser.add_argument("model", help="model directory (e.g. the output of `simdiff prune`) or built-in name")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
     parser.add_argument("--no-merge", dest="merge", action="store_false",
                         help="save the peft LoRA adapter instead of merging it into the weights")
     train = parser.add_argument_group("training")
