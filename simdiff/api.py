@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from simdiff.criteria import CRITERIA, LAYER_STATS, Options, get_criterion
+from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
 from simdiff.data import batches, calibration_windows
 from simdiff.data.windows import Batch
+from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
 from simdiff.errors import SimdiffError
 from simdiff.lineage import compose_rounds, input_metadata
 from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import load_model
-from simdiff.outputs import claim_output_dir
+from simdiff.outputs import OutputDir, claim_output_dir
 from simdiff.pipeline import (
     ScoreResult,
     Selection,
@@ -27,7 +29,7 @@ from simdiff.pipeline import (
 )
 from simdiff.save import provenance, save_model
 from simdiff.select import check_removable, resolve_count
-from simdiff.surgery import remove_layers
+from simdiff.surgery import remove_layers, validate_layer_indices
 from simdiff.tune import reject_auto, resolve_alpha
 
 log = logging.getLogger(__name__)
@@ -111,20 +113,29 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
           criterion: str = "simdiff", calibration: Calibration | None = None, options: Options | None = None,
           iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "auto",
           device: str | None = None, device_map: str | None = None, overwrite: bool = False,
-          offload: str | None = None, revision: str | None = None, trust_remote_code: bool = False) -> PruneResult:
+          offload: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
+          layers: list[int] | None = None) -> PruneResult:
     """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``.
 
     ``offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on ``device``.
+    ``layers``: remove exactly these (original indices) without calibration or scoring.
+    Under ``torchrun``/``accelerate launch`` the scoring is data parallel (:mod:`simdiff.distributed`) and
+    only rank 0 saves (the other ranks return a result with ``out=None``).
     """
     calibration = calibration or Calibration()
     options = options or Options()
     get_criterion(criterion)
     check_device(device)
-    with claim_output_dir(out, overwrite, inputs=[model_name]) as claim:  # validated and claimed before work
+    check_data_parallel_support(set() if layers is not None else needs_of([criterion, *FREE_CRITERIA]), device_map)
+    # validated and claimed before work (by rank 0 only when data parallel: it alone writes)
+    with (claim_output_dir(out, overwrite, inputs=[model_name]) if is_main_process() else nullcontext()) as claim:
+        device = start_data_parallel(device)
         offload_device = (device or "cpu") if offload == "layerwise" else None
         model, tokenizer = load_model(model_name, dtype=dtype, device=None if offload_device else device,
                                       device_map=device_map, revision=revision, trust_remote_code=trust_remote_code)
         total = len(find_decoder_layers(model))
+        if layers is not None:
+            return prune_given_layers(model, tokenizer, model_name, claim, layers, total, dtype)
         count = resolve_count(total, num_layers, ratio)
         check_removable(total, count, keep_first, keep_last)
         check_seq_len(model, calibration.seq_len)
@@ -134,18 +145,36 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
         selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
                                              iterative, keep_first, keep_last, offload_device=offload_device)
         log.info("%s removes layers %s of %d", criterion, selection.removed, total)
+        if claim is None:  # data parallel: rank 0 saves
+            return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
         kept = remove_layers(model, selection.removed)
         metadata = prune_metadata(model_name, selection, scores, kept, total, calibration, options,
                                   iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
-                                  requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count)
+                                  requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count,
+                                  model_type=model.config.model_type, architectures=model.config.architectures)
         if alpha_search is not None:
             metadata["alpha_search"] = alpha_search.to_dict()
         saved = save_model(model, tokenizer, claim, metadata)
     return PruneResult(selection, scores, kept, saved, metadata)
 
 
+def prune_given_layers(model, tokenizer, model_name: str, claim: OutputDir | None, layers: list[int], total: int,
+                       dtype: str) -> PruneResult:
+    """Remove exactly ``layers`` (``prune --layers``, the input's numbering): no calibration, no scores."""
+    selection = Selection("manual", validate_layer_indices(layers, total))
+    scores = ScoreResult(Evidence(num_layers=total), Options())
+    if claim is None:  # data parallel: rank 0 saves
+        return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
+    kept = remove_layers(model, selection.removed)
+    metadata = prune_metadata(model_name, selection, scores, kept, total, None, None, dtype=dtype,
+                              model_type=model.config.model_type, architectures=model.config.architectures)
+    saved = save_model(model, tokenizer, claim, metadata)
+    return PruneResult(selection, scores, kept, saved, metadata)
+
+
 def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, kept: list[int], total: int,
-                   calibration: Calibration, options: Options, **settings) -> dict:
+                   calibration: Calibration | None, options: Options | None, model_type: str | None = None,
+                   architectures: list[str] | None = None, **settings) -> dict:
     """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores).
 
     Layer indices are in the original model's numbering when the input is itself a simdiff output
@@ -164,8 +193,10 @@ def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, k
         "num_layers_before": total,
         "num_layers_after": len(kept),
         **lineage,
-        "options": asdict(options),
-        "calibration": asdict(calibration),
+        "model_type": model_type,
+        "architectures": architectures,
+        "options": None if options is None else asdict(options),
+        "calibration": None if calibration is None else asdict(calibration),
         "settings": settings,
         "selection_steps": selection.steps,
         "statistics": scores.to_dict()["statistics"],

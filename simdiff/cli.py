@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from simdiff.apply_cli import add_apply_command
 from simdiff.bench.cli import add_bench_command
 from simdiff.cli_options import (
     add_calibration_options,
@@ -53,25 +54,31 @@ def parse_criteria(value: str) -> list[str]:
 
 def run_score(args: argparse.Namespace) -> None:
     from simdiff.api import score
+    from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
     from simdiff.model import load_model
     from simdiff.model.checks import check_device
     from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, atomic_file, check_output_file, write_text_file
+    from simdiff.pipeline import needs_of
     from simdiff.report.tables import format_score_table
     from simdiff.save import provenance
 
     criteria = parse_criteria(args.criteria)
     calibration, options = calibration_from(args), options_from(args)  # validated before loading
     check_device(args.device)
+    check_data_parallel_support(needs_of(criteria), args.device_map)
     inputs = [args.model]
     if args.json:  # validated before any work
         check_output_file(args.json, args.overwrite, inputs, JSON_SUFFIXES, "--json")
     if args.plot:
         check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
-    offload_device = (args.device or "cpu") if args.offload == "layerwise" else None
-    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else args.device, args.device_map,
+    device = start_data_parallel(args.device)
+    offload_device = (device or "cpu") if args.offload == "layerwise" else None
+    model, tokenizer = load_model(args.model, args.dtype, None if offload_device else device, args.device_map,
                                   **source_from(args))
     sizes = (args.block_size,) if args.block_size else ()
     result = score(model, tokenizer, criteria, calibration, options, sizes, offload_device=offload_device)
+    if not is_main_process():  # data parallel: rank 0 reports
+        return
     print(format_score_table(result.scores))
     document = {"model": args.model, "options": vars(options_from(args)),
                 "calibration": vars(calibration_from(args)), **result.to_dict(), **provenance()}
@@ -104,16 +111,18 @@ def run_prune(args: argparse.Namespace) -> None:
     result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
-                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload,
+                   device_map=args.device_map, overwrite=args.overwrite, offload=args.offload, layers=args.layers,
                    **source_from(args))
+    if result.out is None:  # a data-parallel rank other than 0
+        return
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
-    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {args.criterion}")
+    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {result.selection.criterion}")
     print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
 
 
 # -- entry point ---------------------------------------------------------------------------------------
 COMMANDS = [add_score_command, add_prune_command, add_recover_command, add_eval_command, add_compare_command,
-            add_demo_command, add_bench_command]
+            add_demo_command, add_bench_command, add_apply_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

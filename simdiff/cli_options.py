@@ -87,11 +87,21 @@ def alpha_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
 
 
+def layer_list(text: str) -> list[int]:
+    """``--layers``: comma-separated decoder-layer indices, e.g. ``3,12,13``."""
+    layers = [part.strip() for part in text.split(",") if part.strip()]
+    if not layers or not all(part.isdigit() for part in layers):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,12,13, got {text!r}")
+    return [int(part) for part in layers]
+
+
 def add_selection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("selection")
     count = group.add_mutually_exclusive_group(required=True)
     count.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
     count.add_argument("--ratio", type=float, help="fraction of decoder layers to remove (rounded)")
+    count.add_argument("--layers", type=layer_list,
+                       help="remove exactly these layers, e.g. 3,12,13 (the input model's numbering; no scoring)")
     group.add_argument("--criterion", default="simdiff", help=f"one of: {', '.join(CRITERIA)}")
     group.add_argument("--iterative", action="store_true", help="re-score after each removal (one layer at a time)")
     group.add_argument("--keep-first", type=int, default=0, help="never remove the first N layers")

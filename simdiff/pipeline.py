@@ -14,6 +14,12 @@ from simdiff.collect.model_passes import skip_loss_increase, taylor_importance
 from simdiff.collect.offload import collect_layer_statistics_offloaded
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Evidence, Options, get_criterion
 from simdiff.data.windows import Batch
+from simdiff.distributed import (
+    active_world,
+    all_reduce_statistics,
+    check_data_parallel_support,
+    shard_batches,
+)
 from simdiff.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
 from simdiff.select import select_block, select_layers
@@ -27,11 +33,16 @@ def gather_evidence(model: nn.Module, batches: Sequence[Batch], needs: set[str],
     """Run each needed collector once; layers in ``removed`` are bypassed and get no evidence.
 
     With ``offload_device`` the statistics are collected one decoder layer at a time on that device
-    (:mod:`simdiff.collect.offload`); only the statistic-based criteria support that.
+    (:mod:`simdiff.collect.offload`); only the statistic-based criteria support that. In a data-parallel
+    process group (:mod:`simdiff.distributed`) each process takes its share of ``batches``.
     """
     n = len(find_decoder_layers(model))
     active = [i for i in range(n) if i not in set(removed)]
     evidence = Evidence(num_layers=n)
+    world = active_world()  # data parallel: this process's share of the batches, sums all-reduced below
+    if world is not None:
+        check_data_parallel_support(needs)
+        batches = shard_batches(batches, world)
     if offload_device is not None and needs - {LAYER_STATS}:
         raise SimdiffError(f"--offload layerwise collects hidden-state statistics only; criteria needing "
                            f"{', '.join(sorted(needs - {LAYER_STATS}))} need the model in memory (drop --offload)")
@@ -44,6 +55,8 @@ def gather_evidence(model: nn.Module, batches: Sequence[Batch], needs: set[str],
             evidence.layer_stats = collect_layer_statistics(
                 model, batches, block_sizes, active_layers=None if not removed else active
             )
+        if world is not None and evidence.layer_stats is not None:
+            all_reduce_statistics(evidence.layer_stats)
         if TAYLOR in needs:
             evidence.taylor = taylor_importance(model, batches)
     if SKIP_LOSS in needs:

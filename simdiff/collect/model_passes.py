@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from simdiff.data.windows import Batch
+from simdiff.distributed import all_reduce_nll
 from simdiff.evaluate.perplexity import batch_nll, nll_over
 from simdiff.model.layers import find_decoder_layers
 from simdiff.progress import progress
@@ -19,17 +20,18 @@ def skip_loss_increase(model: nn.Module, batches: Sequence[Batch], already_remov
                        candidates: Sequence[int] | None = None) -> np.ndarray:
     """Mean calibration NLL increase when each candidate layer is bypassed (on top of ``already_removed``).
 
-    Layers are bypassed in the loaded model (no copies). Non-candidates get NaN.
+    Layers are bypassed in the loaded model (no copies). Non-candidates get NaN. In a data-parallel group
+    ``batches`` are this process's share and the losses are summed over every process.
     """
     n = len(find_decoder_layers(model))
     removed = list(already_removed)
     with bypass_layers(model, removed):
-        base = nll_over(model, batches, desc="dense loss").mean
+        base = all_reduce_nll(nll_over(model, batches, desc="dense loss")).mean
     candidates = [i for i in range(n) if i not in removed] if candidates is None else list(candidates)
     increase = np.full(n, np.nan)
     for layer in progress(candidates, desc="ppl_skip: skipping each layer"):
         with bypass_layers(model, removed + [layer]):
-            increase[layer] = nll_over(model, batches, desc=None).mean - base
+            increase[layer] = all_reduce_nll(nll_over(model, batches, desc=None)).mean - base
     return increase
 
 

@@ -1,0 +1,218 @@
+"""``simdiff apply`` (surgery on disk) gives exactly what in-memory removal saves, shard by shard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from simdiff.cli import main
+from simdiff.model.checks import SAFETENSORS_INDEX
+from simdiff.save import METADATA_FILE
+from simdiff.surgery import bypass_layers, remove_layers
+
+REMOVED = [1, 3, 4]
+
+
+def tensors_of(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], bytes]]:
+    """Every tensor of a safetensors checkpoint: name -> (dtype, shape, raw bytes)."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as reader:
+            for name in reader.keys():  # noqa: SIM118 - safe_open is not iterable
+                t = reader.get_tensor(name)
+                assert name not in out, f"{name} stored twice"
+                out[name] = (t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return out
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def save_checkpoint(folder: Path, model_type: str = "llama", dtype=torch.bfloat16, max_shard_size=None) -> Path:
+    model = tiny_model(model_type).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def in_memory_removal(checkpoint: Path, out: Path, removed: list[int]) -> Path:
+    """The reference: ``prune --layers`` (load in the checkpoint's dtype, remove, save verified)."""
+    assert main(["-q", "prune", str(checkpoint), "--layers", ",".join(map(str, removed)), "--dtype", "auto",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def apply(checkpoint: Path, out: Path, *selection: str) -> None:
+    assert main(["-q", "apply", str(checkpoint), *selection, "--out", str(out)]) == 0
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("apply") / "llama-bf16")
+
+
+def test_apply_equals_in_memory_removal_bitwise(bf16_checkpoint, tmp_path) -> None:
+    reference = in_memory_removal(bf16_checkpoint, tmp_path / "memory", REMOVED)
+    apply(bf16_checkpoint, tmp_path / "disk", "--layers", "1,3,4")
+    on_disk, in_memory = tensors_of(tmp_path / "disk"), tensors_of(reference)
+    assert sorted(on_disk) == sorted(in_memory)
+    assert on_disk == in_memory
+    assert {dtype for dtype, _, _ in on_disk.values()} == {torch.bfloat16}
+    assert config_of(tmp_path / "disk") == config_of(reference)
+    assert config_of(tmp_path / "disk")["num_hidden_layers"] == 3
+
+
+def test_apply_sharded_checkpoint(tmp_path) -> None:
+    checkpoint = save_checkpoint(tmp_path / "sharded", max_shard_size="30KB")
+    input_shards = sorted(checkpoint.glob("*.safetensors"))
+    assert len(input_shards) > 3
+    apply(checkpoint, tmp_path / "disk", "--layers", "1,3,4")
+    reference = in_memory_removal(checkpoint, tmp_path / "memory", REMOVED)
+    out = tmp_path / "disk"
+    assert tensors_of(out) == tensors_of(reference)
+    assert config_of(out) == config_of(reference)
+    index = json.loads((out / SAFETENSORS_INDEX).read_text(encoding="utf-8"))
+    shards = sorted(out.glob("*.safetensors"))
+    assert 1 < len(shards) <= len(input_shards)
+    largest_input = max(p.stat().st_size for p in input_shards)
+    assert max(p.stat().st_size for p in shards) <= largest_input
+    for file in shards:
+        with safe_open(file, framework="pt") as reader:
+            assert {name: file.name for name in reader.keys()} == {  # noqa: SIM118
+                name: shard for name, shard in index["weight_map"].items() if shard == file.name}
+    assert sorted(index["weight_map"]) == sorted(tensors_of(reference))
+    sizes = tensors_of(out)
+    assert index["metadata"]["total_size"] == sum(len(raw) for _, _, raw in sizes.values())
+
+
+@torch.no_grad()
+def test_applied_model_loads_and_equals_bypassed_original(bf16_checkpoint, tmp_path) -> None:
+    apply(bf16_checkpoint, tmp_path / "disk", "--layers", "1,3,4")
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype="auto").eval()
+    original = AutoModelForCausalLM.from_pretrained(bf16_checkpoint, dtype="auto").eval()
+    assert pruned.dtype == torch.bfloat16
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with bypass_layers(original, REMOVED):
+        expected = original(ids).logits
+    assert torch.equal(pruned(ids).logits, expected)
+    metadata = json.loads((tmp_path / "disk" / METADATA_FILE).read_text(encoding="utf-8"))
+    assert metadata["removed_layers"] == REMOVED and metadata["kept_layers"] == [0, 2, 5]
+    assert metadata["layer_map"] == {"0": 0, "1": 2, "2": 5}
+    assert (tmp_path / "disk" / "tokenizer.json").read_bytes() == (bf16_checkpoint / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text", "qwen3_moe"])
+def test_apply_other_families_match_in_memory_surgery(model_type, tmp_path) -> None:
+    """Other layer paths (transformer.h), per-layer config lists (layer_types, mlp_only_layers)."""
+    checkpoint = save_checkpoint(tmp_path / model_type, model_type, dtype=torch.float32, max_shard_size="60KB")
+    apply(checkpoint, tmp_path / "disk", "--layers", "0,1,4")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    remove_layers(model, [0, 1, 4])
+    model.save_pretrained(tmp_path / "memory")
+    assert tensors_of(tmp_path / "disk") == tensors_of(tmp_path / "memory")
+    assert config_of(tmp_path / "disk") == config_of(tmp_path / "memory")
+
+
+def test_recipe_from_prune_replays_its_selection(bf16_checkpoint, tmp_path) -> None:
+    reference = in_memory_removal(bf16_checkpoint, tmp_path / "memory", [0, 5])
+    apply(bf16_checkpoint, tmp_path / "disk", "--recipe", str(reference / METADATA_FILE))
+    assert tensors_of(tmp_path / "disk") == tensors_of(reference)
+
+
+def recipe_with(tmp_path: Path, source: Path, **changes) -> Path:
+    document = {**json.loads((source / METADATA_FILE).read_text(encoding="utf-8")), **changes}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_layers_before": 8}, "records 8 layers, the model has 6"),
+    ({"model_type": "mistral"}, "model_type 'mistral', the model is 'llama'"),
+    ({"architectures": ["MistralForCausalLM"]}, "architectures"),
+])
+def test_recipe_for_another_model_is_refused(bf16_checkpoint, tmp_path, capsys, change, message) -> None:
+    reference = in_memory_removal(bf16_checkpoint, tmp_path / "memory", [2])
+    recipe = recipe_with(tmp_path, reference, **change)
+    before = tensors_of(bf16_checkpoint)
+    capsys.readouterr()
+    code = main(["-q", "apply", str(bf16_checkpoint), "--recipe", str(recipe), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("simdiff: error:") and message in err[0], err
+    assert not (tmp_path / "o").exists()
+    assert tensors_of(bf16_checkpoint) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "1,9"], "out of range"),
+    (["--layers", "0,1,2,3,4,5"], "keep at least one"),
+    (["--layers", "1,x"], "comma-separated layer indices"),
+    (["--recipe", "/nonexistent/simdiff.json"], "not found"),
+    (["--recipe", "{bad}"], "malformed layer fields"),
+])
+def test_bad_selection_is_refused(bf16_checkpoint, tmp_path, capsys, args, message) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"removed_layers": ["x"], "num_layers_before": 6}), encoding="utf-8")
+    args = [str(bad) if a == "{bad}" else a for a in args]
+    try:
+        code = main(["-q", "apply", str(bf16_checkpoint), *args, "--out", str(tmp_path / "o")])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_inside_the_input_is_refused(bf16_checkpoint, capsys) -> None:
+    before = sorted(p.name for p in bf16_checkpoint.iterdir())
+    assert main(["-q", "apply", str(bf16_checkpoint), "--layers", "1", "--out", str(bf16_checkpoint / "x")]) == 2
+    assert "overlaps the input" in capsys.readouterr().err
+    assert main(["-q", "apply", str(bf16_checkpoint), "--layers", "1", "--out", str(bf16_checkpoint),
+                 "--overwrite"]) == 2
+    assert sorted(p.name for p in bf16_checkpoint.iterdir()) == before
+
+
+def test_prune_layers_out_of_range_is_refused(bf16_checkpoint, tmp_path, capsys) -> None:
+    assert main(["-q", "prune", str(bf16_checkpoint), "--layers", "2,6", "--out", str(tmp_path / "o")]) == 2
+    assert "layer indices [6] out of range: the model has layers 0..5" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@torch.no_grad()
+def test_checkpoint_without_base_model_prefix(tmp_path) -> None:
+    """Old GPT-2 checkpoints name layers ``h.0.`` instead of ``transformer.h.0.``; apply finds them too."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = save_checkpoint(tmp_path / "gpt2", "gpt2", dtype=torch.float32)
+    file = checkpoint / "model.safetensors"
+    tensors = load_file(file)
+    save_file({name.removeprefix("transformer."): t for name, t in tensors.items()}, file, metadata={"format": "pt"})
+    apply(checkpoint, tmp_path / "disk", "--layers", "2,3")
+    assert any(name.startswith("h.3.") for name in tensors_of(tmp_path / "disk"))
+    assert not any(name.startswith("h.4.") for name in tensors_of(tmp_path / "disk"))
+    original = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    with bypass_layers(original, [2, 3]):
+        assert torch.equal(pruned(ids).logits, original(ids).logits)
+
+
+def test_second_round_keeps_original_numbering_and_replays(bf16_checkpoint, tmp_path) -> None:
+    """Applying to a pruned model records layers in the original numbering; its recipe replays the round."""
+    first = in_memory_removal(bf16_checkpoint, tmp_path / "first", [1])  # original 0,2,3,4,5 remain
+    apply(first, tmp_path / "second", "--layers", "2")  # the input's layer 2 is the original layer 3
+    metadata = json.loads((tmp_path / "second" / METADATA_FILE).read_text(encoding="utf-8"))
+    assert metadata["removed_layers"] == [1, 3] and metadata["kept_layers"] == [0, 2, 4, 5]
+    assert metadata["history"][-1]["removed_layers"] == [2]
+    apply(first, tmp_path / "replayed", "--recipe", str(tmp_path / "second"))
+    assert tensors_of(tmp_path / "replayed") == tensors_of(tmp_path / "second")
+    apply(bf16_checkpoint, tmp_path / "direct", "--layers", "1,3")
+    assert tensors_of(tmp_path / "direct") == tensors_of(tmp_path / "second")
