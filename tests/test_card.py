@@ -48,3 +48,16 @@ def test_builtin_card_names_its_hub_model_and_evaluation(tmp_path):
     (entry,) = meta["model-index"][0]["results"]
     assert entry["dataset"]["name"] == "piqa" and entry["metrics"] == [{"type": "acc", "value": 0.61}]
     assert "simdiff prune smollm2-135m --num-layers 2 --out x" in card.text and "Q4_1 GGUF" in card.text
+
+
+def test_second_round_card_counts_in_the_original_numbering(tmp_path):
+    base = save_tiny("llama", tmp_path / "base")
+    common = ["--calib", "wikitext2", "--data-dir", str(data_dir()), *CALIB, "--num-layers", "1"]
+    assert main(["-q", "prune", str(base), *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["-q", "prune", str(tmp_path / "one"), *common, "--out", str(tmp_path / "two")]) == 0
+    card = ModelCard.load(tmp_path / "two" / "README.md")
+    record = json.loads((tmp_path / "two" / "simdiff.json").read_text())
+    assert card.data.to_dict()["base_model"] == str((tmp_path / "one").resolve())  # the direct input
+    assert "with 2 of 6 decoder layers removed" in card.text and "- Layers: 6 → 4" in card.text
+    assert f"Pruned in 2 rounds from `{base}`" in card.text
+    assert f"Removed layers (original numbering): {record['removed_layers']}" in card.text

@@ -106,7 +106,9 @@ def _pruned_body(metadata: dict, given: str, base: str) -> list[str]:
     removed = metadata["removed_layers"]
     calibration = metadata.get("calibration") or {}
     options = metadata.get("options") or {}
-    before, after = metadata.get("num_layers_before"), metadata.get("num_layers_after")
+    before = metadata.get("num_layers_original", metadata.get("num_layers_before"))  # removed_layers' numbering
+    after = metadata.get("num_layers_after")
+    rounds = metadata.get("history") or []
     lines = [
         f"# {Path(base).name} with {len(removed)}{f' of {before}' if before else ''} decoder layers removed",
         "",
@@ -115,6 +117,8 @@ def _pruned_body(metadata: dict, given: str, base: str) -> list[str]:
           else []),
         "",
         f"- Removed layers (original numbering): {removed}",
+        *([f"- Pruned in {len(rounds)} rounds from `{metadata.get('original_model')}`; this round removed "
+           f"{rounds[-1].get('removed_layers')} in its input's numbering"] if len(rounds) > 1 else []),
         *([f"- Layers: {before} → {after}"] if before and after else []),
         f"- Criterion: `{metadata.get('criterion')}`"
         + (f" (options: {', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""),
