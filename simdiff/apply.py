@@ -184,8 +184,9 @@ class ApplyResult:
 def apply_to_path(model: str | os.PathLike, removed: list[int] | None = None, out: str | os.PathLike = "",
                   overwrite: bool = False, recipe: Recipe | None = None) -> ApplyResult:
     """Remove decoder layers ``removed`` (or the recipe's) from the checkpoint ``model`` on disk into ``out``."""
-    if Path(model).suffix == ".gguf":
-        raise SimdiffError(f"{model}: apply reads safetensors checkpoints; GGUF input is not supported yet")
+    if Path(model).suffix.lower() == ".gguf":
+        raise SimdiffError(f"{model}: apply_to_path reads safetensors checkpoints; for a GGUF file use "
+                           "simdiff.export.gguf.prune_gguf (or `simdiff apply FILE.gguf`)")
     return apply_to_safetensors(str(model), removed, out, overwrite, recipe)
 
 

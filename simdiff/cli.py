@@ -20,6 +20,7 @@ from simdiff.cli_options import (
 )
 from simdiff.errors import SimdiffError, one_line
 from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
+from simdiff.export.cli import add_export_option, check_export, export_after_prune
 from simdiff.progress import set_progress
 from simdiff.recover.cli import add_recover_command
 
@@ -102,12 +103,14 @@ def add_prune_command(subparsers) -> None:
     add_selection_options(parser)
     add_calibration_options(parser)
     add_criterion_options(parser)
+    add_export_option(parser)
     parser.set_defaults(run=run_prune)
 
 
 def run_prune(args: argparse.Namespace) -> None:
     from simdiff.api import prune
 
+    gguf_source = check_export(args)
     result = prune(args.model, args.out, num_layers=args.num_layers, ratio=args.ratio, criterion=args.criterion,
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
@@ -118,6 +121,7 @@ def run_prune(args: argparse.Namespace) -> None:
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {result.selection.criterion}")
     print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
+    export_after_prune(gguf_source, result.selection.removed, result.out)
 
 
 # -- entry point ---------------------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "matplotlib", "httpx"):
+    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "matplotlib", "httpx", "gguf"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     set_progress(not quiet)
 

@@ -76,6 +76,12 @@ def _gguf_location(spec: BuiltinModel) -> Path:
     return folder
 
 
+def builtin_gguf_file(name: str) -> Path | None:
+    """The GGUF file the built-in model ``name`` is converted from; None for other models."""
+    spec = BUILTIN_MODELS.get(name)
+    return None if spec is None else _gguf_location(spec) / spec.gguf_file
+
+
 def _convert_gguf(spec: BuiltinModel, target: Path) -> None:
     """Dequantize the GGUF file into a float32 safetensors checkpoint at ``target`` (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,1 @@
+"""Checkpoint formats other than transformers' safetensors folders (GGUF for llama.cpp and ollama)."""

@@ -1,0 +1,66 @@
+"""Command-line glue for GGUF: ``simdiff apply FILE.gguf`` and ``simdiff prune ... --export gguf``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from simdiff.errors import SimdiffError
+
+GGUF_EXPORT_NAME = "pruned.gguf"  # written into prune's output folder by --export gguf
+
+
+def is_gguf(model: str) -> bool:
+    return Path(model).suffix.lower() == ".gguf"
+
+
+def run_apply_gguf(args: argparse.Namespace) -> None:
+    """``simdiff apply FILE.gguf``: prune the GGUF file by ``--layers`` or ``--recipe`` into the file ``--out``."""
+    from simdiff.apply import load_recipe
+    from simdiff.export.gguf import check_gguf_output, prune_gguf
+
+    check_gguf_output(args.out, args.overwrite, args.model)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    result = prune_gguf(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
+    print(f"removed blocks {result.removed} ({result.block_count_before} -> {len(result.kept)} blocks) "
+          "from the GGUF file")
+    print(f"saved to {result.out}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
+          f"(removed tensors: {megabytes(result.removed_tensor_bytes)}; kept tensors byte-identical)")
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+# -- simdiff prune ... --export gguf ------------------------------------------------------------------
+def add_export_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", choices=["gguf"], default=None,
+                        help=f"gguf: also write the model's GGUF file without the removed layers as "
+                             f"OUT/{GGUF_EXPORT_NAME} (quantized tensors byte-identical; built-in models only)")
+
+
+def check_export(args: argparse.Namespace) -> Path | None:
+    """Before any work: the GGUF file that ``--export gguf`` prunes (None without ``--export``)."""
+    from simdiff.export.gguf import check_prunable, open_gguf
+    from simdiff.model.load import BUILTIN_MODELS, builtin_gguf_file
+
+    if args.export is None:
+        return None
+    source = builtin_gguf_file(args.model)
+    if source is None:
+        raise SimdiffError(f"--export gguf needs a model that comes as a GGUF file (built-in: "
+                           f"{', '.join(BUILTIN_MODELS)}); {args.model!r} is not one. For a safetensors "
+                           "checkpoint, convert the pruned output with llama.cpp's convert_hf_to_gguf.py")
+    check_prunable(open_gguf(source))
+    return source
+
+
+def export_after_prune(source: Path | None, removed: list[int], out: Path) -> None:
+    """Write ``out/pruned.gguf``: ``source`` without the ``removed`` blocks (nothing when ``source`` is None)."""
+    from simdiff.export.gguf import prune_gguf
+
+    if source is None:
+        return
+    result = prune_gguf(source, removed, out / GGUF_EXPORT_NAME)
+    print(f"wrote {result.out}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
+          f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical)")
