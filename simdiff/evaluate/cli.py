@@ -141,7 +141,8 @@ def _print_result(result: dict, settings, prefix: str = "") -> None:
         stderr = report.get("perplexity_stderr")
         print(f"{prefix}{source}: perplexity {report['perplexity']:.4f}"
               + (f" ± {_fmt(stderr, 4)}" if stderr is not None else "")
-              + f" over {report['tokens']} tokens ({report['windows']} windows of {settings.seq_len})")
+              + f" over {report['tokens']} tokens ({report['windows']} windows of {settings.seq_len}"
+              + (f"; {report['protocol']['text']})" if report.get("protocol", {}).get("text") else ")"))
     for task, scores in result["tasks"].items():
         metrics = ", ".join(f"{m} {_fmt(scores.get(m))}" + (f" ± {_fmt(scores[m + '_stderr'])}"
                                                              if m + "_stderr" in scores else "")
