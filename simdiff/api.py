@@ -9,6 +9,7 @@ from pathlib import Path
 
 from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
 from simdiff.data import batches, calibration_windows
+from simdiff.data.text import text_variant
 from simdiff.data.windows import Batch
 from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
 from simdiff.errors import SimdiffError
@@ -30,7 +31,7 @@ from simdiff.pipeline import (
 from simdiff.save import provenance, save_model
 from simdiff.select import check_removable, resolve_count
 from simdiff.surgery import remove_layers, validate_layer_indices
-from simdiff.tune import reject_auto, resolve_alpha
+from simdiff.tune import BEST_OF, Searcher, SearchSettings, reject_auto, search_kind, searched_options
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Calibration:
     batch_size: int = 4
     seed: int = 0
     data_dir: str | None = None
+    heldout_samples: int = 32  # held-out windows for --alpha auto / best-of (simdiff.tune)
+    skip_first_token: bool = False  # leave position 0 of each window out of the statistics
 
     def __post_init__(self) -> None:
         """Refuse impossible settings when made, before the model is loaded."""
@@ -57,7 +60,7 @@ class Calibration:
 
     def batches(self, tokenizer) -> list[Batch]:
         windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)
-        return batches(windows, self.batch_size)
+        return batches(windows, self.batch_size, self.skip_first_token)
 
 
 @dataclass
@@ -114,19 +117,30 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
           iterative: bool = False, keep_first: int = 0, keep_last: int = 0, dtype: str = "auto",
           device: str | None = None, device_map: str | None = None, overwrite: bool = False,
           offload: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
-          layers: list[int] | None = None) -> PruneResult:
+          layers: list[int] | None = None, search: SearchSettings | None = None) -> PruneResult:
     """Load ``model_name``, remove the least important layers, save a reloadable checkpoint to ``out``.
 
     ``offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on ``device``.
     ``layers``: remove exactly these (original indices) without calibration or scoring.
     Under ``torchrun``/``accelerate launch`` the scoring is data parallel (:mod:`simdiff.distributed`) and
     only rank 0 saves (the other ranks return a result with ``out=None``).
+    ``criterion="best-of"`` or ``options.alpha="auto"`` choose on held-out calibration windows (``search``).
     """
     calibration = calibration or Calibration()
     options = options or Options()
-    get_criterion(criterion)
+    search = search or SearchSettings()
+    kind = None if layers is not None else search_kind(criterion, options, iterative)
+    if kind is None:
+        get_criterion(criterion)
+    else:
+        search.check()
+        if offload is not None:
+            raise SimdiffError(f"{criterion if kind == BEST_OF else '--alpha auto'} needs the model in memory; "
+                               "drop --offload")
+    pool = search.pool if kind == BEST_OF else ("simdiff",)
     check_device(device)
-    check_data_parallel_support(set() if layers is not None else needs_of([criterion, *FREE_CRITERIA]), device_map)
+    scored = [*FREE_CRITERIA, *(pool if kind is not None else [criterion])]
+    check_data_parallel_support(set() if layers is not None else needs_of(scored), device_map)
     # validated and claimed before work (by rank 0 only when data parallel: it alone writes)
     with (claim_output_dir(out, overwrite, inputs=[model_name]) if is_main_process() else nullcontext()) as claim:
         device = start_data_parallel(device)
@@ -139,11 +153,17 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
         count = resolve_count(total, num_layers, ratio)
         check_removable(total, count, keep_first, keep_last)
         check_seq_len(model, calibration.seq_len)
-        # alpha "auto": tuned on held-out calibration windows for this count (simdiff.tune)
-        options, alpha_search = resolve_alpha(model, tokenizer, criterion, count, calibration, options, iterative,
-                                              keep_first, keep_last)
-        selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                             iterative, keep_first, keep_last, offload_device=offload_device)
+        searched = None
+        if kind is None:
+            selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
+                                                 iterative, keep_first, keep_last, offload_device=offload_device)
+        else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
+            reported = sorted(set(scored), key=list(CRITERIA).index)
+            searcher = Searcher(model, tokenizer, calibration, search, [count], reported, keep_first, keep_last)
+            searched = searcher.search(kind, count, searched_options(options))
+            selection, options = searcher.selection(searched, searched_options(options))
+            scores = ScoreResult(searcher.evidence, options,
+                                 {name: importance(name, searcher.evidence, options) for name in reported})
         log.info("%s removes layers %s of %d", criterion, selection.removed, total)
         if claim is None:  # data parallel: rank 0 saves
             return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
@@ -152,8 +172,8 @@ def prune(model_name: str, out: str | Path, num_layers: int | None = None, ratio
                                   iterative=iterative, keep_first=keep_first, keep_last=keep_last, dtype=dtype,
                                   requested_num_layers=num_layers, requested_ratio=ratio, removed_count=count,
                                   model_type=model.config.model_type, architectures=model.config.architectures)
-        if alpha_search is not None:
-            metadata["alpha_search"] = alpha_search.to_dict()
+        if searched is not None:
+            metadata["alpha_search" if kind == "alpha" else "best_of"] = searched.to_dict()
         saved = save_model(model, tokenizer, claim, metadata)
     return PruneResult(selection, scores, kept, saved, metadata)
 
@@ -196,7 +216,8 @@ def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, k
         "model_type": model_type,
         "architectures": architectures,
         "options": None if options is None else asdict(options),
-        "calibration": None if calibration is None else asdict(calibration),
+        "calibration": None if calibration is None else {
+            **asdict(calibration), "text": text_variant(calibration.source, "valid", calibration.data_dir)},
         "settings": settings,
         "selection_steps": selection.steps,
         "statistics": scores.to_dict()["statistics"],

@@ -13,9 +13,11 @@ from simdiff.cli_options import (
     add_calibration_options,
     add_criterion_options,
     add_model_options,
+    add_search_options,
     add_selection_options,
     calibration_from,
     options_from,
+    search_from,
     source_from,
 )
 from simdiff.errors import SimdiffError, one_line
@@ -103,6 +105,7 @@ def add_prune_command(subparsers) -> None:
     add_selection_options(parser)
     add_calibration_options(parser)
     add_criterion_options(parser)
+    add_search_options(parser)
     add_export_option(parser)
     parser.set_defaults(run=run_prune)
 
@@ -115,7 +118,7 @@ def run_prune(args: argparse.Namespace) -> None:
                    calibration=calibration_from(args), options=options_from(args), iterative=args.iterative,
                    keep_first=args.keep_first, keep_last=args.keep_last, dtype=args.dtype, device=args.device,
                    device_map=args.device_map, overwrite=args.overwrite, offload=args.offload, layers=args.layers,
-                   **source_from(args))
+                   search=search_from(args), **source_from(args))
     if result.out is None:  # a data-parallel rank other than 0
         return
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]

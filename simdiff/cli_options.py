@@ -13,6 +13,7 @@ from simdiff.api import Calibration
 from simdiff.criteria import CRITERIA, NORMALIZERS, Options
 from simdiff.criteria.simdiff import DIFF_SCALES
 from simdiff.model.load import DTYPES
+from simdiff.tune import OBJECTIVES, SearchSettings
 
 OPTION_HELP = {
     "alpha": "SimDiff weight of the similarity term (1 - alpha goes to the difference terms)",
@@ -58,7 +59,32 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--samples", type=int, default=defaults.samples, help="number of calibration windows")
     group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window (BOS included)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    group.add_argument("--heldout-samples", type=int, default=defaults.heldout_samples,
+                       help="held-out windows (cut from the end of the calibration text, disjoint from the scoring "
+                            f"windows) for --alpha auto and --criterion best-of (default: {defaults.heldout_samples})")
+    group.add_argument("--skip-first-token", action=argparse.BooleanOptionalAction, default=defaults.skip_first_token,
+                       help="leave position 0 of each window (BOS / attention sink) out of the layer statistics "
+                            f"(default: {defaults.skip_first_token})")
     add_data_dir_option(group)
+
+
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    """How --alpha auto and --criterion best-of choose on held-out calibration windows (simdiff.tune)."""
+    defaults = SearchSettings()
+    group = parser.add_argument_group("held-out selection (--alpha auto, --criterion best-of)")
+    group.add_argument("--objective", default=defaults.objective, choices=list(OBJECTIVES),
+                       help="kl: mean KL(dense || pruned) of next-token distributions; ppl: perplexity "
+                            f"(default: {defaults.objective})")
+    group.add_argument("--max-candidates", type=int, default=defaults.max_candidates,
+                       help=f"most distinct alpha-path sets evaluated (default: {defaults.max_candidates})")
+    group.add_argument("--pool", default=",".join(defaults.pool),
+                       help="criteria best-of pools; simdiff stands for its whole alpha path; ppl_skip and taylor add "
+                            f"their passes (default: {','.join(defaults.pool)})")
+
+
+def search_from(args: argparse.Namespace) -> SearchSettings:
+    pool = tuple(name.strip() for name in args.pool.split(",") if name.strip())
+    return SearchSettings(objective=args.objective, max_candidates=args.max_candidates, pool=pool)
 
 
 def add_criterion_options(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +97,8 @@ def add_criterion_options(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = OPTION_CHOICES[f.name]
         elif f.name == "alpha":
             kwargs["type"] = alpha_value
-            kwargs["help"] += "; 'auto' tunes it by ternary search on held-out calibration perplexity"
+            kwargs["help"] += ("; 'auto' evaluates every distinct selection along alpha in [0, 1] on held-out "
+                               "calibration windows (--objective) and keeps the best")
         else:
             kwargs["type"] = type(f.default)
         group.add_argument(flag, **kwargs)
@@ -102,7 +129,8 @@ def add_selection_options(parser: argparse.ArgumentParser) -> None:
     count.add_argument("--ratio", type=float, help="fraction of decoder layers to remove (rounded)")
     count.add_argument("--layers", type=layer_list,
                        help="remove exactly these layers, e.g. 3,12,13 (the input model's numbering; no scoring)")
-    group.add_argument("--criterion", default="simdiff", help=f"one of: {', '.join(CRITERIA)}")
+    group.add_argument("--criterion", default="simdiff",
+                       help=f"one of: {', '.join(CRITERIA)}; or best-of (the best of --pool on held-out windows)")
     group.add_argument("--iterative", action="store_true", help="re-score after each removal (one layer at a time)")
     group.add_argument("--keep-first", type=int, default=0, help="never remove the first N layers")
     group.add_argument("--keep-last", type=int, default=0, help="never remove the last N layers")
@@ -114,4 +142,5 @@ def options_from(args: argparse.Namespace) -> Options:
 
 def calibration_from(args: argparse.Namespace) -> Calibration:
     return Calibration(source=args.calib, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                       seed=args.seed, data_dir=args.data_dir)
+                       seed=args.seed, data_dir=args.data_dir, heldout_samples=args.heldout_samples,
+                       skip_first_token=args.skip_first_token)

@@ -3,7 +3,9 @@
 All statistic-based criteria share a single hook pass over the calibration windows (``ppl_skip`` and
 ``taylor`` add their own passes, in the same ``gather_evidence`` call). Each candidate's layers are
 bypassed in place (no copies, no reloads) and evaluated; candidates removing the same layers are
-evaluated once. ``simdiff:alpha=auto`` tunes alpha per count on held-out calibration windows.
+evaluated once. ``simdiff:alpha=auto`` (the exact alpha path) and ``best-of`` choose per count on held-out
+calibration windows (:mod:`simdiff.tune`): one extra statistics pass on the scoring windows, shared by all
+counts, and one held-out pass per distinct candidate set.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from simdiff.criteria import Options, get_criterion
 from simdiff.data import batches, calibration_windows
+from simdiff.data.text import text_variant
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
 from simdiff.model.checks import check_seq_len
@@ -29,7 +32,7 @@ from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, 
 from simdiff.save import provenance
 from simdiff.select import check_removable
 from simdiff.surgery import bypass_layers
-from simdiff.tune import is_auto, tune_alpha
+from simdiff.tune import BEST_OF, Searcher, SearchSettings, is_auto, search_kind, searched_options
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ class CandidateSpec:
     @classmethod
     def parse(cls, text: str) -> CandidateSpec:
         name, *parts = [p.strip() for p in text.strip().split(":")]
-        get_criterion(name)
+        if name != BEST_OF:
+            get_criterion(name)
         overrides = []
         for part in parts:
             key, sep, value = part.partition("=")
@@ -95,6 +99,7 @@ class CompareSetup:
     keep_first: int = 0
     keep_last: int = 0
     metric: str = "acc"
+    search: SearchSettings = field(default_factory=SearchSettings)
 
 
 def _check_counts(counts: list[int], total: int) -> list[int]:
@@ -116,11 +121,12 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     if setup.evaluation.ppl:
         check_seq_len(model, setup.evaluation.seq_len, "--eval-seq-len")
     windows = calibration_windows(tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, cal.data_dir)
-    calib_batches = batches(windows, cal.batch_size)
-    criteria = list(dict.fromkeys(s.criterion for s in setup.specs))
+    calib_batches = batches(windows, cal.batch_size, cal.skip_first_token)
+    criteria = list(dict.fromkeys(s.criterion for s in setup.specs if s.criterion != BEST_OF))
     start = time.perf_counter()
     evidence = gather_evidence(model, calib_batches, needs_of(criteria), block_sizes_for(criteria, counts))
     calibration_seconds = time.perf_counter() - start
+    searcher = _searcher(model, tokenizer, setup, counts)
     evaluator = Evaluator(model, tokenizer, setup.evaluation)
     log.info("evaluating the dense model")
     dense = evaluator("dense")
@@ -130,14 +136,16 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     profiles: dict[str, np.ndarray] = {}
     for spec in setup.specs:
         for count in counts:
-            rows.append(_candidate(model, evaluator, evidence, windows, spec, count, setup, dense, done, profiles))
+            rows.append(_candidate(model, evaluator, evidence, searcher, spec, count, setup, dense, done, profiles))
     return {
         "model": model_name,
         "num_layers": total,
         "counts": counts,
         "criteria": [s.label for s in setup.specs],
-        "calibration": {**vars(cal), "windows": int(windows.shape[0]), "seconds": calibration_seconds,
+        "calibration": {**vars(cal), "text": text_variant(cal.source, "valid", cal.data_dir),
+                        "windows": int(windows.shape[0]), "seconds": calibration_seconds,
                         "passes": sorted(needs_of(criteria))},
+        "search": vars(setup.search) if searcher is not None else None,
         "evaluation": {**vars(setup.evaluation), "metric_for_retained": setup.metric},
         "options": vars(setup.options),
         "keep_first": setup.keep_first,
@@ -148,21 +156,32 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     }
 
 
-def _candidate(model, evaluator, evidence, windows, spec: CandidateSpec, count: int, setup: CompareSetup,
-               dense: dict, done: dict, profiles: dict) -> dict:
+def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int]) -> Searcher | None:
+    """The held-out searcher, when a candidate needs one (simdiff:alpha=auto or best-of)."""
+    kinds = {search_kind(s.criterion, s.options(setup.options)) for s in setup.specs} - {None}
+    if not kinds:
+        return None
+    pool = setup.search.pool if BEST_OF in kinds else ("simdiff",)
+    return Searcher(model, tokenizer, setup.calibration, setup.search, counts, pool, setup.keep_first,
+                    setup.keep_last)
+
+
+def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: CandidateSpec, count: int,
+               setup: CompareSetup, dense: dict, done: dict, profiles: dict) -> dict:
     start = time.perf_counter()
     options = spec.options(setup.options)
     row: dict = {"label": spec.label, "criterion": spec.criterion, "count": count}
-    if is_auto(options.alpha):
-        if spec.criterion != "simdiff":
-            raise SimdiffError(f"alpha=auto applies to simdiff only, not {spec.label!r}")
-        search = tune_alpha(model, windows, count, options, setup.calibration.batch_size, setup.keep_first,
-                            setup.keep_last)
-        options = replace(options, alpha=search.alpha)
-        row["alpha_search"] = search.to_dict()
+    kind = search_kind(spec.criterion, options)
+    if kind is not None:
+        search = searcher.search(kind, count, searched_options(options))
+        selection, options = searcher.selection(search, searched_options(options))
+        row["alpha_search" if kind == "alpha" else "best_of"] = search.to_dict()
+        if kind == "alpha":
+            profiles.setdefault(spec.label, importance("simdiff", searcher.evidence, options))
+    else:
+        selection = choose_one_shot(spec.criterion, evidence, count, options, setup.keep_first, setup.keep_last)
+        profiles.setdefault(spec.label, importance(spec.criterion, evidence, options))
     row["options"] = vars(options)
-    selection = choose_one_shot(spec.criterion, evidence, count, options, setup.keep_first, setup.keep_last)
-    profiles.setdefault(spec.label, importance(spec.criterion, evidence, options))
     key = tuple(selection.removed)
     row["removed_layers"] = selection.removed
     if key in done:

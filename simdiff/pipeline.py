@@ -38,6 +38,8 @@ def gather_evidence(model: nn.Module, batches: Sequence[Batch], needs: set[str],
     """
     n = len(find_decoder_layers(model))
     active = [i for i in range(n) if i not in set(removed)]
+    log.info("scoring %d layers on %d calibration windows: %s", len(active),
+             sum(int(b.input_ids.shape[0]) for b in batches), "; ".join(evidence_passes(needs, len(active))))
     evidence = Evidence(num_layers=n)
     world = active_world()  # data parallel: this process's share of the batches, sums all-reduced below
     if world is not None:
@@ -62,6 +64,18 @@ def gather_evidence(model: nn.Module, batches: Sequence[Batch], needs: set[str],
     if SKIP_LOSS in needs:
         evidence.skip_loss_increase = skip_loss_increase(model, batches, already_removed=removed)
     return evidence
+
+
+def evidence_passes(needs: set[str], active_layers: int) -> list[str]:
+    """What collecting ``needs`` costs, in passes over the calibration windows (stated before it starts)."""
+    passes = []
+    if LAYER_STATS in needs:
+        passes.append("1 forward pass with hooks (statistics)")
+    if TAYLOR in needs:
+        passes.append("1 forward+backward pass (taylor)")
+    if SKIP_LOSS in needs:
+        passes.append(f"{active_layers + 1} loss passes (ppl_skip: dense, then each layer skipped)")
+    return passes
 
 
 def needs_of(criteria: Sequence[str]) -> set[str]:

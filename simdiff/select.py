@@ -6,6 +6,7 @@ Lowest importance goes first; ties break towards the deeper layer, so selection 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -15,13 +16,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_count(total: int, num_layers: int | None = None, ratio: float | None = None) -> int:
-    """The number of layers to remove, from ``num_layers`` or ``ratio`` (R * total, rounded)."""
+    """The number of layers to remove, from ``num_layers`` or ``ratio`` (R * total rounded half up:
+    floor(R * total + 0.5), so 0.25 of 26 layers is 7 and 0.25 of 22 is 6)."""
     if (num_layers is None) == (ratio is None):
         raise SimdiffError("give exactly one of --num-layers K or --ratio R")
     if ratio is not None:
         if not 0.0 < ratio < 1.0:
             raise SimdiffError(f"--ratio must lie strictly between 0 and 1, got {ratio}")
-        count = int(round(ratio * total))
+        count = math.floor(ratio * total + 0.5)
         log.info("ratio %.3f of %d layers -> removing %d", ratio, total, count)
     else:
         count = int(num_layers)

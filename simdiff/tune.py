@@ -1,30 +1,73 @@
-"""Adaptive SimDiff weighting: ternary search of alpha on held-out calibration perplexity.
+"""Choosing layers on held-out calibration text: SimDiff's exact alpha path (``--alpha auto``) and best-of.
 
-The calibration windows are split into a scoring part (statistics -> importances -> selected layers) and a
-held-out part (perplexity of the model with those layers bypassed). Alpha is searched on [0, 1] with both
-endpoints probed; the probe with the lowest held-out perplexity wins (ties go to the alpha closest to 0.5).
-Only calibration text is used: the evaluation text is never read here.
+**Disjoint windows.** The calibration token stream is split before any window is drawn: its last
+``heldout_samples`` windows' worth of tokens become contiguous, non-overlapping held-out windows, and the
+scoring windows are sampled (seeded) from the tokens before them. No scoring window can reach a held-out
+token. The evaluation text (test split) is never read here.
+
+**Exact alpha path.** SimDiff's importance is ``alpha * S + (1 - alpha) * D`` per layer, with S and D the
+normalised similarity and difference terms, which do not depend on alpha. So the removed set can change
+only where two layers' lines cross. Every crossing in (0, 1) is computed; the selection is taken at 0, 1,
+the default alpha, every crossing and every midpoint between consecutive points, which visits every set
+the path selects. Each distinct set is scored once on the held-out objective. Above ``max_candidates``
+distinct sets, the set of the default alpha and an even spread over the rest (ordered by alpha) are kept,
+and the number dropped is recorded.
+
+**Best-of.** Pools the alpha path's sets with the one-shot selections of other criteria (by default the
+one-pass ``block_influence``, ``angular_block``, ``mssd``, ``masd``; ``ppl_skip``/``taylor`` when asked for),
+scores each distinct set once and keeps the best. On the held-out objective it is therefore never worse
+than any pooled criterion.
+
+**Objectives.** ``kl``: mean over held-out tokens of KL(dense || candidate) of the next-token
+distributions. Batches are the outer loop and candidates the inner one: the dense log-probabilities of one
+batch are computed once and every new candidate is compared with them (its layers bypassed in place), so
+the cost is one dense pass plus one pass per candidate and memory holds one batch of [B, T, vocab]
+log-probabilities (about three such tensors at a time; lower ``--batch-size`` for a huge vocabulary), never
+the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass per candidate.
+
+**Ties** (equal held-out score) go to the candidate listed first: alpha-path sets ordered by the distance
+of their alpha to the default alpha, then the other pooled criteria in pool order. The saved selection is
+exactly the winner: nothing is re-scored afterwards.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 
-from simdiff.criteria import LAYER_STATS, Evidence, Options
-from simdiff.data import batches
+from simdiff.criteria import Evidence, Options, get_criterion
+from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, sample_windows, tokenize_text
+from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
-from simdiff.evaluate.perplexity import nll_over
-from simdiff.pipeline import choose_one_shot, gather_evidence
+from simdiff.evaluate.perplexity import batch_nll
+from simdiff.model.load import model_device
+from simdiff.pipeline import (
+    Selection,
+    block_sizes_for,
+    choose_one_shot,
+    evidence_passes,
+    gather_evidence,
+    importance,
+    needs_of,
+)
+from simdiff.progress import progress
+from simdiff.select import select_layers
 from simdiff.surgery import bypass_layers
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+BEST_OF = "best-of"
+OBJECTIVES = ("kl", "ppl")
+DEFAULT_POOL = ("simdiff", "block_influence", "angular_block", "mssd", "masd")
+DEFAULT_ALPHA = Options().alpha
 
 
 def is_auto(alpha: object) -> bool:
@@ -32,126 +75,269 @@ def is_auto(alpha: object) -> bool:
 
 
 @dataclass
-class Probe:
-    """One evaluated alpha: the layers it removes and their held-out calibration perplexity."""
+class SearchSettings:
+    """How held-out selection works: the objective, the cap on distinct candidates, and best-of's pool."""
 
-    alpha: float
-    removed: list[int]
-    heldout_ppl: float
-    reused: bool = False
+    objective: str = "kl"
+    max_candidates: int = 16
+    pool: tuple[str, ...] = DEFAULT_POOL
+
+    def check(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise SimdiffError(f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.max_candidates < 2:
+            raise SimdiffError(f"--max-candidates must be >= 2, got {self.max_candidates}")
+        if not self.pool:
+            raise SimdiffError("--pool must name at least one criterion")
+        for name in self.pool:
+            get_criterion(name)
 
 
+# -- disjoint scoring / held-out windows --------------------------------------------------------------------
+def split_token_stream(ids: torch.Tensor, samples: int, seq_len: int, seed: int, bos: int | None,
+                       heldout_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scoring windows sampled from the head of ``ids``; held-out windows tiling its tail (disjoint)."""
+    if heldout_samples < 1:
+        raise SimdiffError(f"--heldout-samples must be >= 1, got {heldout_samples}")
+    body = seq_len - (bos is not None)
+    held_tokens = heldout_samples * body
+    if len(ids) < held_tokens + body + 1:
+        raise SimdiffError(f"calibration text too short: {len(ids)} tokens, but {heldout_samples} held-out windows "
+                           f"need {held_tokens} and scoring needs {body + 1} more; lower --heldout-samples or "
+                           "--seq-len, or use a longer text")
+    scoring = sample_windows(ids[:-held_tokens], samples, seq_len, seed, bos)
+    heldout = contiguous_windows(ids[-held_tokens:], seq_len, bos)
+    return scoring, heldout
+
+
+def split_calibration(tokenizer, calibration) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_token_stream` on a :class:`simdiff.api.Calibration`'s text (validation split)."""
+    ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
+    return split_token_stream(ids, calibration.samples, calibration.seq_len, calibration.seed,
+                              bos_token_id(tokenizer), calibration.heldout_samples)
+
+
+# -- candidates ----------------------------------------------------------------------------------------------
 @dataclass
-class AlphaSearch:
-    """The chosen alpha, its selection and held-out perplexity, and every probe in search order."""
+class Candidate:
+    """One distinct removed set, who proposed it, and its held-out score (lower is better)."""
 
-    alpha: float
     removed: list[int]
-    heldout_ppl: float
+    sources: list[str]
+    alpha: float | None = None
+    alpha_range: list[float] | None = None
+    score: float = math.nan
+
+
+def alpha_breakpoints(similarity: np.ndarray, difference: np.ndarray) -> list[float]:
+    """Every alpha in (0, 1) where two layers' importances alpha*S + (1-alpha)*D are equal."""
+    slope = similarity - difference
+    i, j = np.triu_indices(len(slope), k=1)
+    denom = slope[i] - slope[j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = (difference[j] - difference[i]) / denom
+    cross = cross[(denom != 0) & np.isfinite(cross) & (cross > 0) & (cross < 1)]
+    return sorted(set(cross.tolist()))
+
+
+def alpha_path(evidence: Evidence, count: int, options: Options, keep_first: int = 0, keep_last: int = 0,
+               default_alpha: float = DEFAULT_ALPHA) -> list[Candidate]:
+    """Every distinct set SimDiff removes as alpha runs over [0, 1], ordered by |alpha - default_alpha|.
+
+    Each set's ``alpha`` is its probed alpha closest to ``default_alpha`` (the smaller one on a tie), and
+    ``alpha_range`` the smallest and largest probed alpha that select it.
+    """
+    similarity = importance("simdiff", evidence, replace(options, alpha=1.0))
+    difference = importance("simdiff", evidence, replace(options, alpha=0.0))
+    points = sorted({0.0, 1.0, float(default_alpha), *alpha_breakpoints(similarity, difference)})
+    probes = points + [(a + b) / 2 for a, b in zip(points, points[1:])]
+    found: dict[tuple[int, ...], list[float]] = {}
+    for alpha in probes:
+        scores = alpha * similarity + (1 - alpha) * difference  # the simdiff criterion's own expression
+        found.setdefault(tuple(select_layers(scores, count, keep_first, keep_last)), []).append(alpha)
+    candidates = []
+    for removed, alphas in found.items():
+        best = min(alphas, key=lambda a: (abs(a - default_alpha), a))
+        candidates.append(Candidate(list(removed), [f"simdiff alpha={best:.4f}"], best, [min(alphas), max(alphas)]))
+    return sorted(candidates, key=lambda c: (abs(c.alpha - default_alpha), c.alpha))
+
+
+def cap_candidates(candidates: list[Candidate], cap: int) -> tuple[list[Candidate], int]:
+    """At most ``cap`` candidates: the first (the default alpha's set) and an even spread over the rest by alpha."""
+    if len(candidates) <= cap:
+        return candidates, 0
+    first, rest = candidates[0], sorted(candidates[1:], key=lambda c: c.alpha)
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(rest) - 1, cap - 1)})
+    kept = [first, *sorted((rest[i] for i in picks), key=lambda c: (abs(c.alpha - first.alpha), c.alpha))]
+    return kept, len(candidates) - len(kept)
+
+
+def merge_duplicates(candidates: list[Candidate]) -> list[Candidate]:
+    """One candidate per removed set (the first listed keeps its place; later sources are added to it)."""
+    merged: dict[tuple[int, ...], Candidate] = {}
+    for c in candidates:
+        key = tuple(c.removed)
+        if key in merged:
+            merged[key].sources.extend(c.sources)
+        else:
+            merged[key] = c
+    return list(merged.values())
+
+
+# -- the held-out objective ------------------------------------------------------------------------------------
+class HeldoutObjective:
+    """Scores removed sets on held-out windows (lower is better); each distinct set is evaluated once."""
+
+    def __init__(self, model: nn.Module, heldout: Sequence[Batch], kind: str = "kl") -> None:
+        if kind not in OBJECTIVES:
+            raise SimdiffError(f"unknown --objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.model, self.heldout, self.kind = model, list(heldout), kind
+        self.cache: dict[tuple[int, ...], float] = {}
+        self.passes = 0
+        self.seconds = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(b.attention_mask.sum()) for b in self.heldout)
+
+    def scores(self, sets: Sequence[Sequence[int]]) -> list[float]:
+        """Held-out score of each set (cached), evaluating the new ones batch by batch."""
+        new = [list(k) for k in dict.fromkeys(tuple(s) for s in sets) if k not in self.cache]
+        if new:
+            start = time.perf_counter()
+            totals = self._kl(new) if self.kind == "kl" else self._ppl(new)
+            for removed, value in zip(new, totals):
+                self.cache[tuple(removed)] = value
+            self.passes += len(new) + (self.kind == "kl")
+            self.seconds += time.perf_counter() - start
+        return [self.cache[tuple(s)] for s in sets]
+
+    @torch.no_grad()
+    def _ppl(self, sets: list[list[int]]) -> list[float]:
+        nll, tokens = np.zeros(len(sets)), np.zeros(len(sets))
+        for batch in progress(self.heldout, desc=f"held-out ppl of {len(sets)} candidates"):
+            for k, removed in enumerate(sets):
+                with bypass_layers(self.model, removed):
+                    total, count = batch_nll(self.model, batch)
+                nll[k] += float(total)
+                tokens[k] += count
+        return [math.exp(n / t) if math.isfinite(n) else math.inf for n, t in zip(nll, tokens)]
+
+    @torch.no_grad()
+    def _kl(self, sets: list[list[int]]) -> list[float]:
+        kl, tokens = np.zeros(len(sets)), 0
+        for batch in progress(self.heldout, desc=f"held-out KL of {len(sets)} candidates"):
+            batch = batch.to(model_device(self.model))
+            mask = batch.attention_mask.bool()
+            dense = torch.log_softmax(self._logits(batch), dim=-1)[mask]
+            tokens += int(mask.sum())
+            for k, removed in enumerate(sets):
+                with bypass_layers(self.model, removed):
+                    candidate = torch.log_softmax(self._logits(batch), dim=-1)[mask]
+                per_token = nn.functional.kl_div(candidate, dense, log_target=True, reduction="none").sum(-1)
+                kl[k] += float(per_token.double().sum())
+        return [v / tokens if math.isfinite(v) else math.inf for v in kl]
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
+
+    def describe(self) -> str:
+        if self.kind == "kl":
+            return "mean KL(dense || candidate) of next-token distributions over held-out tokens (nats)"
+        return "held-out calibration perplexity with the candidate's layers bypassed"
+
+
+# -- searches --------------------------------------------------------------------------------------------------
+@dataclass
+class Search:
+    """The outcome of a held-out selection: the winner (saved exactly as is), every candidate, and the cost."""
+
+    kind: str  # "alpha" (--alpha auto) or "best-of"
     count: int
-    scoring_windows: int
-    heldout_windows: int
-    iterations: int
-    trace: list[Probe] = field(default_factory=list)
+    winner: Candidate
+    candidates: list[Candidate]
+    objective: str
+    objective_description: str
+    dropped_by_cap: int
+    cap: int
+    heldout_passes: int
+    heldout_seconds: float
+    costs: dict = field(default_factory=dict)
+
+    @property
+    def removed(self) -> list[int]:
+        return self.winner.removed
+
+    @property
+    def alpha(self) -> float | None:
+        return self.winner.alpha
 
     def to_dict(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "trace"},
-                "objective": "held-out calibration perplexity with the selected layers bypassed",
-                "trace": [asdict(p) for p in self.trace]}
+        return {"kind": self.kind, "count": self.count, "removed": self.winner.removed, "alpha": self.winner.alpha,
+                "winner_sources": self.winner.sources, "heldout_score": self.winner.score,
+                "objective": self.objective, "objective_description": self.objective_description,
+                "distinct_candidates": len(self.candidates), "dropped_by_cap": self.dropped_by_cap,
+                "max_candidates": self.cap, "heldout_passes": self.heldout_passes,
+                "heldout_seconds": self.heldout_seconds, **self.costs,
+                "candidates": [vars(c) for c in self.candidates]}
 
 
-def split_windows(windows: torch.Tensor, heldout_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scoring windows (the first ones) and held-out windows (the last ``heldout_fraction``, at least one)."""
-    n = int(windows.shape[0])
-    if n < 2:
-        raise SimdiffError(f"--alpha auto needs at least 2 calibration windows (got {n}); raise --samples")
-    if not 0.0 < heldout_fraction < 1.0:
-        raise SimdiffError(f"held-out fraction must lie strictly between 0 and 1, got {heldout_fraction}")
-    held = min(n - 1, max(1, round(n * heldout_fraction)))
-    return windows[: n - held], windows[n - held :]
+class Searcher:
+    """One scoring pass on the scoring windows, then held-out searches for any count (scores cached by set)."""
+
+    def __init__(self, model: nn.Module, tokenizer, calibration, settings: SearchSettings, counts: Sequence[int],
+                 criteria: Sequence[str] = ("simdiff",), keep_first: int = 0, keep_last: int = 0) -> None:
+        settings.check()
+        self.model, self.settings, self.keep = model, settings, (keep_first, keep_last)
+        scoring, heldout = split_calibration(tokenizer, calibration)
+        self.windows = {"scoring_windows": int(scoring.shape[0]), "heldout_windows": int(heldout.shape[0])}
+        self.objective = HeldoutObjective(model, batches(heldout, calibration.batch_size), settings.objective)
+        criteria = list(dict.fromkeys(["simdiff", *criteria]))
+        start = time.perf_counter()
+        self.evidence = gather_evidence(model, batches(scoring, calibration.batch_size, calibration.skip_first_token),
+                                        needs_of(criteria), block_sizes_for(criteria, counts))
+        self.calibration_seconds = time.perf_counter() - start
+        self.criteria = criteria
+
+    def search(self, kind: str, count: int, options: Options) -> Search:
+        """``kind="alpha"``: the alpha path only; ``kind="best-of"``: the path pooled with the other criteria."""
+        path, dropped = cap_candidates(alpha_path(self.evidence, count, options, *self.keep),
+                                       self.settings.max_candidates)
+        pooled = list(path)
+        if kind == BEST_OF:
+            for name in self.settings.pool:
+                if name != "simdiff":
+                    pooled.append(Candidate(choose_one_shot(name, self.evidence, count, options, *self.keep).removed,
+                                            [name]))
+        candidates = merge_duplicates(pooled)
+        passes, seconds = self.objective.passes, self.objective.seconds
+        for candidate, value in zip(candidates, self.objective.scores([c.removed for c in candidates])):
+            candidate.score = value
+            log.info("%s removes %s: held-out %s %.5f", " / ".join(candidate.sources), candidate.removed,
+                     self.settings.objective, value)
+        order = {id(c): i for i, c in enumerate(candidates)}
+        winner = min(candidates, key=lambda c: (_finite_or_inf(c.score), order[id(c)]))
+        log.info("%s for %d layers: %s wins (held-out %s %.5f, %d distinct candidates)", kind, count,
+                 " / ".join(winner.sources), self.settings.objective, winner.score, len(candidates))
+        costs = {**self.windows, "heldout_tokens": self.objective.tokens,
+                 "calibration_passes": evidence_passes(needs_of(self.criteria), self.evidence.num_layers),
+                 "calibration_seconds": self.calibration_seconds}
+        return Search(kind, count, winner, candidates, self.settings.objective, self.objective.describe(), dropped,
+                      self.settings.max_candidates, self.objective.passes - passes,
+                      self.objective.seconds - seconds, costs)
+
+    def selection(self, search: Search, options: Options) -> tuple[Selection, Options]:
+        """The winner as a :class:`Selection` (exactly its removed set) and the options it implies."""
+        if search.alpha is not None:
+            options = replace(options, alpha=search.alpha)
+        if search.kind == "alpha":
+            steps = [{"importance": importance("simdiff", self.evidence, options).tolist(), "search": "alpha"}]
+            return Selection("simdiff", list(search.removed), steps), options
+        return Selection(BEST_OF, list(search.removed), [{"search": BEST_OF, "winner": search.winner.sources}]), options
 
 
-class _Objective:
-    """Held-out perplexity of the layers SimDiff selects at a given alpha (cached per removed set)."""
-
-    def __init__(self, model: nn.Module, evidence: Evidence, heldout, count: int, options: Options,
-                 keep_first: int, keep_last: int) -> None:
-        self.model, self.evidence, self.heldout = model, evidence, heldout
-        self.count, self.options, self.keep = count, options, (keep_first, keep_last)
-        self.cache: dict[tuple[int, ...], float] = {}
-        self.trace: list[Probe] = []
-
-    def __call__(self, alpha: float) -> float:
-        options = replace(self.options, alpha=float(alpha))
-        removed = choose_one_shot("simdiff", self.evidence, self.count, options, *self.keep).removed
-        key = tuple(removed)
-        reused = key in self.cache
-        if not reused:
-            with bypass_layers(self.model, removed):
-                self.cache[key] = nll_over(self.model, self.heldout, desc=None).perplexity
-        ppl = self.cache[key]
-        self.trace.append(Probe(float(alpha), removed, ppl, reused))
-        log.info("alpha %.4f removes %s: held-out calibration ppl %.4f%s", alpha, removed, ppl,
-                 " (same layers as an earlier probe)" if reused else "")
-        return ppl
-
-
-def ternary_search(objective, iterations: int) -> None:
-    """Probe both endpoints, then narrow [0, 1] by ternary search for ``iterations`` rounds."""
-    objective(0.0)
-    objective(1.0)
-    lo, hi = 0.0, 1.0
-    for _ in range(iterations):
-        m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
-        if objective(m1) <= objective(m2):
-            hi = m2
-        else:
-            lo = m1
-
-
-def tune_alpha(model: nn.Module, windows: torch.Tensor, count: int, options: Options | None = None,
-               batch_size: int = 4, keep_first: int = 0, keep_last: int = 0, iterations: int = 6,
-               heldout_fraction: float = 0.25) -> AlphaSearch:
-    """Choose SimDiff's alpha for removing ``count`` layers, from calibration ``windows`` only."""
-    if iterations < 0:
-        raise SimdiffError(f"iterations must be >= 0, got {iterations}")
-    options = replace(options or Options(), alpha=0.5)
-    scoring, heldout = split_windows(windows, heldout_fraction)
-    evidence = gather_evidence(model, batches(scoring, batch_size), {LAYER_STATS})
-    objective = _Objective(model, evidence, batches(heldout, batch_size), count, options, keep_first, keep_last)
-    ternary_search(objective, iterations)
-    best = min(objective.trace, key=lambda p: (_rank(p.heldout_ppl), abs(p.alpha - 0.5), p.alpha))
-    log.info("alpha auto: chose %.4f (held-out calibration ppl %.4f, %d probes)", best.alpha, best.heldout_ppl,
-             len(objective.trace))
-    return AlphaSearch(best.alpha, best.removed, best.heldout_ppl, count, int(scoring.shape[0]),
-                       int(heldout.shape[0]), iterations, objective.trace)
-
-
-def _rank(ppl: float) -> float:
-    return ppl if math.isfinite(ppl) else math.inf
-
-
-def tune_alpha_for_calibration(model: nn.Module, tokenizer, count: int, calibration, options: Options | None = None,
-                               keep_first: int = 0, keep_last: int = 0, iterations: int = 6) -> AlphaSearch:
-    """:func:`tune_alpha` on the windows of a :class:`simdiff.api.Calibration` (its validation split)."""
-    from simdiff.data import calibration_windows
-
-    windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seq_len,
-                                  calibration.seed, calibration.data_dir)
-    return tune_alpha(model, windows, count, options, calibration.batch_size, keep_first, keep_last, iterations)
-
-
-def resolve_alpha(model: nn.Module, tokenizer, criterion: str, count: int, calibration, options: Options,
-                  iterative: bool = False, keep_first: int = 0, keep_last: int = 0) -> tuple[Options, AlphaSearch | None]:
-    """``options`` with a numeric alpha: unchanged unless alpha is ``"auto"``, then tuned for ``count`` layers."""
-    if not is_auto(options.alpha):
-        return options, None
-    if criterion != "simdiff":
-        raise SimdiffError(f"--alpha auto tunes the simdiff criterion; {criterion!r} has no alpha (drop --alpha)")
-    if iterative:
-        raise SimdiffError("--alpha auto works with one-shot selection; drop --iterative or give --alpha a number")
-    search = tune_alpha_for_calibration(model, tokenizer, count, calibration, options, keep_first, keep_last)
-    return replace(options, alpha=search.alpha), search
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
 
 
 def reject_auto(options: Options | None, what: str = "scoring") -> None:
@@ -159,3 +345,24 @@ def reject_auto(options: Options | None, what: str = "scoring") -> None:
     if options is not None and is_auto(options.alpha):
         raise SimdiffError(f"--alpha auto needs a number of layers to remove, which {what} does not have; "
                            "use it with prune/compare (--num-layers or --ratio) or give --alpha a number in [0, 1]")
+
+
+def search_kind(criterion: str, options: Options, iterative: bool = False) -> str | None:
+    """``"alpha"`` (simdiff with --alpha auto), ``"best-of"``, or None (a plain one-pass selection)."""
+    if criterion == BEST_OF:
+        kind = BEST_OF
+    elif is_auto(options.alpha):
+        if criterion != "simdiff":
+            raise SimdiffError(f"--alpha auto tunes the simdiff criterion; {criterion!r} has no alpha (drop --alpha)")
+        kind = "alpha"
+    else:
+        return None
+    if iterative:
+        raise SimdiffError(f"{'--alpha auto' if kind == 'alpha' else '--criterion best-of'} works with one-shot "
+                           "selection; drop --iterative")
+    return kind
+
+
+def searched_options(options: Options) -> Options:
+    """``options`` with a numeric alpha (the default) where it was ``auto``: the path sweeps alpha itself."""
+    return replace(options, alpha=DEFAULT_ALPHA) if is_auto(options.alpha) else options

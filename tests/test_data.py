@@ -18,6 +18,7 @@ from simdiff.data import (
     sample_windows,
     tokenize_text,
 )
+from simdiff.data.text import text_variant
 from simdiff.errors import SimdiffError
 
 IDS = torch.arange(100, 200)
@@ -92,6 +93,19 @@ def test_load_text_sources(tmp_path, shared_data) -> None:
     assert load_text("wikitext2", "test", root=shared_data) != valid
 
 
+def test_wikitext2_is_the_raw_text_and_every_result_names_its_variant(shared_data) -> None:
+    raw = load_text("wikitext2", "test", root=shared_data)
+    assert raw == (shared_data / "wikitext-2-raw" / "test.txt").read_text(encoding="utf-8")
+    assert "<unk>" not in raw  # the raw release (no <unk> replacement), as `datasets` serves wikitext-2-raw-v1
+    tokenised = load_text("wikitext2-tok", "test", root=shared_data)
+    assert "<unk>" in tokenised and tokenised == (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    assert text_variant("wikitext2", "test", shared_data).startswith("wikitext-2-raw-v1/test (")
+    assert text_variant("wikitext2-tok", "test", shared_data).startswith("wikitext-2-v1 (tokenised)/test (")
+    # no raw validation split in the shared folder: calibration reads the tokenised one and says so
+    assert text_variant("wikitext2", "valid", shared_data).startswith("wikitext-2-v1 (tokenised)/valid (")
+    assert text_variant("notes.txt", "valid", shared_data) == "notes.txt"
+
+
 def test_load_text_errors(tmp_path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
     (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
@@ -107,7 +121,7 @@ def test_load_text_errors(tmp_path) -> None:
         load_text(str(tmp_path / "empty"))
     with pytest.raises(SimdiffError, match="text source 'wikitext3' not found"):
         load_text("wikitext3")
-    with pytest.raises(SimdiffError, match="must hold wikitext-2/valid.txt"):
+    with pytest.raises(SimdiffError, match="must hold wikitext-2-raw/valid.txt or wikitext-2/valid.txt"):
         load_text("wikitext2", "valid", root=tmp_path)
     with pytest.raises(SimdiffError, match="the text is empty"):
         tokenize_text(tiny_tokenizer(), "  \n ")

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
@@ -68,22 +69,44 @@ def test_piqa_rows_join_labels():
     assert {r["label"] for r in rows} == {0, 1}
 
 
-def test_lm_eval_local_piqa_offline_on_tiny_model(monkeypatch):
+@torch.no_grad()
+def _reference_piqa(model, tok, rows: list[dict]) -> tuple[float, float]:
+    """acc and acc_norm by hand, with lm-eval's multiple-choice rules: context "Question: {goal}\nAnswer:",
+    continuation " {sol}" (tokens of context+continuation after the context's), summed log-likelihood;
+    acc_norm divides it by the continuation's length in bytes."""
+    acc, acc_norm = 0, 0
+    for row in rows:
+        context = f"Question: {row['goal']}\nAnswer:"
+        scores, norms = [], []
+        for sol in (row["sol1"], row["sol2"]):
+            ctx = tok(context, add_special_tokens=False).input_ids
+            whole = tok(context + " " + sol, add_special_tokens=False).input_ids
+            cont = whole[len(ctx):]
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+            ll = sum(float(logp[len(whole) - len(cont) - 1 + k, t]) for k, t in enumerate(cont))
+            scores.append(ll)
+            norms.append(ll / len((" " + sol).encode("utf-8")))
+        acc += int(np.argmax(scores)) == row["label"]
+        acc_norm += int(np.argmax(norms)) == row["label"]
+    return acc / len(rows), acc_norm / len(rows)
+
+
+def test_lm_eval_local_piqa_matches_a_hand_computed_accuracy(monkeypatch):
     from simdiff.evaluate.harness import TaskRunner, local_task_names
+    from simdiff.evaluate.tasks.piqa_local.utils import piqa_rows
     from simdiff.surgery import bypass_layers
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert local_task_names(["piqa", "hellaswag"], str(data_dir())) == {"piqa": "piqa_local", "hellaswag": "hellaswag"}
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    runner = TaskRunner(model, tok, ["piqa"], limit=6, batch_size=4, data_dir=str(data_dir()), max_length=1024)
+    rows = piqa_rows(data_dir() / "piqa")[:12]
+    runner = TaskRunner(model, tok, ["piqa"], limit=12, batch_size=4, data_dir=str(data_dir()), max_length=1024)
     dense = runner()["piqa"]
-    assert dense["lm_eval_task"] == "piqa_local" and dense["samples"] == 6
-    for metric in ("acc", "acc_norm"):
-        assert 0.0 <= dense[metric] <= 1.0
-        assert dense[metric] * 6 == pytest.approx(round(dense[metric] * 6))  # a fraction of 6 questions
+    assert dense["lm_eval_task"] == "piqa_local" and dense["samples"] == 12
+    assert (dense["acc"], dense["acc_norm"]) == pytest.approx(_reference_piqa(model, tok, rows))
     with bypass_layers(model, [0, 1, 2, 3, 4]):  # the same runner sees the bypassed model
-        assert 0.0 <= runner()["piqa"]["acc"] <= 1.0
+        assert runner()["piqa"]["acc"] == pytest.approx(_reference_piqa(model, tok, rows)[0])
 
 
 def test_unknown_task_is_a_user_error():
@@ -182,14 +205,6 @@ def test_eval_json_has_lm_eval_schema_and_reads_with_lm_eval(tmp_path, monkeypat
     assert len(lines) == 4 and {"doc", "resps", "acc"} <= set(lines[0])
 
 
-def test_perplexity_stderr_over_windows():
-    from simdiff.evaluate.perplexity import mean_nll_stderr
-
-    # two windows of 10 tokens with mean NLL 1 and 3: mean 2, sample sd of the window means sqrt(2), se 1
-    assert mean_nll_stderr([10.0, 30.0], [10, 10]) == pytest.approx(1.0)
-    assert math.isnan(mean_nll_stderr([10.0], [10]))
-
-
 def _eval_json(tmp_path, folder, name: str, *extra: str) -> Path:
     out = tmp_path / name
     assert main(["-q", "eval", str(folder), "--ppl", "wikitext2", "--seq-len", "32", "--batch-size", "4",
@@ -226,6 +241,29 @@ def test_baseline_with_other_tokens_is_refused_after_evaluating(tmp_path, capsys
     assert "perplexity tokens of wikitext2: baseline 403, this run 372" in capsys.readouterr().err
 
 
+def test_eval_command_with_a_baseline_json_file(tmp_path, capsys):
+    dense, pruned = save_tiny("llama", tmp_path / "dense"), tmp_path / "pruned"
+    tiny_model("llama", 4, seed=1).save_pretrained(pruned)
+    tiny_tokenizer().save_pretrained(pruned)
+    common = ["--ppl", "wikitext2", "--seq-len", "32", "--max-tokens", "400", "--batch-size", "4"]
+    assert main(["-q", "eval", str(dense), *common, "--json", str(tmp_path / "dense.json")]) == 0
+    dense_doc = json.loads((tmp_path / "dense.json").read_text())
+    report = dense_doc["simdiff"]["perplexity"]["wikitext2"]
+    assert report["tokens"] == (400 // 32) * 31 and math.isfinite(report["perplexity"])
+    assert report["protocol"]["text"].startswith("wikitext-2-raw-v1/test")
+    assert len(report["window_nll"]) == 400 // 32 and report["perplexity_stderr"] > 0
+    assert "versions" in dense_doc["simdiff"] and "command" in dense_doc["simdiff"]
+    capsys.readouterr()
+    # the FILE.json branch: the baseline is read, not re-evaluated (a second load would be the other model)
+    assert main(["-q", "eval", str(pruned), *common, "--baseline", str(tmp_path / "dense.json"),
+                 "--json", str(tmp_path / "pruned.json")]) == 0
+    doc = json.loads((tmp_path / "pruned.json").read_text())
+    ratio = doc["simdiff"]["perplexity"]["wikitext2"]["perplexity"] / report["perplexity"]
+    assert doc["simdiff"]["baseline"]["perplexity"] == dense_doc["simdiff"]["perplexity"]
+    assert doc["simdiff"]["retained"]["ppl_ratio"]["wikitext2"] == pytest.approx(ratio) and abs(ratio - 1) > 1e-3
+    assert "perplexity ratio vs baseline" in capsys.readouterr().out
+
+
 def test_eval_command_rejects_nothing_to_do(tmp_path, capsys):
     folder = save_tiny("llama", tmp_path / "tiny")
     assert main(["-q", "eval", str(folder), "--ppl", ""]) == 2
@@ -233,3 +271,18 @@ def test_eval_command_rejects_nothing_to_do(tmp_path, capsys):
     assert main(["-q", "eval", str(folder), "--tasks", "piqa", "--log-samples"]) == 2
     err = capsys.readouterr().err
     assert "--log-samples" in err and "--json FILE" in err
+
+
+def test_demo_says_when_two_perplexities_are_within_noise():
+    from simdiff.evaluate.cli import noise_note
+
+    def row(label, removed, nll):
+        return {"label": label, "removed_layers": removed, "perplexity": {"t": {"window_nll": nll}}}
+
+    base = [3.0, 3.4, 2.9, 3.8, 3.1, 3.3]
+    close = row("b", [2], [v + d for v, d in zip(base, [0.05, -0.04, 0.03, -0.05, 0.02, -0.01])])
+    far = row("b", [2], [v + 0.3 for v in base])
+    assert "within noise" in noise_note(row("a", [1], base), close, "t")
+    note = noise_note(row("a", [1], base), far, "t")
+    assert "a is better beyond 2 standard errors" in note and "-0.3000" in note
+    assert noise_note(row("a", [1], base), row("b", [1], base), "t") == "the same layers"

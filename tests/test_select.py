@@ -14,9 +14,10 @@ from simdiff.pipeline import choose_iterative, choose_one_shot, gather_evidence,
 from simdiff.select import protected_mask, resolve_count, select_block, select_layers
 
 
-@pytest.mark.parametrize("total,ratio,expected", [(30, 0.25, 8), (30, 0.1, 3), (6, 0.5, 3), (8, 0.3, 2)])
-def test_ratio_rounds(total: int, ratio: float, expected: int) -> None:
-    assert resolve_count(total, ratio=ratio) == expected == round(ratio * total)
+@pytest.mark.parametrize("total,ratio,expected", [(30, 0.25, 8), (30, 0.1, 3), (6, 0.5, 3), (8, 0.3, 2),
+                                                  (26, 0.25, 7), (22, 0.25, 6), (10, 0.25, 3), (18, 0.25, 5)])
+def test_ratio_rounds_half_up(total: int, ratio: float, expected: int) -> None:
+    assert resolve_count(total, ratio=ratio) == expected  # 6.5 -> 7 and 5.5 -> 6: no banker's rounding
 
 
 def test_num_layers_passes_through() -> None:
@@ -93,17 +94,59 @@ def test_one_shot_matches_ranking_and_is_deterministic() -> None:
     assert choose_one_shot("reverse", Evidence(6), 2, options).removed == [3, 4]
 
 
-def test_iterative_removes_one_layer_at_a_time() -> None:
+@torch.no_grad()
+def _block_influence_by_hand(model, windows: torch.Tensor, bypassed: list[int]) -> np.ndarray:
+    """1 - mean cos(input, output) of each layer from output_hidden_states, with ``bypassed`` layers skipped.
+
+    hidden_states[l] is the input of layer l; the last entry is after the final norm, so the last layer is
+    not covered (NaN)."""
+    from simdiff.surgery import bypass_layers
+
+    with bypass_layers(model, bypassed):
+        states = model(windows, output_hidden_states=True).hidden_states
+    n = len(states) - 1
+    out = np.full(n, np.nan)
+    for layer in range(n - 1):
+        x, y = states[layer].reshape(-1, states[layer].shape[-1]), states[layer + 1].reshape(-1, states[layer].shape[-1])
+        out[layer] = 1 - float(torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).mean())
+    return out
+
+
+def test_iterative_step_two_is_block_influence_with_the_first_layer_bypassed() -> None:
+    model = tiny_model("llama", 6)
+    windows = torch.randint(4, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    selection = choose_iterative(model, batches(windows, 2), "block_influence", 2, Options(), keep_first=1, keep_last=1)
+    first, second = selection.steps
+    dense = _block_influence_by_hand(model, windows, [])
+    np.testing.assert_allclose(first["importance"][:5], dense[:5], rtol=1e-5)
+    assert first["removed"] == 1 + int(np.argmin(dense[1:5]))
+    after = _block_influence_by_hand(model, windows, [first["removed"]])
+    candidates = [i for i in range(1, 5) if i != first["removed"]]
+    np.testing.assert_allclose([second["importance"][i] for i in candidates], after[candidates], rtol=1e-5)
+    assert second["removed"] == min(candidates, key=lambda i: after[i])
+    assert np.isnan(second["importance"][first["removed"]])  # the removed layer is no longer scored
+    assert selection.removed == sorted([first["removed"], second["removed"]])
+    with pytest.raises(SimdiffError, match="--iterative does not apply"):
+        choose_iterative(model, batches(windows, 2), "angular_block", 2, Options())
+
+
+@pytest.mark.parametrize("criterion,field", [("ppl_skip", "skip_loss_increase"), ("taylor", "taylor")])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_model_scores_are_an_error_not_an_exclusion(criterion: str, field: str, bad: float) -> None:
+    values = np.array([0.3, 0.1, bad, 0.2])
+    with pytest.raises(SimdiffError, match=f"{criterion} score of layer 2 is {bad}"):
+        choose_one_shot(criterion, Evidence(4, **{field: values}), 1, Options())
+
+
+def test_the_cost_of_scoring_is_stated_before_it_starts(caplog) -> None:
+    import logging
+
     model = tiny_model("llama", 5)
     calib = batches(torch.randint(4, 256, (2, 8), generator=torch.Generator().manual_seed(0)), 2)
-    selection = choose_iterative(model, calib, "block_influence", 2, Options(), keep_first=1)
-    assert len(selection.removed) == 2 and 0 not in selection.removed
-    first, second = selection.steps
-    assert first["removed"] == select_layers(np.array(first["importance"]), 1, keep_first=1)[0]
-    assert np.isnan(second["importance"][first["removed"]])  # the removed layer is no longer scored
-    assert sorted([first["removed"], second["removed"]]) == selection.removed
-    with pytest.raises(SimdiffError, match="--iterative does not apply"):
-        choose_iterative(model, calib, "angular_block", 2, Options())
+    with caplog.at_level(logging.INFO, logger="simdiff.pipeline"):
+        gather_evidence(model, calib, {"layer_stats", "skip_loss", "taylor"})
+    first = caplog.records[0].getMessage()
+    assert "6 loss passes (ppl_skip" in first and "forward+backward" in first and "2 calibration windows" in first
 
 
 def test_iterative_reuses_initial_evidence_for_its_first_step(monkeypatch) -> None:

@@ -92,7 +92,7 @@ def collect_layer_statistics(
     recorder = StatisticsRecorder(len(decoder), block_sizes)
     with forward_hooks({i: decoder.modules[i] for i in indices}, recorder.hook_for):
         for batch in progress(batches, desc="calibration pass"):
-            recorder.start_batch(batch.attention_mask)
+            recorder.start_batch(batch.statistics_mask())
             run_decoder(model, batch)
     recorder.stats.check_finite(None if active_layers is None else list(active_layers),
                                 next(model.parameters()).dtype)

@@ -238,7 +238,7 @@ def collect_layer_statistics_offloaded(
         hidden.append(captured[0][0].to(device))
         memo: dict[int, object] = {}  # this batch's only: its tensors are freed once moved, their ids reused
         calls.append({i: move((args, kwargs), device, memo) for i, (_, args, kwargs) in captured.items()})
-        masks.append(batch.attention_mask)
+        masks.append(batch.statistics_mask())
 
     layer_sizes = [module_bytes(layer) for layer in decoder.modules]
     report = OffloadReport(str(device), largest_layer_bytes=max(layer_sizes), layer_bytes=layer_sizes,

@@ -5,18 +5,28 @@ from __future__ import annotations
 import numpy as np
 
 from simdiff.criteria.registry import SKIP_LOSS, TAYLOR, Evidence, Options, register, require
+from simdiff.errors import SimdiffError
+
+
+def require_finite(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` if every layer's score is finite; else a clear error (never a silent exclusion)."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise SimdiffError(f"{name} score of layer {int(bad[0])} is {values[bad[0]]}: the calibration loss overflowed "
+                           "or is NaN; run with --dtype float32 or check the calibration text")
+    return values
 
 
 @register("ppl_skip", "calibration loss increase when the layer alone is skipped (SLEB-style with --iterative)",
           "Kim et al., Shortened LLaMA, arXiv 2402.02834; Song et al., SLEB, arXiv 2402.09025", needs={SKIP_LOSS})
 def ppl_skip(evidence: Evidence, options: Options) -> np.ndarray:
-    return require(evidence, "skip_loss_increase", "ppl_skip")
+    return require_finite(require(evidence, "skip_loss_increase", "ppl_skip"), "ppl_skip")
 
 
 @register("taylor", "first-order Taylor importance: sum over the layer's weights of |w * dL/dw|",
           "Kim et al., Shortened LLaMA, arXiv 2402.02834", needs={TAYLOR})
 def taylor(evidence: Evidence, options: Options) -> np.ndarray:
-    return require(evidence, "taylor", "taylor")
+    return require_finite(require(evidence, "taylor", "taylor"), "taylor")
 
 
 @register("reverse", "drop the last layers before the final one (deepest first)",

@@ -1,4 +1,11 @@
-"""Text sources: WikiText-2 by name (local copy or `datasets`), or .txt/.jsonl files and folders."""
+"""Text sources: WikiText-2 by name (local copy or `datasets`), or .txt/.jsonl files and folders.
+
+``wikitext2`` is the **raw** WikiText-2 (``wikitext-2-raw-v1``: the text papers report perplexity on), offline
+and online. Offline, the test split is ``wikitext-2-raw/test.txt``. A raw validation split is read from
+``wikitext-2-raw/valid.txt`` when the data folder has one; the shared data folder has none, so calibration
+then falls back to the tokenised release's ``wikitext-2/valid.txt`` and says so in the recorded variant
+(:func:`text_variant`). ``wikitext2-tok`` names the tokenised release (``<unk>``, `` @-@ ``) explicitly.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,11 @@ from simdiff.errors import SimdiffError, one_line
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "SIMDIFF_DATA_DIR"
-NAMED_DATASETS = {"wikitext2": "wikitext-2"}
+# name -> (local folders in order of preference, `datasets` config); the first folder holding the split wins
+NAMED_DATASETS = {
+    "wikitext2": (("wikitext-2-raw", "wikitext-2"), "wikitext-2-raw-v1"),
+    "wikitext2-tok": (("wikitext-2",), "wikitext-2-v1"),
+}
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -22,7 +33,31 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def _wikitext2_from_datasets(split: str) -> str:
+def local_text_path(name: str, split: str, folder: Path) -> Path | None:
+    """The local file a named source reads for ``split`` in ``folder`` (None when no candidate exists)."""
+    for sub in NAMED_DATASETS[name][0]:
+        path = folder / sub / f"{split}.txt"
+        if path.is_file():
+            return path
+    return None
+
+
+def text_variant(source: str, split: str, root: str | os.PathLike | None = None) -> str:
+    """Which text ``load_text(source, split, root)`` reads, for the record: dataset config and file, or path."""
+    if source not in NAMED_DATASETS:
+        return str(Path(source).expanduser())
+    folder = data_dir(root)
+    config = NAMED_DATASETS[source][1]
+    if folder is None:
+        return f"{config}/{split} (downloaded with `datasets`)"
+    path = local_text_path(source, split, folder)
+    if path is None:
+        return f"{config}/{split} (missing in {folder})"
+    variant = "wikitext-2-raw-v1" if path.parent.name == "wikitext-2-raw" else "wikitext-2-v1 (tokenised)"
+    return f"{variant}/{split} ({path})"
+
+
+def _wikitext2_from_datasets(split: str, config: str = "wikitext-2-raw-v1") -> str:
     try:
         import datasets
     except ImportError as exc:
@@ -32,25 +67,30 @@ def _wikitext2_from_datasets(split: str) -> str:
         ) from exc
     hf_split = {"valid": "validation", "test": "test", "train": "train"}[split]
     try:
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+        rows = datasets.load_dataset("wikitext", config, split=hf_split)
     except ConnectionError as exc:  # offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) or no network, and not cached
         raise SimdiffError(
             f"WikiText-2 is not available: no --data-dir (or {DATA_DIR_ENV}) and the download failed "
-            f"({one_line(str(exc))}); pass --data-dir to a folder holding wikitext-2/{{valid,test}}.txt"
+            f"({one_line(str(exc))}); pass --data-dir to a folder holding wikitext-2/{{valid,test}}.txt "
+            "(and wikitext-2-raw/test.txt, the raw test split)"
         ) from exc
     return "".join(rows["text"])
 
 
 def load_named_text(name: str, split: str, root: str | os.PathLike | None = None) -> str:
-    """Text of a named dataset split (``wikitext2`` with split ``valid`` or ``test``)."""
+    """Text of a named dataset split (``wikitext2`` or ``wikitext2-tok``, split ``valid`` or ``test``)."""
     folder = data_dir(root)
+    folders, config = NAMED_DATASETS[name]
     if folder is not None:
-        path = folder / NAMED_DATASETS[name] / f"{split}.txt"
-        if not path.is_file():
-            raise SimdiffError(f"{path} not found: --data-dir / {DATA_DIR_ENV} must hold wikitext-2/{split}.txt")
+        path = local_text_path(name, split, folder)
+        if path is None:
+            raise SimdiffError(f"{name}/{split} not found: --data-dir / {DATA_DIR_ENV} ({folder}) must hold "
+                               + " or ".join(f"{sub}/{split}.txt" for sub in folders))
+        if path.parent.name != folders[0]:
+            log.info("%s/%s: no %s/%s.txt in %s; reading %s", name, split, folders[0], split, folder, path)
         return path.read_text(encoding="utf-8")
-    log.info("no local data dir; downloading %s/%s with `datasets`", name, split)
-    return _wikitext2_from_datasets(split)
+    log.info("no local data dir; downloading %s/%s with `datasets`", config, split)
+    return _wikitext2_from_datasets(split, config)
 
 
 def _jsonl_text(path: Path, number: int, line: str) -> str:

@@ -12,13 +12,26 @@ from simdiff.errors import SimdiffError
 
 @dataclass
 class Batch:
-    """A batch of token ids with its attention mask (1 = real token, 0 = padding)."""
+    """A batch of token ids with its attention mask (1 = real token, 0 = padding).
+
+    ``skip_first_token``: hidden-state statistics leave out position 0 of each window (the BOS / attention-sink
+    token, which carries massive activations); the model still sees it.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    skip_first_token: bool = False
 
     def to(self, device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.skip_first_token)
+
+    def statistics_mask(self) -> torch.Tensor:
+        """The tokens whose hidden states enter the layer statistics."""
+        if not self.skip_first_token:
+            return self.attention_mask
+        mask = self.attention_mask.clone()
+        mask[:, 0] = 0
+        return mask
 
 
 def bos_token_id(tokenizer) -> int | None:
@@ -73,11 +86,11 @@ def contiguous_windows(token_ids: torch.Tensor, seq_len: int, bos: int | None = 
     return _with_bos(token_ids[: n * body].view(n, body), bos)
 
 
-def batches(windows: torch.Tensor, batch_size: int) -> list[Batch]:
+def batches(windows: torch.Tensor, batch_size: int, skip_first_token: bool = False) -> list[Batch]:
     """Split ``[n, T]`` windows into batches with all-ones attention masks."""
     if batch_size < 1:
         raise SimdiffError(f"batch size must be >= 1, got {batch_size}")
-    return [Batch(w, torch.ones_like(w)) for w in windows.split(batch_size)]
+    return [Batch(w, torch.ones_like(w), skip_first_token) for w in windows.split(batch_size)]
 
 
 def pad_sequences(sequences: list[list[int]], pad_id: int) -> Batch:

@@ -14,8 +14,10 @@ from simdiff.cli_options import (
     add_criterion_options,
     add_data_dir_option,
     add_model_options,
+    add_search_options,
     calibration_from,
     options_from,
+    search_from,
     source_from,
 )
 from simdiff.errors import SimdiffError
@@ -23,7 +25,7 @@ from simdiff.model.load import DTYPES
 
 log = logging.getLogger("simdiff")
 
-DOC_CRITERIA = "simdiff,simdiff:alpha=auto,block_influence,angular_block,ppl_skip,taylor,reverse,random"
+DOC_CRITERIA = "simdiff,simdiff:alpha=auto,best-of,block_influence,angular_block,ppl_skip,taylor,reverse,random"
 
 
 def _quiet_lm_eval() -> None:
@@ -215,6 +217,7 @@ def add_compare_options(parser: argparse.ArgumentParser, criteria: str, tasks: s
     add_evaluation_options(parser, prefix="eval-", tasks=tasks, limit=limit, max_tokens=max_tokens)
     add_calibration_options(parser)
     add_criterion_options(parser)
+    add_search_options(parser)
 
 
 def add_compare_command(subparsers) -> None:
@@ -246,7 +249,7 @@ def run_comparison(args: argparse.Namespace, model_name: str, num_layers: list[i
         total = len(find_decoder_layers(model))
         counts = list(num_layers) if num_layers else [resolve_count(total, ratio=r) for r in ratios or []]
         setup = CompareSetup(specs, counts, calibration_from(args), options_from(args), settings, args.keep_first,
-                             args.keep_last, args.metric)
+                             args.keep_last, args.metric, search_from(args))
         document = compare(model, tokenizer, setup, model_name)
         out = write_results(document, claim)
     log.info("wrote %s", out)
@@ -271,12 +274,13 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 # -- simdiff demo --------------------------------------------------------------------------------------
-DEMO_CRITERIA = "simdiff,block_influence,angular_block,mssd,masd,ppl_skip,taylor,reverse,random"
+DEMO_CRITERIA = "simdiff,block_influence,angular_block"
+DEMO_RIVAL = "block_influence"
 
 
 def add_demo_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="score all criteria on smollm2-135m, prune 25%%, dense vs pruned perplexity and PIQA")
+        "demo", help="prune 25%% of smollm2-135m with SimDiff and baselines; perplexity and PIQA with standard errors")
     parser.add_argument("model", nargs="?", default="smollm2-135m", help="model (default: smollm2-135m)")
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
@@ -284,8 +288,32 @@ def add_demo_command(subparsers) -> None:
     group.add_argument("--device-map", default=None)
     parser.add_argument("--ratio", type=float, default=0.25, help="fraction of layers to remove (default: 0.25)")
     parser.add_argument("--out", default="out/demo", help="comparison folder (default: out/demo)")
-    add_compare_options(parser, DEMO_CRITERIA, tasks="piqa", limit=50, max_tokens=4096)
-    parser.set_defaults(run=run_demo, samples=8)
+    add_compare_options(parser, DEMO_CRITERIA, tasks="piqa", limit=50, max_tokens=16384)
+    # many short windows: 32 windows of 512 tokens give a per-window spread, hence a standard error
+    parser.set_defaults(run=run_demo, samples=8, eval_seq_len=512, eval_batch_size=4)
+
+
+def _ppl_text(report: dict) -> str:
+    return f"{_fmt(report['perplexity'], 2)} ± {_fmt(report.get('perplexity_stderr'), 2)}"
+
+
+def _acc_text(scores: dict, metric: str) -> str:
+    return f"{_fmt(scores.get(metric))} ± {_fmt(scores.get(metric + '_stderr'))}"
+
+
+def noise_note(a: dict, b: dict, source: str) -> str:
+    """Paired comparison of two candidates' perplexity on the same windows: the difference and whether it is noise."""
+    from simdiff.evaluate.perplexity import standard_error
+
+    if a["removed_layers"] == b["removed_layers"]:
+        return "the same layers"
+    x, y = a["perplexity"][source]["window_nll"], b["perplexity"][source]["window_nll"]
+    diffs = [p - q for p, q in zip(x, y)]
+    mean, se = sum(diffs) / len(diffs), standard_error(diffs)
+    verdict = ("within noise (less than 2 standard errors)" if abs(mean) < 2 * se
+               else f"{a['label'] if mean < 0 else b['label']} is better beyond 2 standard errors")
+    return (f"{source} mean NLL difference {mean:+.4f} ± {se:.4f} nats/token over {len(diffs)} paired windows: "
+            f"{verdict}")
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -293,17 +321,21 @@ def run_demo(args: argparse.Namespace) -> None:
         raise SimdiffError(f"the demo prunes with simdiff; keep it in --criteria (got {args.criteria!r})")
     document = run_comparison(args, args.model, None, [args.ratio])
     count = document["counts"][0]
-    dense = document["rows"][0]
-    pruned = next(r for r in document["rows"] if r["label"] == "simdiff" and r["count"] == count)
+    rows = {r["label"]: r for r in document["rows"] if r["count"] in (0, count)}
+    dense, pruned = rows["dense"], rows["simdiff"]
     print(f"\n{document['model']}: SimDiff removes {count} of {document['num_layers']} layers "
-          f"{pruned['removed_layers']}")
-    for source in dense["perplexity"]:
-        print(f"  {source} perplexity: dense {_fmt(dense['perplexity'][source]['perplexity'], 2)} -> pruned "
-              f"{_fmt(pruned['perplexity'][source]['perplexity'], 2)}")
+          f"{pruned['removed_layers']}  (± = one standard error)")
+    for source, report in dense["perplexity"].items():
+        print(f"  {source} perplexity ({report['tokens']} tokens, {report['windows']} windows): dense "
+              f"{_ppl_text(report)} -> pruned {_ppl_text(pruned['perplexity'][source])}")
     for task in dense["tasks"]:
         print(f"  {task} {args.metric} ({dense['tasks'][task]['samples']} questions): dense "
-              f"{_fmt(dense['tasks'][task].get(args.metric))} -> pruned {_fmt(pruned['tasks'][task].get(args.metric))} "
+              f"{_acc_text(dense['tasks'][task], args.metric)} -> pruned {_acc_text(pruned['tasks'][task], args.metric)} "
               f"({_fmt(pruned['retained']['tasks'].get(task, {}).get(args.metric), 1)}% retained)")
+    if DEMO_RIVAL in rows:
+        for source in dense["perplexity"]:
+            print(f"  SimDiff vs {DEMO_RIVAL}: {noise_note(pruned, rows[DEMO_RIVAL], source)}")
     print("\nall criteria:")
     print_summary(document, args.metric)
-    print(f"\ncomparison folder: {args.out} (results.md, results.json, {', '.join(['layer_ranks.png', 'perplexity_vs_removed.png'])}, and SVGs)")
+    print(f"\ncomparison folder: {args.out} (results.md, results.json, layer_ranks.png, perplexity_vs_removed.png "
+          "and their SVGs); a small smoke test: the measured comparison is in docs/results.md")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from simdiff.data.text import text_variant
 from simdiff.data.windows import Batch
 from simdiff.model.load import model_device
 from simdiff.progress import progress
@@ -30,8 +31,8 @@ class NLL:
         return math.exp(self.mean) if self.tokens else float("nan")
 
 
-def window_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-window summed next-token NLL (float64, differentiable) and per-window predicted-token counts.
+def batch_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of one batch (a float64 scalar tensor, differentiable) and its token count.
 
     A token is predicted (and counted) when it and its predecessor are both real (mask 1).
     """
@@ -40,16 +41,8 @@ def window_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tens
     logits = logits[:, :-1].float()
     targets = batch.input_ids[:, 1:].to(logits.device)
     mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool().to(logits.device)
-    rows = torch.arange(mask.shape[0], device=logits.device).unsqueeze(1).expand_as(mask)[mask]
-    losses = nn.functional.cross_entropy(logits[mask], targets[mask], reduction="none").double()
-    totals = torch.zeros(mask.shape[0], dtype=torch.float64, device=logits.device).index_add(0, rows, losses)
-    return totals, mask.sum(dim=1)
-
-
-def batch_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL of one batch (a float64 scalar tensor, differentiable) and its token count."""
-    totals, counts = window_nll(model, batch)
-    return totals.sum(), int(counts.sum())
+    nll = nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    return nll.double(), int(mask.sum())
 
 
 @torch.no_grad()
@@ -61,6 +54,30 @@ def nll_over(model: nn.Module, batches: Sequence[Batch], desc: str | None = "per
         result.total += float(total)
         result.tokens += count
     return result
+
+
+@torch.no_grad()
+def window_nlls(model: nn.Module, batches: Sequence[Batch], desc: str | None = "perplexity") -> tuple[list[float], list[int]]:
+    """Summed next-token NLL and predicted-token count of every window (row) of every batch."""
+    totals, counts = [], []
+    for batch in (progress(batches, desc=desc) if desc else batches):
+        batch = batch.to(model_device(model))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(logits.device)
+        nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch.input_ids[:, 1:].to(logits.device),
+                                          reduction="none")
+        totals += (nll.double() * mask).sum(1).tolist()
+        counts += mask.sum(1).tolist()
+    return totals, counts
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (sample std / sqrt(n)); NaN for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 @dataclass
@@ -81,6 +98,7 @@ class PerplexityProtocol:
             "bos_per_window": bos is not None,
             "max_tokens": self.max_tokens,
             "split": self.split if self.source in _named() else None,
+            "text": text_variant(self.source, self.split, self.data_dir),
             "loss": "summed next-token NLL over predicted tokens, exp(total / tokens)",
         }
 
@@ -89,6 +107,7 @@ def _named() -> dict:
     from simdiff.data.text import NAMED_DATASETS
 
     return NAMED_DATASETS
+
 
 
 def evaluation_batches(tokenizer, protocol: PerplexityProtocol) -> tuple[list[Batch], int | None]:
@@ -101,45 +120,21 @@ def evaluation_batches(tokenizer, protocol: PerplexityProtocol) -> tuple[list[Ba
     return batches(windows, protocol.batch_size), bos
 
 
-@torch.no_grad()
-def window_nlls(model: nn.Module, batches: Sequence[Batch], desc: str | None = "perplexity") -> tuple[list, list]:
-    """Summed NLL and predicted-token count of every window, in order (no gradients)."""
-    totals, counts = [], []
-    for batch in (progress(batches, desc=desc) if desc else batches):
-        total, count = window_nll(model, batch)
-        totals += total.tolist()
-        counts += count.tolist()
-    return totals, counts
-
-
-def mean_nll_stderr(totals: Sequence[float], counts: Sequence[int]) -> float:
-    """Standard error of the token-weighted mean NLL over windows (ratio estimator; NaN below 2 windows).
-
-    Windows are treated as independent draws, which contiguous windows of one text only approximate.
-    """
-    n = len(totals)
-    tokens = sum(counts)
-    if n < 2 or not tokens:
-        return float("nan")
-    mean = sum(totals) / tokens
-    residual = sum((t - mean * c) ** 2 for t, c in zip(totals, counts))
-    return math.sqrt(n / (n - 1) * residual) / tokens
-
-
 def perplexity_report(model: nn.Module, batches: Sequence[Batch], protocol: PerplexityProtocol,
                       bos: int | None, desc: str | None = "perplexity") -> dict:
-    """Perplexity, NLL (with standard errors over windows) and token count of ``model`` on prepared batches.
+    """Perplexity, NLL and token count of ``model`` on prepared evaluation batches, with the protocol.
 
-    ``perplexity_stderr`` is the delta-method error, perplexity × stderr(mean NLL); None below 2 windows.
+    ``window_nll`` holds each window's mean NLL, for paired comparisons of two models on the same windows;
+    ``mean_nll_stderr`` is the standard error of the mean over windows, and ``perplexity_stderr`` its
+    first-order (delta-method) image, perplexity * stderr.
     """
     totals, counts = window_nlls(model, batches, desc=desc)
-    nll = NLL(math.fsum(totals), sum(counts))
-    stderr = mean_nll_stderr(totals, counts)
-    known = math.isfinite(stderr)
-    return {"source": protocol.source,
-            "perplexity": nll.perplexity, "perplexity_stderr": nll.perplexity * stderr if known else None,
-            "mean_nll": nll.mean, "mean_nll_stderr": stderr if known else None,
-            "tokens": nll.tokens, "windows": len(totals), "protocol": protocol.describe(bos)}
+    nll = NLL(sum(totals), sum(counts))
+    per_window = [t / c for t, c in zip(totals, counts)]
+    stderr = standard_error(per_window)
+    return {"source": protocol.source, "perplexity": nll.perplexity, "mean_nll": nll.mean, "tokens": nll.tokens,
+            "windows": len(per_window), "mean_nll_stderr": stderr, "perplexity_stderr": nll.perplexity * stderr,
+            "window_nll": per_window, "protocol": protocol.describe(bos)}
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, protocol: PerplexityProtocol | None = None) -> dict:

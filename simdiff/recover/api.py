@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
-from simdiff.data.text import read_text_file, text_digest, text_files
+from simdiff.data.text import NAMED_DATASETS, read_text_file, text_digest, text_files
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import NLL
 from simdiff.lineage import input_metadata
@@ -64,13 +64,20 @@ def evaluation_windows(tokenizer, evaluation: Evaluation) -> torch.Tensor:
 def check_not_evaluation_text(source: str, data_root: str | None) -> None:
     """Refuse to train on the WikiText-2 test text that the before/after perplexity is measured on.
 
-    Decided by content (SHA-256 of each training file's text), so a renamed copy is caught like the original.
+    Decided by content (SHA-256 of each training file's text), so a renamed copy is caught like the original;
+    both releases (raw ``wikitext2`` and tokenised ``wikitext2-tok``) count where they can be read.
     """
     if source == EVAL_SOURCE:
         return  # its validation split
-    evaluation = text_digest(load_text(EVAL_SOURCE, split=EVAL_SPLIT, root=data_root))
+    evaluation = set()
+    for name in NAMED_DATASETS:
+        try:
+            evaluation.add(text_digest(load_text(name, split=EVAL_SPLIT, root=data_root)))
+        except SimdiffError:
+            if name == EVAL_SOURCE:
+                raise
     for path in text_files(source):
-        if text_digest(read_text_file(path)) == evaluation:
+        if text_digest(read_text_file(path)) in evaluation:
             raise SimdiffError(f"--data {str(path)!r} holds the WikiText-2 test split, which recovery is evaluated "
                                "on; train on wikitext2 (its validation split) or another text")
 

@@ -1,0 +1,180 @@
+"""Held-out selection (simdiff.tune): the exact alpha path, disjoint windows, the KL/ppl objectives, best-of."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
+
+from simdiff.api import Calibration
+from simdiff.cli import main
+from simdiff.criteria import LAYER_STATS, Evidence, Options
+from simdiff.data import batches
+from simdiff.errors import SimdiffError
+from simdiff.evaluate.perplexity import nll_over
+from simdiff.pipeline import choose_one_shot, gather_evidence
+from simdiff.save import METADATA_FILE
+from simdiff.surgery import bypass_layers
+from simdiff.tune import (
+    HeldoutObjective,
+    Searcher,
+    SearchSettings,
+    alpha_path,
+    cap_candidates,
+    split_calibration,
+    split_token_stream,
+)
+
+CALIB = ["--samples", "8", "--seq-len", "64", "--batch-size", "4", "--heldout-samples", "6"]
+
+
+@pytest.fixture(scope="module")
+def calib_slice(tmp_path_factory) -> str:
+    """A slice of the WikiText-2 validation text: fast to tokenise."""
+    from simdiff.data import load_text
+
+    path = tmp_path_factory.mktemp("calib") / "valid-slice.txt"
+    path.write_text(load_text("wikitext2", "valid", data_dir())[:40000], encoding="utf-8")
+    return str(path)
+
+
+def _evidence(num_layers: int = 10, seed: int = 0) -> Evidence:
+    model = tiny_model("llama", num_layers, seed=seed)
+    calib = batches(torch.randint(4, 256, (4, 24), generator=torch.Generator().manual_seed(seed)), 2)
+    return gather_evidence(model, calib, {LAYER_STATS})
+
+
+@pytest.mark.parametrize("seed,normalize,keep", [(0, "rank", (0, 0)), (1, "minmax", (1, 1)), (2, "zscore", (0, 2))])
+def test_alpha_path_finds_every_set_a_fine_grid_finds(seed, normalize, keep):
+    evidence = _evidence(seed=seed)
+    options = Options(normalize=normalize)
+    path = alpha_path(evidence, 4, options, *keep)
+    found = {tuple(c.removed) for c in path}
+    assert len(found) == len(path)  # distinct sets
+    grid = {tuple(choose_one_shot("simdiff", evidence, 4, replace(options, alpha=a), *keep).removed)
+            for a in np.linspace(0, 1, 4001)}
+    assert grid <= found
+    for candidate in path:  # each set is what the criterion itself selects at the recorded alpha
+        at = choose_one_shot("simdiff", evidence, 4, replace(options, alpha=candidate.alpha), *keep).removed
+        assert at == candidate.removed
+        assert candidate.alpha_range[0] <= candidate.alpha <= candidate.alpha_range[1]
+        assert all(i >= keep[0] and i < 10 - keep[1] for i in candidate.removed)
+    assert path[0].alpha == 0.75  # the default alpha's set comes first (ties go to it)
+
+
+def test_cap_keeps_the_default_set_and_an_even_spread():
+    from simdiff.tune import Candidate
+
+    alphas = [0.75, 0.0, 0.1, 0.2, 0.3, 0.5, 0.9, 1.0]
+    candidates = [Candidate([i], [f"a{i}"], alpha) for i, alpha in enumerate(alphas)]
+    kept, dropped = cap_candidates(candidates, 4)
+    assert dropped == 4 and kept[0].alpha == 0.75
+    assert sorted(c.alpha for c in kept[1:]) == [0.0, 0.3, 1.0]  # ends and middle of the rest, by alpha
+    assert cap_candidates(candidates, 8) == (candidates, 0)
+
+
+def test_heldout_windows_are_disjoint_from_scoring_windows():
+    ids = torch.arange(5000)  # every token id unique: shared ids would mean shared text
+    scoring, heldout = split_token_stream(ids, samples=40, seq_len=64, seed=3, bos=None, heldout_samples=10)
+    assert scoring.shape == (40, 64) and heldout.shape == (10, 64)
+    assert not set(scoring.flatten().tolist()) & set(heldout.flatten().tolist())
+    assert heldout.flatten().tolist() == list(range(5000 - 640, 5000))  # contiguous tail, non-overlapping
+    with_bos = split_token_stream(ids, samples=4, seq_len=64, seed=3, bos=7777, heldout_samples=2)[1]
+    assert (with_bos[:, 0] == 7777).all() and with_bos[:, 1:].flatten().tolist() == list(range(5000 - 126, 5000))
+    with pytest.raises(SimdiffError, match="too short.*--heldout-samples"):
+        split_token_stream(ids[:700], samples=4, seq_len=64, seed=0, bos=None, heldout_samples=10)
+    with pytest.raises(SimdiffError, match="--heldout-samples must be >= 1"):
+        split_token_stream(ids, samples=4, seq_len=64, seed=0, bos=None, heldout_samples=0)
+
+
+@torch.no_grad()
+def _reference_kl(model, windows: torch.Tensor, removed: list[int]) -> float:
+    """Mean over all positions of sum_v p log(p / q) in float64, one window at a time."""
+    total, count = 0.0, 0
+    for window in windows:
+        p = torch.log_softmax(model(window[None]).logits[0].double(), -1)
+        with bypass_layers(model, removed):
+            q = torch.log_softmax(model(window[None]).logits[0].double(), -1)
+        total += float((p.exp() * (p - q)).sum())
+        count += len(window)
+    return total / count
+
+
+def test_heldout_objectives_match_references_and_evaluate_each_set_once():
+    model = tiny_model("llama", 6)
+    windows = torch.randint(4, 256, (5, 20), generator=torch.Generator().manual_seed(1))
+    kl = HeldoutObjective(model, batches(windows, 2), "kl")
+    a, b, dense = kl.scores([[1, 2], [4], []])
+    assert a == pytest.approx(_reference_kl(model, windows, [1, 2]), rel=1e-4)
+    assert b == pytest.approx(_reference_kl(model, windows, [4]), rel=1e-4)
+    assert dense == pytest.approx(0.0, abs=1e-6) and a > 0 and b > 0
+    assert kl.passes == 3 + 1  # three candidates and one dense pass
+    assert kl.scores([[4], [1, 2]]) == [b, a] and kl.passes == 4  # cached: no new pass
+    ppl = HeldoutObjective(model, batches(windows, 2), "ppl")
+    with bypass_layers(model, [1, 2]):
+        expected = nll_over(model, batches(windows, 2), desc=None).perplexity
+    assert ppl.scores([[1, 2]]) == [pytest.approx(expected, rel=1e-9)] and ppl.passes == 1
+
+
+def test_best_of_is_at_least_as_good_as_each_pooled_criterion(calib_slice):
+    model, tok = tiny_model("llama", 8), tiny_tokenizer()
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
+    searcher = Searcher(model, tok, calibration, SearchSettings(objective="kl"), [3], SearchSettings().pool)
+    search = searcher.search("best-of", 3, Options())
+    assert search.heldout_passes == len(search.candidates) + 1
+    # independently: each pooled criterion's selection on the scoring windows, scored by a fresh objective
+    scoring, heldout = split_calibration(tok, calibration)
+    evidence = gather_evidence(model, batches(scoring, 4), {LAYER_STATS}, [1, 3])
+    fresh = HeldoutObjective(model, batches(heldout, 4), "kl")
+    for name in ("simdiff", "block_influence", "angular_block", "mssd", "masd"):
+        removed = choose_one_shot(name, evidence, 3, Options()).removed
+        assert search.winner.score <= fresh.scores([removed])[0] * (1 + 1e-9), name
+    assert fresh.scores([search.removed])[0] == pytest.approx(search.winner.score, rel=1e-9)
+
+
+@pytest.mark.parametrize("objective", ["kl", "ppl"])
+def test_prune_alpha_auto_saves_exactly_the_winner(tmp_path, calib_slice, objective):
+    folder = save_tiny("llama", tmp_path / "tiny", num_layers=8)
+    out = tmp_path / "pruned"
+    assert main(["-q", "prune", str(folder), "--num-layers", "3", "--alpha", "auto", "--objective", objective,
+                 "--out", str(out), "--calib", calib_slice, *CALIB]) == 0
+    meta = json.loads((out / METADATA_FILE).read_text())
+    search = meta["alpha_search"]
+    assert meta["removed_layers"] == search["removed"]
+    assert meta["options"]["alpha"] == search["alpha"]
+    scores = [c["score"] for c in search["candidates"]]
+    assert search["heldout_score"] == min(scores) and len({tuple(c["removed"]) for c in search["candidates"]}) == len(
+        scores)
+    assert search["heldout_passes"] == len(scores) + (objective == "kl")
+    assert search["scoring_windows"] == 8 and search["heldout_windows"] == 6
+    assert meta["calibration"]["heldout_samples"] == 6 and "valid" in meta["calibration"]["text"]
+
+
+def test_prune_best_of_records_every_candidate(tmp_path, calib_slice):
+    folder = save_tiny("llama", tmp_path / "tiny", num_layers=8)
+    out = tmp_path / "pruned"
+    assert main(["-q", "prune", str(folder), "--num-layers", "2", "--criterion", "best-of", "--pool",
+                 "simdiff,block_influence,taylor", "--out", str(out), "--calib", calib_slice, *CALIB]) == 0
+    meta = json.loads((out / METADATA_FILE).read_text())
+    best = meta["best_of"]
+    assert meta["criterion"] == "best-of" and meta["removed_layers"] == best["removed"]
+    sources = [s for c in best["candidates"] for s in c["sources"]]
+    assert "block_influence" in sources and "taylor" in sources and any(s.startswith("simdiff alpha=") for s in sources)
+    assert all(math.isfinite(c["score"]) for c in best["candidates"])
+
+
+def test_search_user_errors(tmp_path, capsys, calib_slice):
+    folder = save_tiny("llama", tmp_path / "tiny")
+    for extra, message in ((["--criterion", "best-of", "--iterative"], "drop --iterative"),
+                           (["--criterion", "best-of", "--pool", "simdif"], "unknown criterion 'simdif'"),
+                           (["--alpha", "auto", "--heldout-samples", "5000"], "lower --heldout-samples"),
+                           (["--criterion", "random", "--alpha", "auto"], "no alpha")):
+        assert main(["-q", "prune", str(folder), "--num-layers", "2", "--out", str(tmp_path / "x"),
+                     "--calib", calib_slice, *CALIB, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
