@@ -32,7 +32,8 @@ from simdiff.model.checks import (
 from simdiff.model.layers import find_decoder_layers
 from simdiff.outputs import claim_output_dir
 from simdiff.progress import progress
-from simdiff.save import METADATA_FILE, _write_model_card, provenance
+from simdiff.report.card import drop_stale_config_name, write_model_card
+from simdiff.save import METADATA_FILE, provenance
 from simdiff.surgery import remove_layers, validate_layer_indices
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,8 @@ def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.Pa
             copy_side_files(folder, tmp)
             pruned.config.save_pretrained(tmp)
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-            _write_model_card(tmp, metadata)
+            write_model_card(tmp, metadata)
+            drop_stale_config_name(tmp)
     log.info("wrote %s (%d shards)", claim.path, len(outputs))
     return ApplyResult(claim.path, removed, kept, outputs, metadata)
 

@@ -79,10 +79,10 @@ def run_score(args: argparse.Namespace) -> None:
         write_text_file(args.json, json.dumps(document, indent=2) + "\n", args.overwrite, inputs)
         log.info("wrote %s", args.json)
     if args.plot:
-        from simdiff.report.plots import plot_score_profiles
+        from simdiff.report.plots import plot_layer_ranks
 
         with atomic_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot") as tmp:
-            plot_score_profiles(result.scores, tmp, title=f"layer scores: {spec.name}")
+            plot_layer_ranks(result.scores, tmp, title=f"layer ranks per criterion: {spec.name}", svg_twin=False)
         log.info("wrote %s", args.plot)
 
 
@@ -128,9 +128,9 @@ def add_run_command(subparsers) -> None:
                         help="model directory, hub id or built-in name (default: the recipe's)")
     add_model_options(parser, offload=True, override=True)
     add_output_options(parser, only=("out", "overwrite", "export"), override=True)
-    for add in (add_selection_options, add_calibration_options, add_criterion_options, add_search_options,
-                add_evaluation_options):
+    for add in (add_selection_options, add_calibration_options, add_criterion_options, add_search_options):
         add(parser, override=True)
+    add_evaluation_options(parser, override=True, exclude=("log_samples",))
     parser.set_defaults(run=run_recipe)
 
 

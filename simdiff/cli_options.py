@@ -46,10 +46,13 @@ class CommandFlags:
     """Flags of single commands that are not settings of a run: extra outputs and what to compare with."""
 
     json: str | None = option(None, "write the results as JSON to this file")
-    plot: str | None = option(None, "write a plot of the per-layer score profiles to this file (.png/.svg/.pdf)")
+    plot: str | None = option(None, "write a layer x criterion heatmap of removal ranks to this file "
+                                    "(.png/.svg/.pdf)")
     block_size: int | None = option(None, "also collect angular distances of blocks of this many layers")
     baseline: str | None = option(None, "dense model (name/path) or an earlier `simdiff eval --json` file: "
                                          "adds % retained")
+    allow_protocol_mismatch: bool = option(False, "accept a --baseline file measured with other windows, tokens, "
+                                                  "limit, shots or task versions")
 
 
 def shown_default(flag: FieldFlag, default: Any) -> str:

@@ -37,7 +37,8 @@ from simdiff.tune import BEST_OF, Searcher, SearchSettings, is_auto, search_kind
 log = logging.getLogger(__name__)
 
 RESULTS_JSON, RESULTS_MD, RECIPE_YAML = "results.json", "results.md", "recipe.yaml"
-PROFILES_PNG, PPL_PNG = "score_profiles.png", "perplexity_vs_removed.png"
+RANKS_PNG, PPL_PNG = "layer_ranks.png", "perplexity_vs_removed.png"
+PLOTS = [RANKS_PNG, PPL_PNG, "layer_ranks.svg", "perplexity_vs_removed.svg"]
 OPTION_TYPES = {"alpha": float, "beta": float, "normalize": str, "diff_scale": str, "seed": int}
 
 
@@ -197,22 +198,33 @@ def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: Cand
     return row
 
 
+def removal_counts(document: dict) -> dict[str, dict[int, int]]:
+    """criterion label -> {layer: the smallest count of removed layers at which the label removes it}."""
+    out: dict[str, dict[int, int]] = {}
+    for row in sorted(document["rows"], key=lambda r: -r["count"]):
+        if row["count"] > 0:
+            out.setdefault(row["label"], {}).update({layer: row["count"] for layer in row["removed_layers"]})
+    return out
+
+
 def write_results(document: dict, out: str | os.PathLike | OutputDir, overwrite: bool = False) -> Path:
-    """Write results.json, results.md, the PNG plots and the ``simdiff.json`` marker into ``out`` atomically.
+    """Write results.json, results.md, the plots (PNG and SVG) and the ``simdiff.json`` marker into ``out``
+    atomically.
 
     ``out`` is a path or an :class:`~simdiff.outputs.OutputDir` claimed when the comparison started.
     """
     from simdiff.recipe import dump_recipe
     from simdiff.report.comparison import comparison_markdown, plot_perplexity_vs_removed
-    from simdiff.report.plots import plot_score_profiles
+    from simdiff.report.plots import plot_layer_ranks
 
     with claimed_dir(out, overwrite) as claim, claim.staging() as tmp:
         (tmp / RESULTS_JSON).write_text(json.dumps(_finite(document), indent=2, default=_jsonable) + "\n", encoding="utf-8")
         (tmp / RESULTS_MD).write_text(comparison_markdown(document), encoding="utf-8")
         if "recipe" in document:  # `simdiff run out/recipe.yaml` repeats the comparison
             (tmp / RECIPE_YAML).write_text(dump_recipe(document["recipe"]), encoding="utf-8")
-        profiles = {k: np.asarray(v) for k, v in document["profiles"].items()}
-        plot_score_profiles(profiles, tmp / PROFILES_PNG, title=f"layer importance: {document['model']}")
+        profiles = {k: np.asarray(v, dtype=np.float64) for k, v in document["profiles"].items()}
+        plot_layer_ranks(profiles, tmp / RANKS_PNG, title=f"layer ranks per criterion: {document['model']}",
+                         removed=removal_counts(document))
         plot_perplexity_vs_removed(document, tmp / PPL_PNG)
         marker = {"output": "comparison", "files": sorted(p.name for p in tmp.iterdir()),
                   **{key: document.get(key) for key in ("model", "versions", "command", "created")}}

@@ -55,32 +55,9 @@ def provenance() -> dict:
     }
 
 
-def _write_model_card(folder: Path, metadata: dict) -> None:
-    removed = metadata.get("removed_layers")
-    base = metadata.get("base_model", "model")
-    lines = ["---", "library_name: transformers", "tags: [simdiff, depth-pruning]", "---"]
-    if removed is not None:
-        lines += [
-            f"# {base} with {len(removed)} decoder layers removed",
-            "",
-            f"Pruned by simdiff with criterion `{metadata.get('criterion')}`.",
-            f"Removed layers (original numbering): {removed}.",
-            f"Layers: {metadata.get('num_layers_before')} -> {metadata.get('num_layers_after')}.",
-        ]
-    else:
-        lines += [f"# {base}", "", "Saved by simdiff."]
-    lines += [
-        "",
-        "It is a plain checkpoint: `AutoModelForCausalLM.from_pretrained(path)` loads it.",
-        "Settings and per-layer scores are in `simdiff.json`.",
-    ]
-    if metadata.get("command"):
-        lines += ["", f"Command: `{metadata['command']}`"]
-    (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verify: bool = True) -> None:
     """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify what was written."""
+    from simdiff.report.card import drop_stale_config_name, write_model_card
     from simdiff.surgery import check_config_consistent
     from simdiff.verify import verify_saved
 
@@ -95,7 +72,8 @@ def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verif
             tokenizer.save_pretrained(folder)
         elif step == "metadata":
             (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-            _write_model_card(folder, metadata)
+            write_model_card(folder, metadata)
+            drop_stale_config_name(folder)
         elif step == "verify":
             verify_saved(model, folder, tokenizer)
 

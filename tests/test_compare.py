@@ -99,8 +99,8 @@ def test_compare_writes_all_outputs_one_row_per_candidate(tmp_path, monkeypatch,
     md = (out / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ") and "criterion" not in line]
     assert len(table) == len(rows)
-    for png in ("score_profiles.png", "perplexity_vs_removed.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("layer_ranks.png", "perplexity_vs_removed.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).with_suffix(".svg").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cmp")]  # no temp folder left behind
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +131,116 @@ def test_percent_retained_and_ppl_ratio():
     assert mean_accuracy(pruned) == pytest.approx(0.6)
 
 
+def test_eval_command_writes_json_with_baseline(tmp_path, capsys):
+    folder = save_tiny("llama", tmp_path / "tiny")
+    out = tmp_path / "eval.json"
+    code = main(["-q", "eval", str(folder), "--ppl", "wikitext2", "--eval-seq-len", "32", "--max-tokens", "400",
+                 "--eval-batch-size", "4", "--baseline", str(folder), "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    report = doc["simdiff"]["perplexity"]["wikitext2"]
+    assert report["tokens"] == (400 // 32) * 31 and math.isfinite(report["perplexity"])
+    assert doc["results"]["wikitext2"]["token_perplexity,none"] == report["perplexity"]
+    assert doc["simdiff"]["retained"]["ppl_ratio"]["wikitext2"] == pytest.approx(1.0)
+    assert "versions" in doc["simdiff"] and "command" in doc["simdiff"]
+    printed = capsys.readouterr().out
+    assert "wikitext2: perplexity" in printed
+    assert f"baseline {folder} wikitext2: perplexity" in printed  # the dense figures are printed too
+
+
+def _reference_lm_eval_output(tmp_path) -> dict:
+    """lm-eval's own simple_evaluate output and EvaluationTracker file for a tiny model on local PIQA."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.models.huggingface import HFLM
+
+    from simdiff.evaluate.harness import task_manager
+
+    lm = HFLM(pretrained=tiny_model("llama"), tokenizer=tiny_tokenizer(), batch_size=4, max_length=128)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["piqa_local"], limit=4, task_manager=task_manager(str(data_dir())),
+                                  log_samples=True)
+    samples = out.pop("samples")
+    EvaluationTracker(output_path=str(tmp_path / "ref.json")).save_results_aggregated(results=out, samples=samples)
+    return json.loads(next(tmp_path.glob("ref_*.json")).read_text())
+
+
+def test_eval_json_has_lm_eval_schema_and_reads_with_lm_eval(tmp_path, monkeypatch, capfd):
+    from lm_eval.utils import make_table
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # outside any git checkout, where lm-eval's `git describe` fails
+    folder = save_tiny("llama", tmp_path / "tiny")
+    out = tmp_path / "eval.json"
+    assert main(["-q", "eval", str(folder), "--ppl", "wikitext2", "--eval-seq-len", "32", "--max-tokens", "400",
+                 "--tasks", "piqa", "--limit", "4", "--task-max-length", "128", "--data-dir", str(data_dir()),
+                 "--json", str(out), "--log-samples", "--num-fewshot", "1"]) == 0
+    assert "not a git repository" not in capfd.readouterr().err
+    doc = json.loads(out.read_text())
+    reference = _reference_lm_eval_output(tmp_path)
+    # every top-level key lm-eval writes is there, and every per-task table has the same inner keys
+    assert set(reference) <= set(doc)
+    ref_task, ref_entry = next(iter(reference["results"].items()))
+    assert set(ref_entry) == set(doc["results"]["piqa"])
+    for key in ("configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+        assert type(doc[key]["piqa"]) is type(reference[key][ref_task])
+        if isinstance(reference[key][ref_task], dict) and key != "configs":
+            assert set(reference[key][ref_task]) <= set(doc[key]["piqa"])
+    assert set(reference["config"]) <= set(doc["config"])
+    assert doc["config"]["model"] == str(folder) and doc["n-samples"]["piqa"]["effective"] == 4
+    assert doc["n-shot"]["piqa"] == 1 and doc["configs"]["piqa"]["num_fewshot"] == 1  # passed through
+    assert 0 < doc["results"]["piqa"]["acc_stderr,none"] < 1
+    # the same perplexity keys as a task: value, stderr, alias; and a config, version, n-shot like a task
+    ppl = doc["results"]["wikitext2"]
+    assert ppl["alias"] == "wikitext2" and ppl["token_perplexity_stderr,none"] > 0
+    assert doc["higher_is_better"]["wikitext2"] == {"token_perplexity": False}
+    # lm-eval's own table reader reads it: one row per metric with its stderr
+    table = make_table(doc)
+    assert "piqa" in table and "wikitext2" in table and "token_perplexity" in table
+    assert f"{doc['results']['piqa']['acc_stderr,none']:.4f}" in table
+    assert f"{ppl['token_perplexity_stderr,none']:.4f}" in table
+    # per-question records beside the results, named as lm-eval names them, one line per question
+    samples = list(tmp_path.glob("samples_piqa_*.jsonl"))
+    assert len(samples) == 1
+    lines = [json.loads(line) for line in samples[0].read_text().splitlines()]
+    assert len(lines) == 4 and {"doc", "resps", "acc"} <= set(lines[0])
+
+
+def _eval_json(tmp_path, folder, name: str, *extra: str) -> Path:
+    out = tmp_path / name
+    assert main(["-q", "eval", str(folder), "--ppl", "wikitext2", "--eval-seq-len", "32", "--eval-batch-size", "4",
+                 "--json", str(out), *extra]) == 0
+    return out
+
+
+def test_baseline_of_another_protocol_is_refused_unless_allowed(tmp_path, capsys):
+    folder = save_tiny("llama", tmp_path / "tiny")
+    dense = _eval_json(tmp_path, folder, "dense.json", "--max-tokens", "400")
+    capsys.readouterr()
+    args = ["-q", "eval", str(folder), "--ppl", "wikitext2", "--eval-seq-len", "32", "--max-tokens", "200",
+            "--baseline", str(dense)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-tokens: baseline 400, this run 200" in err
+    assert "--allow-protocol-mismatch" in err
+    assert main([*args, "--allow-protocol-mismatch"]) == 0
+    assert "perplexity ratio vs baseline" in capsys.readouterr().out
+    # same settings: accepted, and the baseline's figures are printed
+    assert main([*args[:-3], "400", "--baseline", str(dense)]) == 0
+    assert "baseline" in capsys.readouterr().out
+
+
+def test_baseline_with_other_tokens_is_refused_after_evaluating(tmp_path, capsys):
+    folder = save_tiny("llama", tmp_path / "tiny")
+    dense = _eval_json(tmp_path, folder, "dense.json", "--max-tokens", "400")
+    doc = json.loads(dense.read_text())
+    doc["simdiff"]["perplexity"]["wikitext2"]["tokens"] += 31  # as if the text had been longer
+    dense.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["-q", "eval", str(folder), "--ppl", "wikitext2", "--eval-seq-len", "32", "--max-tokens", "400",
+                 "--baseline", str(dense)]) == 2
+    assert "perplexity tokens of wikitext2: baseline 403, this run 372" in capsys.readouterr().err
+
+
 def test_eval_command_with_a_baseline_json_file(tmp_path, capsys):
     dense, pruned = save_tiny("llama", tmp_path / "dense"), tmp_path / "pruned"
     tiny_model("llama", 4, seed=1).save_pretrained(pruned)
@@ -137,19 +248,19 @@ def test_eval_command_with_a_baseline_json_file(tmp_path, capsys):
     common = ["--ppl", "wikitext2", "--eval-seq-len", "32", "--max-tokens", "400", "--eval-batch-size", "4"]
     assert main(["-q", "eval", str(dense), *common, "--json", str(tmp_path / "dense.json")]) == 0
     dense_doc = json.loads((tmp_path / "dense.json").read_text())
-    report = dense_doc["perplexity"]["wikitext2"]
+    report = dense_doc["simdiff"]["perplexity"]["wikitext2"]
     assert report["tokens"] == (400 // 32) * 31 and math.isfinite(report["perplexity"])
     assert report["protocol"]["text"].startswith("wikitext-2-raw-v1/test")
     assert len(report["window_nll"]) == 400 // 32 and report["perplexity_stderr"] > 0
-    assert "versions" in dense_doc and "command" in dense_doc
+    assert "versions" in dense_doc["simdiff"] and "command" in dense_doc["simdiff"]
     capsys.readouterr()
     # the FILE.json branch: the baseline is read, not re-evaluated (a second load would be the other model)
     assert main(["-q", "eval", str(pruned), *common, "--baseline", str(tmp_path / "dense.json"),
                  "--json", str(tmp_path / "pruned.json")]) == 0
     doc = json.loads((tmp_path / "pruned.json").read_text())
-    ratio = doc["perplexity"]["wikitext2"]["perplexity"] / report["perplexity"]
-    assert doc["baseline"]["perplexity"] == dense_doc["perplexity"]
-    assert doc["retained"]["ppl_ratio"]["wikitext2"] == pytest.approx(ratio) and abs(ratio - 1) > 1e-3
+    ratio = doc["simdiff"]["perplexity"]["wikitext2"]["perplexity"] / report["perplexity"]
+    assert doc["simdiff"]["baseline"]["perplexity"] == dense_doc["simdiff"]["perplexity"]
+    assert doc["simdiff"]["retained"]["ppl_ratio"]["wikitext2"] == pytest.approx(ratio) and abs(ratio - 1) > 1e-3
     assert "perplexity ratio vs baseline" in capsys.readouterr().out
 
 
@@ -157,6 +268,9 @@ def test_eval_command_rejects_nothing_to_do(tmp_path, capsys):
     folder = save_tiny("llama", tmp_path / "tiny")
     assert main(["-q", "eval", str(folder), "--ppl", ""]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+    assert main(["-q", "eval", str(folder), "--tasks", "piqa", "--log-samples"]) == 2
+    err = capsys.readouterr().err
+    assert "--log-samples" in err and "--json FILE" in err
 
 
 def test_demo_says_when_two_perplexities_are_within_noise():

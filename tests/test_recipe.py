@@ -167,4 +167,4 @@ def test_documented_recipes_run_on_a_tiny_model(path, ws, tmp_path, capsys) -> N
     replay = load_recipe(written)
     assert replay.model.name == str(ws["model"]) and replay.selection.criterion == recipe.selection.criterion
     if recipe.evaluation and not recipe.is_comparison():
-        assert json.loads((out / "evaluation.json").read_text())["retained"]["ppl_ratio"]
+        assert json.loads((out / "evaluation.json").read_text())["simdiff"]["retained"]["ppl_ratio"]

@@ -116,6 +116,8 @@ def test_step_order_is_a_pure_function_of_step(repeated_text):
 
 
 def test_cli_recover_saves_a_vanilla_checkpoint(tmp_path, repeated_text, capsys):
+    from huggingface_hub import ModelCard
+
     pruned = save_tiny("llama", tmp_path / "pruned")
     (pruned / "simdiff.json").write_text(json.dumps({"removed_layers": [3], "criterion": "simdiff"}))
     out = tmp_path / "recovered"
@@ -137,6 +139,11 @@ def test_cli_recover_saves_a_vanilla_checkpoint(tmp_path, repeated_text, capsys)
     assert math.isfinite(ppl["before"]) and math.isfinite(ppl["after"]) and ppl["before"] != ppl["after"]
     assert "versions" in rec and "command" in rec
     assert (out / "recovery_loss.png").stat().st_size > 1000
+    card = ModelCard.load(out / "README.md")
+    (measured,) = card.data.to_dict()["model-index"][0]["results"]
+    assert measured["metrics"][0] == {"type": "perplexity", "name": "token perplexity after recovery",
+                                      "value": round(ppl["after"], 4)}
+    assert card.data.to_dict()["base_model"] == str(pruned.resolve()) and "## Recovery" in card.text
     assert (tmp_path / "recovered.checkpoints" / "step-0000004").is_dir()
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     original = AutoModelForCausalLM.from_pretrained(pruned)
@@ -146,12 +153,14 @@ def test_cli_recover_saves_a_vanilla_checkpoint(tmp_path, repeated_text, capsys)
     assert not list(tmp_path.glob(".recovered*"))  # no staging leftovers
 
 
-def test_cli_no_merge_saves_a_loadable_adapter(tmp_path, repeated_text):
-    from peft import PeftModel
+def test_cli_no_merge_saves_a_loadable_adapter(tmp_path, repeated_text, monkeypatch):
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
     base = save_tiny("llama", tmp_path / "base")
     out = tmp_path / "adapter"
-    code = main(["-q", "recover", str(base), "--out", str(out), "--data", str(repeated_text), "--steps", "2",
+    monkeypatch.chdir(tmp_path)  # the base given as a relative path
+    code = main(["-q", "recover", "base", "--out", str(out), "--data", str(repeated_text), "--steps", "2",
                  "--train-batch-size", "2", "--train-seq-len", "32", "--eval-every", "0", "--checkpoint-every", "0",
                  "--max-tokens", "128", "--no-merge", "--target-modules", "q_proj,v_proj"])
     assert code == 0
@@ -160,6 +169,16 @@ def test_cli_no_merge_saves_a_loadable_adapter(tmp_path, repeated_text):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
     names = {n for n, _ in model.named_parameters() if "lora_A" in n}
     assert names and all(("q_proj" in n or "v_proj" in n) for n in names)
+    # the adapter names its base by absolute path, so it loads from any working directory
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    monkeypatch.chdir(out)
+    ids = torch.arange(3, 13).unsqueeze(0)
+    assert torch.equal(logits(AutoPeftModelForCausalLM.from_pretrained(out), ids), logits(model, ids))
+    card = ModelCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "peft" and meta["base_model"] == str(base.resolve())
+    assert "lora" in meta["tags"] and "More Information Needed" not in card.text  # not peft's empty template
+    assert "## Recovery" in card.text and "PeftModel.from_pretrained" in card.text
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -48,97 +48,118 @@ def add_eval_command(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="perplexity and zero-shot accuracy (lm-eval) of a model")
     add_model_options(parser)
     add_evaluation_options(parser)
-    add_command_flags(parser, "baseline", "json")
+    add_command_flags(parser, "baseline", "allow_protocol_mismatch", "json")
     add_output_options(parser, only=["overwrite"])
     parser.set_defaults(run=run_eval)
 
 
-def evaluate_model(name: str, spec, settings) -> dict:
-    """Load ``name`` as ``spec`` (:class:`simdiff.recipe.ModelSettings`) says and evaluate it."""
+def evaluate_model(name: str, spec, settings) -> tuple[dict, dict]:
+    """(our result, lm-eval's raw output for the tasks) of ``name`` loaded as ``spec``
+    (:class:`simdiff.recipe.ModelSettings`) says."""
     from simdiff.evaluate.suite import Evaluator
     from simdiff.model.checks import check_seq_len
 
     model, tokenizer = spec.load(None if name == spec.name else name)
     if settings.ppl:
         check_seq_len(model, settings.seq_len, "--eval-seq-len")
-    return {"model": name, **Evaluator(model, tokenizer, settings)(name)}
+    evaluator = Evaluator(model, tokenizer, settings)
+    return {"model": name, **evaluator(name)}, evaluator.lm_eval_output
 
 
-def read_baseline_json(path: str) -> dict:
-    """An earlier ``simdiff eval --json`` result, read (and refused when unusable) before any evaluation."""
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SimdiffError(f"--baseline {path!r}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SimdiffError(f"--baseline {path!r} cannot be read ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise SimdiffError(f"--baseline {path!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    sections = ("perplexity", "tasks")
-    if not (isinstance(document, dict) and set(sections) & set(document)
-            and all(isinstance(document.get(name, {}), dict) for name in sections)):
-        raise SimdiffError(f"--baseline {path!r} is not a `simdiff eval --json` result (no perplexity/tasks)")
-    return document
+def _record(result: dict, settings, lm_output: dict) -> dict:
+    """Our record of one evaluation: the result, its settings and lm-eval's task versions."""
+    from simdiff.evaluate.results import task_tables
+
+    versions = task_tables(lm_output, result["tasks"])["versions"]
+    return {**result, "settings": vars(settings), "task_versions": versions}
 
 
-def evaluate_against(name: str, spec, settings, baseline: str | None) -> dict:
-    """Evaluate ``name`` and, with ``baseline`` (a model or an earlier results JSON), add % retained."""
+def _print_result(result: dict, settings, prefix: str = "") -> None:
+    for source, report in result["perplexity"].items():
+        stderr = report.get("perplexity_stderr")
+        print(f"{prefix}{source}: perplexity {report['perplexity']:.4f}"
+              + (f" ± {_fmt(stderr, 4)}" if stderr is not None else "")
+              + f" over {report['tokens']} tokens ({report['windows']} windows of {settings.seq_len}"
+              + (f"; {report['protocol']['text']})" if report.get("protocol", {}).get("text") else ")"))
+    for task, scores in result["tasks"].items():
+        metrics = ", ".join(f"{m} {_fmt(scores.get(m))}" + (f" ± {_fmt(scores[m + '_stderr'])}"
+                                                             if m + "_stderr" in scores else "")
+                            for m in ("acc", "acc_norm"))
+        print(f"{prefix}{task}: {metrics} ({scores['samples']} questions)")
+
+
+def evaluate_against(name: str, spec, settings, baseline: str | None,
+                     allow_protocol_mismatch: bool = False) -> tuple[dict, dict, dict]:
+    """Evaluate ``name``; with ``baseline`` (a model, or an earlier results JSON of the same protocol) add
+    % retained. Returns (result, record, lm-eval output) and prints them."""
+    from simdiff.evaluate.results import check_same_protocol, read_baseline
     from simdiff.evaluate.suite import percent_retained
 
     _quiet_lm_eval()
-    reference = read_baseline_json(baseline) if baseline and baseline.endswith(".json") else None
-    result = evaluate_model(name, spec, settings)
-    if baseline:
-        if reference is None:
-            reference = evaluate_model(baseline, spec, settings)
-        result["baseline"] = reference
-        result["retained"] = percent_retained(reference, result)
-    return result
-
-
-def print_evaluation(result: dict, settings) -> None:
-    for source, report in result["perplexity"].items():
-        print(f"{source}: perplexity {report['perplexity']:.4f} ± {_fmt(report['perplexity_stderr'], 4)} over "
-              f"{report['tokens']} tokens ({report['windows']} windows of {settings.seq_len}; "
-              f"{report['protocol']['text']})")
-    for task, scores in result["tasks"].items():
-        print(f"{task}: acc {_acc_text(scores, 'acc')}, acc_norm {_acc_text(scores, 'acc_norm')} "
-              f"({scores['samples']} questions)")
-    if "retained" in result:
-        kept = result["retained"]
+    baseline_path = baseline if baseline and baseline.endswith(".json") else None
+    reference = read_baseline(baseline_path) if baseline_path else None
+    if reference is not None and not allow_protocol_mismatch:  # before any model is loaded
+        check_same_protocol(reference, {"settings": vars(settings)}, baseline_path, settings_only=True)
+    result, lm_output = evaluate_model(name, spec, settings)
+    record = _record(result, settings, lm_output)
+    if reference is not None and not allow_protocol_mismatch:
+        check_same_protocol(reference, record, baseline_path)
+    if baseline and reference is None:  # a model: evaluated here with the same settings
+        dense, dense_output = evaluate_model(baseline, spec, settings)
+        reference = _record(dense, settings, dense_output)
+    if reference is not None:
+        record["baseline"] = reference
+        record["retained"] = percent_retained(reference, result)
+    _print_result(result, settings)
+    if reference is not None:
+        _print_result(reference, settings, prefix=f"baseline {reference.get('model', baseline)} ")
+        kept = record["retained"]
         for source, ratio in kept["ppl_ratio"].items():
             print(f"{source}: perplexity ratio vs baseline {_fmt(ratio, 3)}")
         for metric, value in kept["average"].items():
             print(f"% retained ({metric}, mean over tasks): {_fmt(value, 1)}")
+    return result, record, lm_output
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from simdiff.evaluate.results import lm_eval_document, samples_date, write_samples
     from simdiff.outputs import check_output_file, write_text_file
     from simdiff.save import provenance
 
     recipe = recipe_from_args(args)
     settings = recipe.evaluation.check()
+    inputs = [recipe.model.name, args.baseline]
     if args.json:  # validated before any work
-        check_output_file(args.json, args.overwrite, [args.model, args.baseline])
-    result = evaluate_against(recipe.model.name, recipe.model, settings, args.baseline)
-    document = {**result, "settings": vars(settings), "recipe": recipe_sections(recipe, "model", "evaluation"),
-                **provenance()}
-    print_evaluation(result, settings)
+        check_output_file(args.json, args.overwrite, inputs)
+    if settings.log_samples and not (args.json and settings.tasks):
+        raise SimdiffError("--log-samples writes lm-eval's per-question records beside the results: give --json "
+                           "FILE and --tasks")
+    result, record, lm_output = evaluate_against(recipe.model.name, recipe.model, settings, args.baseline,
+                                                 args.allow_protocol_mismatch)
     if args.json:
-        write_text_file(args.json, json.dumps(document, indent=2) + "\n", args.overwrite, [args.model, args.baseline])
+        extra = {**record, "recipe": recipe_sections(recipe, "model", "evaluation"), **provenance()}
+        document = lm_eval_document(recipe.model.name, result, settings, lm_output, extra)
+        text = json.dumps(document, indent=2, default=str, ensure_ascii=False) + "\n"
+        write_text_file(args.json, text, args.overwrite, inputs)
         log.info("wrote %s", args.json)
+        if settings.log_samples:
+            for written in write_samples(Path(args.json), lm_output.get("samples", {}), result["tasks"],
+                                         samples_date()):
+                log.info("wrote %s", written)
 
 
 def evaluate_pruned(recipe) -> None:
-    """``simdiff run`` after a prune: evaluate the pruned folder against the dense model, write evaluation.json."""
+    """``simdiff run`` after a prune: evaluate the pruned folder against the dense model, write evaluation.json
+    (lm-eval's results schema) into it."""
+    from simdiff.evaluate.results import lm_eval_document
     from simdiff.save import provenance
 
     settings = recipe.evaluation.check()
-    result = evaluate_against(recipe.out, recipe.model, settings, recipe.model.name)
-    print_evaluation(result, settings)
+    result, record, lm_output = evaluate_against(recipe.out, recipe.model, settings, recipe.model.name)
     path = Path(recipe.out) / EVAL_JSON
-    document = {**result, "settings": vars(settings), "recipe": recipe.to_dict(), **provenance()}
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    document = lm_eval_document(recipe.out, result, settings, lm_output,
+                                {**record, "recipe": recipe.to_dict(), **provenance()})
+    path.write_text(json.dumps(document, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
     log.info("wrote %s", path)
 
 
@@ -149,7 +170,7 @@ def add_compare_parts(parser: argparse.ArgumentParser, criteria: str, out: str |
     add_selection_options(parser, only=["criterion", *counts, "keep_first", "keep_last"],
                           defaults={"criterion": criteria, **(selection or {})})
     add_output_options(parser, out)
-    add_evaluation_options(parser, defaults=evaluation)
+    add_evaluation_options(parser, defaults=evaluation, exclude=("log_samples",))  # eval --json writes samples
     add_calibration_options(parser, defaults=calibration)
     add_criterion_options(parser)
     add_search_options(parser)
@@ -276,5 +297,5 @@ def run_demo(args: argparse.Namespace) -> None:
             print(f"  SimDiff vs {DEMO_RIVAL}: {noise_note(pruned, rows[DEMO_RIVAL], source)}")
     print("\nall criteria:")
     print_summary(document, metric)
-    print(f"\ncomparison folder: {recipe.out} (results.md, results.json, score_profiles.png, "
-          "perplexity_vs_removed.png); a small smoke test: the measured comparison is in docs/results.md")
+    print(f"\ncomparison folder: {recipe.out} (results.md, results.json, layer_ranks.png, perplexity_vs_removed.png "
+          "and their SVGs); a small smoke test: the measured comparison is in docs/results.md")

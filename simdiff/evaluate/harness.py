@@ -7,9 +7,12 @@ local copies instead of downloading: ``piqa`` runs as ``piqa_local`` whenever th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -71,16 +74,54 @@ def task_manager(data_dir: str | None):
     return manager(include_path=str(TASKS_DIR), metadata={"data_dir": data_dir})
 
 
+def _quiet_git_hash() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` without git's ``fatal: not a git repository`` on stderr."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        found = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)  # noqa: S607
+        return found.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+@contextlib.contextmanager
+def quiet_git() -> Iterator[None]:
+    """While lm-eval runs, its git-hash lookup keeps git's stderr to itself (lm-eval's files are untouched).
+
+    ``simple_evaluate`` runs ``git describe`` with the terminal as stderr, which prints ``fatal: not a git
+    repository`` outside a checkout; no environment variable silences git, so the module-level name that
+    ``simple_evaluate`` calls is swapped for the same lookup with stderr captured, and restored afterwards.
+    """
+    from lm_eval import evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _quiet_git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 class TaskRunner:
-    """Runs lm-eval tasks on one loaded model; build it once, call it for every candidate."""
+    """Runs lm-eval tasks on one loaded model; build it once, call it for every candidate.
+
+    After each call, ``last_output`` holds lm-eval's own ``simple_evaluate`` result (``results``, ``configs``,
+    ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples``, ``config``, and ``samples`` when
+    ``log_samples``), keyed by the lm-eval task names in ``names``.
+    """
 
     def __init__(self, model: nn.Module, tokenizer, tasks: Sequence[str], limit: int | float | None = None,
-                 batch_size: int = 8, data_dir: str | None = None, max_length: int | None = None) -> None:
+                 batch_size: int = 8, data_dir: str | None = None, max_length: int | None = None,
+                 num_fewshot: int | None = None, log_samples: bool = False) -> None:
         lm_eval, hflm, _ = _import_lm_eval()
         self.tasks = list(tasks)
         self.names = local_task_names(self.tasks, data_dir)
         folder = resolve_data_dir(data_dir)
         self.limit = limit
+        self.num_fewshot = num_fewshot
+        self.log_samples = log_samples
+        self.last_output: dict = {}
         self._lm_eval = lm_eval
         self._manager = task_manager(str(folder) if folder else None)
         self._check_names()
@@ -113,10 +154,13 @@ class TaskRunner:
         if not log.isEnabledFor(logging.DEBUG):  # lm-eval's per-task notices drown the results
             logging.getLogger("lm_eval").setLevel(logging.ERROR)
         try:
-            out = self._lm_eval.simple_evaluate(model=self._lm, tasks=list(self.names.values()), limit=self.limit,
-                                                task_manager=self._manager, log_samples=False)
+            with quiet_git():
+                out = self._lm_eval.simple_evaluate(model=self._lm, tasks=list(self.names.values()),
+                                                    limit=self.limit, num_fewshot=self.num_fewshot,
+                                                    task_manager=self._manager, log_samples=self.log_samples)
         except ConnectionError as exc:
             raise SimdiffError(missing_task_data(", ".join(self.tasks), one_line(str(exc)))) from exc
+        self.last_output = out
         results = {}
         for task, name in self.names.items():
             raw = out["results"].get(name, {})
@@ -130,6 +174,7 @@ class TaskRunner:
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], limit: int | float | None = None,
-                   batch_size: int = 8, data_dir: str | None = None, max_length: int | None = None) -> dict[str, dict]:
+                   batch_size: int = 8, data_dir: str | None = None, max_length: int | None = None,
+                   num_fewshot: int | None = None) -> dict[str, dict]:
     """Accuracy (acc, acc_norm) of ``model`` on each lm-eval task (``limit`` questions per task)."""
-    return TaskRunner(model, tokenizer, tasks, limit, batch_size, data_dir, max_length)()
+    return TaskRunner(model, tokenizer, tasks, limit, batch_size, data_dir, max_length, num_fewshot)()

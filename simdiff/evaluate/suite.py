@@ -35,6 +35,10 @@ class EvalSettings:
                                     shown="the model's max_position_embeddings")
     metric: str = option("acc", "accuracy used for % retained", choices=("acc", "acc_norm"))
     data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
+    num_fewshot: int | None = option(None, "examples in each lm-eval prompt, as lm-eval's --num_fewshot",
+                                     shown="each task's own, 0 for most")
+    log_samples: bool = option(False, "also write lm-eval's per-question records, samples_<task>_<date>.jsonl, "
+                                      "beside --json")
 
     def check(self) -> EvalSettings:
         """Positive sizes and something to measure, else :class:`SimdiffError` naming the flag."""
@@ -44,6 +48,8 @@ class EvalSettings:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise SimdiffError(f"{flag} must be >= {least}, got {value}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise SimdiffError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
         if not self.ppl and not self.tasks:
             raise SimdiffError("nothing to evaluate: give --ppl wikitext2 and/or --tasks piqa")
         return self
@@ -63,7 +69,13 @@ class Evaluator:
             from simdiff.evaluate.harness import TaskRunner
 
             self._tasks = TaskRunner(model, tokenizer, settings.tasks, settings.limit, settings.task_batch_size,
-                                     settings.data_dir, settings.max_length)
+                                     settings.data_dir, settings.max_length, settings.num_fewshot,
+                                     settings.log_samples)
+
+    @property
+    def lm_eval_output(self) -> dict:
+        """lm-eval's raw ``simple_evaluate`` result of the last call (empty without tasks)."""
+        return self._tasks.last_output if self._tasks is not None else {}
 
     def __call__(self, desc: str = "") -> dict:
         """``{"perplexity": {source: report}, "tasks": {task: scores}, "eval_seconds": s}``."""

@@ -181,10 +181,17 @@ def _save(model: nn.Module, tokenizer, claim: OutputDir, metadata: dict, history
 
 
 def save_adapter(model: nn.Module, tokenizer, folder: Path, metadata: dict, model_name: str) -> Path:
-    """Save the LoRA adapter (peft format) + tokenizer + ``simdiff.json``, verified by reloading onto the base."""
+    """Save the LoRA adapter (peft format) + tokenizer + ``simdiff.json`` + a card, verified by reloading onto
+    the base. ``base_model_name_or_path`` is a hub id or an absolute path, so the adapter loads from anywhere."""
+    from simdiff.report.card import base_reference, write_adapter_card
+
+    base = base_reference(model_name)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    write_adapter_card(folder, metadata, base)  # peft's save_pretrained wrote an empty template
     verify_adapter(folder, model, model_name)
     return folder
 
