@@ -44,7 +44,7 @@ REWRITTEN = {"config.json", SAFETENSORS_INDEX, PYTORCH_INDEX, METADATA_FILE, "RE
 
 
 @dataclass(frozen=True)
-class Recipe:
+class RemovalRecord:
     """The layer selection of a ``simdiff.json`` written by ``prune`` (or ``apply``), and what it was made on."""
 
     removed_layers: list[int]
@@ -55,7 +55,7 @@ class Recipe:
     criterion: str | None = None
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
+def load_removal_record(path: str | os.PathLike) -> RemovalRecord:
     """Read the selection recorded in a ``simdiff.json``."""
     file = Path(path).expanduser()
     if file.is_dir():
@@ -73,7 +73,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise SimdiffError(f"recipe {str(file)!r} lacks {', '.join(missing)}; pass the simdiff.json written by prune")
     history = document.get("history") or [{}]
     try:
-        return Recipe(
+        return RemovalRecord(
             # the last round's layers in its input's numbering (removed_layers: every round, original numbering)
             removed_layers=[int(i) for i in history[-1].get("removed_layers", document["removed_layers"])],
             num_layers_before=int(document["num_layers_before"]),
@@ -87,7 +87,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
                            "written by prune") from None
 
 
-def check_recipe_matches(recipe: Recipe, config, model: str) -> None:
+def check_recipe_matches(recipe: RemovalRecord, config, model: str) -> None:
     """Refuse a recipe made on a model of another depth, type or architecture."""
     problems = []
     if recipe.num_layers_before != config.num_hidden_layers:
@@ -182,7 +182,7 @@ class ApplyResult:
 
 
 def apply_to_path(model: str | os.PathLike, removed: list[int] | None = None, out: str | os.PathLike = "",
-                  overwrite: bool = False, recipe: Recipe | None = None) -> ApplyResult:
+                  overwrite: bool = False, recipe: RemovalRecord | None = None) -> ApplyResult:
     """Remove decoder layers ``removed`` (or the recipe's) from the checkpoint ``model`` on disk into ``out``."""
     if Path(model).suffix.lower() == ".gguf":
         raise SimdiffError(f"{model}: apply_to_path reads safetensors checkpoints; for a GGUF file use "
@@ -191,7 +191,7 @@ def apply_to_path(model: str | os.PathLike, removed: list[int] | None = None, ou
 
 
 def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.PathLike, overwrite: bool,
-                         recipe: Recipe | None) -> ApplyResult:
+                         recipe: RemovalRecord | None) -> ApplyResult:
     from transformers import AutoConfig
 
     from simdiff.model.load import resolve_model_path
@@ -272,7 +272,7 @@ def write_index(tmp: Path, folder: Path, weight_map: dict[str, str], total_size:
 
 
 def apply_metadata(model: str, removed: list[int], kept: list[int], total: int, config,
-                   recipe: Recipe | None) -> dict:
+                   recipe: RemovalRecord | None) -> dict:
     """The ``simdiff.json`` of an applied selection (itself a recipe for ``apply --recipe``).
 
     As for ``prune``, layer indices are in the original model's numbering when the input is itself a simdiff

@@ -21,7 +21,7 @@ def add_apply_command(subparsers) -> None:
 
 
 def run_apply(args: argparse.Namespace) -> None:
-    from simdiff.apply import apply_to_path, load_recipe
+    from simdiff.apply import apply_to_path, load_removal_record
     from simdiff.export.cli import is_gguf, run_apply_gguf
 
     if (args.layers is None) == (args.recipe is None):
@@ -31,7 +31,7 @@ def run_apply(args: argparse.Namespace) -> None:
     if is_gguf(args.model):
         run_apply_gguf(args)
         return
-    recipe = load_recipe(args.recipe) if args.recipe else None
+    recipe = load_removal_record(args.recipe) if args.recipe else None
     result = apply_to_path(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.removed} ({before} -> {after} layers) on disk")

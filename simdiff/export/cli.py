@@ -16,11 +16,11 @@ def is_gguf(model: str) -> bool:
 
 def run_apply_gguf(args: argparse.Namespace) -> None:
     """``simdiff apply FILE.gguf``: prune the GGUF file by ``--layers`` or ``--recipe`` into the file ``--out``."""
-    from simdiff.apply import load_recipe
+    from simdiff.apply import load_removal_record
     from simdiff.export.gguf import check_gguf_output, prune_gguf
 
     check_gguf_output(args.out, args.overwrite, args.model)
-    recipe = load_recipe(args.recipe) if args.recipe else None
+    recipe = load_removal_record(args.recipe) if args.recipe else None
     result = prune_gguf(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
     print(f"removed blocks {result.removed} ({result.block_count_before} -> {len(result.kept)} blocks) "
           "from the GGUF file")

@@ -27,7 +27,7 @@ from simdiff.outputs import atomic_file, check_output_file
 from simdiff.surgery import validate_layer_indices
 
 if TYPE_CHECKING:
-    from simdiff.apply import Recipe
+    from simdiff.apply import RemovalRecord
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,10 @@ def check_gguf_output(out: str | os.PathLike, overwrite: bool, src: str | os.Pat
 
 
 def prune_gguf(src: str | os.PathLike, removed: Sequence[int] | None, out: str | os.PathLike,
-               overwrite: bool = False, recipe: Recipe | None = None) -> GGUFPruneResult:
+               overwrite: bool = False, recipe: RemovalRecord | None = None) -> GGUFPruneResult:
     """Write a copy of the GGUF file ``src`` without the decoder blocks ``removed`` (original numbering) to ``out``.
 
-    ``recipe`` (a prune's ``simdiff.json``, :func:`simdiff.apply.load_recipe`) supplies ``removed`` when it is
+    ``recipe`` (a prune's ``simdiff.json``, :func:`simdiff.apply.load_removal_record`) supplies ``removed`` when it is
     None, and is refused when it was made on a model of another depth. Kept tensors are byte-identical to the
     input's; ``out`` appears by one rename when complete (simdiff.outputs); ``src`` is only read.
     """
