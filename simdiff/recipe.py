@@ -214,25 +214,29 @@ def coerce(flag: FieldFlag, value: Any, where: str) -> Any:
 
 def section_from_dict(cls: type, data: Any, where: str):
     """Build the dataclass ``cls`` from a mapping, naming unknown or mistyped fields."""
+    flags = checked_fields(cls, data, where)
+    return cls(**{key: coerce(flags[key], value, f"{where}.{key}") for key, value in data.items()})
+
+
+def checked_fields(cls: type, data: Any, where: str | None) -> dict:
+    """The flags of ``cls``'s fields, after checking that ``data`` is a mapping of those fields only
+    (``where``: the section's name, None for the top level)."""
     flags = {f.field: f for f in field_flags(cls)}
+    what = "a recipe" if where is None else f"recipe field {where}"
     if not isinstance(data, dict):
-        raise SimdiffError(f"recipe field {where} must be a mapping with keys {', '.join(flags)}, got {data!r}")
+        raise SimdiffError(f"{what} must be a mapping with keys {', '.join(flags)}, got {type(data).__name__}")
     unknown = [key for key in data if key not in flags]
     if unknown:
-        raise SimdiffError(f"unknown recipe field {where}.{unknown[0]}; allowed: {', '.join(flags)}")
-    return cls(**{key: coerce(flags[key], value, f"{where}.{key}") for key, value in data.items()})
+        name = repr(unknown[0]) if where is None else f"{where}.{unknown[0]}"
+        raise SimdiffError(f"unknown recipe field {name}; allowed: {', '.join(flags)}")
+    return flags
 
 
 def recipe_from_dict(data: Any) -> Recipe:
     """Validate a recipe mapping (as read from YAML/JSON, or a ``simdiff.json`` holding one under 'recipe')."""
     if isinstance(data, dict) and isinstance(data.get(RECIPE_KEY), dict):
         data = data[RECIPE_KEY]
-    top = {f.field: f for f in field_flags(Recipe)}
-    if not isinstance(data, dict):
-        raise SimdiffError(f"a recipe is a mapping with keys {', '.join(top)}, got {type(data).__name__}")
-    unknown = [key for key in data if key not in top]
-    if unknown:
-        raise SimdiffError(f"unknown recipe field {unknown[0]!r}; allowed: {', '.join(top)}")
+    top = checked_fields(Recipe, data, None)
     kwargs = {}
     for key, value in data.items():
         if key in SECTION_TYPES:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tiny import data_dir, save_tiny, tiny_tokenizer
+from tiny import save_tiny, tiny_tokenizer, write_calibration_text
 
 from simdiff.cli import main
 from simdiff.save import METADATA_FILE
@@ -19,8 +19,7 @@ CALIB = ["--samples", "4", "--calib-seq-len", "32", "--calib-batch-size", "2"]
 def workspace(tmp_path_factory) -> dict[str, Path]:
     """A tiny llama checkpoint (6 layers), a calibration text, a too-short text, and non-decoder models."""
     root = tmp_path_factory.mktemp("cli")
-    text = (data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000]
-    (root / "calib.txt").write_text(text, encoding="utf-8")
+    write_calibration_text(root / "calib.txt")
     (root / "short.txt").write_text("A very short text.", encoding="utf-8")
     from transformers import BertConfig, BertForMaskedLM, T5Config
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import data_dir, save_tiny
+from tiny import tiny_workspace
 
 import simdiff
 from simdiff.cli import main
@@ -40,9 +40,7 @@ with open(os.path.join(os.environ["FORWARDS_DIR"], os.environ["RANK"]), "w") as 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dp")
-    text = (data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000]
-    (root / "calib.txt").write_text(text, encoding="utf-8")
-    return {"root": root, "model": save_tiny("llama", root / "llama"), "calib": root / "calib.txt"}
+    return tiny_workspace(root)
 
 
 def command(ws, name: str, *extra: str) -> list[str]:

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import data_dir, tiny_model, tiny_tokenizer
+from tiny import (
+    tiny_model,
+    tiny_tokenizer,
+    write_calibration_text,
+)
 
 from simdiff.cli import main
 from simdiff.collect.hooks import StatisticsRecorder, collect_layer_statistics
@@ -45,7 +49,7 @@ def written_dtypes(folder: Path) -> set[str]:
 def test_bf16_checkpoint_pruned_by_the_cli_comes_out_bf16(tmp_path):
     model = save_bf16_checkpoint("llama", tmp_path / "bf16")
     calib = tmp_path / "calib.txt"
-    calib.write_text((data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000])
+    write_calibration_text(calib)
     out = tmp_path / "pruned"
     argv = ["-q", "prune", str(model), "--calib", str(calib), "--samples", "4", "--calib-seq-len", "32",
             "--num-layers", "2", "--out", str(out)]  # no --dtype: the checkpoint's own

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_outputs import leftovers, tree_hash
-from tiny import REPO, data_dir, save_tiny
+from tiny import REPO, save_tiny, write_calibration_text
 from transformers import AutoModelForCausalLM
 
 from simdiff.cli import main
@@ -32,9 +32,7 @@ REPLACE_STEPS = ["staged", "moved-aside", "renamed-in"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("faults")
-    calib = root / "calib.txt"
-    calib.write_text((data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return {"model": save_tiny("llama", root / "model"), "calib": calib}
+    return {"model": save_tiny("llama", root / "model"), "calib": write_calibration_text(root / "calib.txt")}
 
 
 def command(setup: dict[str, Path], out: Path, criterion: str, overwrite: bool) -> list[str]:

@@ -15,7 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_cli import CALIB, run_bad
-from tiny import data_dir, save_tiny, tiny_config, tiny_tokenizer
+from tiny import (
+    calibration_text,
+    data_dir,
+    save_tiny,
+    tiny_config,
+    tiny_tokenizer,
+)
 from transformers import AutoModelForCausalLM
 
 from simdiff.cli import main
@@ -163,7 +169,7 @@ def test_loading_info_check_refuses_what_transformers_only_warns_about(checkpoin
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("texts")
-    good = (data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000]
+    good = calibration_text()
     files = {"calib": root / "calib.txt", "null": root / "null.jsonl", "empty": root / "empty.jsonl",
              "latin1": root / "latin1.txt", "binary": root / "binary.txt", "number": root / "number.jsonl"}
     files["calib"].write_text(good, encoding="utf-8")

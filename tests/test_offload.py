@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import data_dir, save_tiny, tiny_model
+from tiny import tiny_model, tiny_workspace
 
 from simdiff.cli import main
 from simdiff.collect.hooks import collect_layer_statistics
@@ -92,9 +92,7 @@ def test_layerwise_with_bypassed_layers_matches_in_memory():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("offload")
-    text = (data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000]
-    (root / "calib.txt").write_text(text, encoding="utf-8")
-    return {"model": save_tiny("llama", root / "llama"), "calib": root / "calib.txt", "root": root}
+    return tiny_workspace(root)
 
 
 def score_json(ws: dict[str, Path], name: str, *extra: str) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import data_dir, save_tiny
+from tiny import save_tiny, write_calibration_text
 
 import simdiff
 from simdiff.cli import main
@@ -31,9 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text((data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
+    return write_calibration_text(tmp_path_factory.mktemp("calib") / "calib.txt")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tiny import data_dir, save_tiny
+from tiny import tiny_workspace
 
 import simdiff
 from simdiff.cli import build_parser, main
@@ -25,9 +25,7 @@ CALIB = ["--samples", "4", "--calib-seq-len", "32", "--calib-batch-size", "2"]
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("recipe")
-    text = (data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000]
-    (root / "calib.txt").write_text(text, encoding="utf-8")
-    return {"root": root, "model": save_tiny("llama", root / "llama"), "calib": root / "calib.txt"}
+    return tiny_workspace(root)
 
 
 @pytest.mark.parametrize("data, message", [

@@ -39,6 +39,23 @@ def data_dir() -> Path:
     return path
 
 
+def calibration_text(chars: int = 20_000) -> str:
+    """The first ``chars`` characters of WikiText-2 validation: enough real text for tiny calibration runs."""
+    return (data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:chars]
+
+
+def write_calibration_text(path: Path) -> Path:
+    """:func:`calibration_text` written to ``path`` (a .txt calibration source)."""
+    path.write_text(calibration_text(), encoding="utf-8")
+    return path
+
+
+def tiny_workspace(root: Path) -> dict[str, Path]:
+    """A tiny llama checkpoint and a calibration text under ``root``."""
+    return {"root": root, "model": save_tiny("llama", root / "llama"),
+            "calib": write_calibration_text(root / "calib.txt")}
+
+
 def tiny_config(model_type: str, num_layers: int = 6):
     kwargs = {**SHARED, **FAMILIES[model_type]}
     kwargs["num_hidden_layers"] = num_layers
