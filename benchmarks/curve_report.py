@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from simdiff.evaluate.suite import percent_retained
 from simdiff.report.comparison import plot_perplexity_vs_removed
 from simdiff.report.tables import markdown_table
 
@@ -18,24 +19,48 @@ def _short(source: str) -> str:
     return "python-docs" if "python3" in source else source
 
 
+def _key(removed: list[int]) -> str:
+    return ",".join(map(str, removed)) or "dense"
+
+
+def _tasks(curve: dict) -> list[str]:
+    return [t for t in curve["evaluation"].get("tasks", "").split(",") if t]
+
+
 def compare_document(curve: dict, source: str) -> dict:
-    """The curve's rows measured on ``source`` as a ``simdiff compare`` document, for the shared plot function."""
+    """The curve's rows measured on ``source`` as a ``simdiff compare`` document, for the shared plot function:
+    perplexity and, where the tasks were measured, % of the dense accuracy retained."""
     sets = curve["sets"]
-    rows = [{"label": "dense", "count": 0, "removed_layers": [], "perplexity": sets["dense"].get("perplexity", {})}]
+    dense = sets["dense"]
+    tasks = [t for t in _tasks(curve) if t in dense.get("tasks", {})]
+    rows = [{"label": "dense", "criterion": "dense", "count": 0, "removed_layers": [],
+             "perplexity": dense.get("perplexity", {}), "tasks": dense.get("tasks", {})}]
     for selection in curve["selections"]:
-        key = ",".join(map(str, selection["removed"]))
-        if source in sets.get(key, {}).get("perplexity", {}):
-            rows.append({"label": selection["method"], "count": selection["count"],
-                         "removed_layers": selection["removed"], "perplexity": sets[key]["perplexity"]})
+        entry = sets.get(_key(selection["removed"]), {})
+        if source in entry.get("perplexity", {}):
+            row = {"label": selection["method"], "criterion": selection["method"].split(":")[0],
+                   "count": selection["count"], "removed_layers": selection["removed"],
+                   "perplexity": entry["perplexity"], "tasks": entry.get("tasks", {})}
+            if all(t in row["tasks"] for t in tasks):
+                row["retained"] = percent_retained(rows[0], row)
+            rows.append(row)
     methods = list(dict.fromkeys(r["label"] for r in rows[1:]))
-    return {"model": curve["model"], "rows": rows, "criteria": methods,
-            "evaluation": {"ppl": [source]}}
+    return {"model": curve["model"], "rows": rows, "criteria": methods, "counts": curve["counts"],
+            "evaluation": {"ppl": [source], "tasks": tasks}}
 
 
 def _cell(report: dict | None) -> str:
     if not report or not math.isfinite(report.get("perplexity", math.nan)):
         return "–"
     return f"{report['perplexity']:.2f} ± {report['perplexity_stderr']:.2f}"
+
+
+def _accuracy(scores: dict | None, dense: dict | None) -> list[str]:
+    """``acc ± SE`` and % of the dense accuracy, or dashes when not measured."""
+    if not scores:
+        return ["–", "–"]
+    retained = f"{100 * scores['acc'] / dense['acc']:.1f}" if dense else "–"
+    return [f"{scores['acc']:.3f} ± {scores['acc_stderr']:.3f}", retained]
 
 
 def paired(report: dict | None, rival: dict | None) -> str:
@@ -52,50 +77,105 @@ def paired(report: dict | None, rival: dict | None) -> str:
 
 
 def table(curve: dict, rival_method: str = "block_influence") -> str:
+    """Every method at every count: perplexity ± SE per text, the paired Δ NLL against ``rival_method``, task
+    accuracy ± SE with % of dense retained, and the held-out passes a search spent."""
     sources = curve["evaluation"]["ppl"]
+    tasks = _tasks(curve)
     header = ["removed", "method", "layers", *(f"{_short(s)} ppl ± SE" for s in sources),
-              *(f"{_short(s)} Δ NLL vs {rival_method}" for s in sources), "held-out passes"]
-    dense = curve["sets"]["dense"].get("perplexity", {})
-    rows = [["0", "dense", "–", *(_cell(dense.get(s)) for s in sources), *("–" for _ in sources), "–"]]
+              *(f"{_short(s)} Δ NLL vs {rival_method}" for s in sources),
+              *(h for t in tasks for h in (f"{t} acc ± SE", f"{t} % retained")), "held-out passes"]
+    dense = curve["sets"]["dense"]
+    dense_tasks = dense.get("tasks", {})
+    rows = [["0", "dense", "–", *(_cell(dense.get("perplexity", {}).get(s)) for s in sources),
+             *("–" for _ in sources), *(c for t in tasks for c in _accuracy(dense_tasks.get(t), dense_tasks.get(t))),
+             "–"]]
     for count in sorted({s["count"] for s in curve["selections"]}):
         rival = next((s for s in curve["selections"] if s["count"] == count and s["method"] == rival_method), None)
-        rival_ppl = curve["sets"].get(",".join(map(str, rival["removed"])), {}).get("perplexity", {}) if rival else {}
+        rival_ppl = curve["sets"].get(_key(rival["removed"]), {}).get("perplexity", {}) if rival else {}
         for selection in (s for s in curve["selections"] if s["count"] == count):
-            entry = curve["sets"].get(",".join(map(str, selection["removed"])), {}).get("perplexity", {})
+            entry = curve["sets"].get(_key(selection["removed"]), {})
+            ppl, scores = entry.get("perplexity", {}), entry.get("tasks", {})
             search = selection.get("search", {})
             rows.append([str(count), selection["method"], ", ".join(map(str, selection["removed"])),
-                         *(_cell(entry.get(s)) for s in sources),
-                         *(paired(entry.get(s), rival_ppl.get(s)) for s in sources),
+                         *(_cell(ppl.get(s)) for s in sources),
+                         *(paired(ppl.get(s), rival_ppl.get(s)) for s in sources),
+                         *(c for t in tasks for c in _accuracy(scores.get(t), dense_tasks.get(t))),
                          str(search.get("heldout_passes", "–"))])
     return markdown_table(header, rows)
 
 
 def search_table(curve: dict) -> str:
-    """Every candidate of each best-of search (the alpha path's sets and the pooled criteria's) with its score."""
-    header = ["removed", "candidate set", "proposed by", "α range", "held-out score", "chosen by"]
-    rows = []
+    """Every held-out candidate of every search, one row per count and set: who proposed it, its alpha range,
+    its held-out score under each objective with the paired difference from the default alpha's set
+    (± SE, in nats per token), and which methods chose it."""
+    objectives = sorted({s["search"]["objective"] for s in curve["selections"] if "search" in s})
+    header = ["removed", "candidate set", "proposed by", "α range",
+              *(h for o in objectives for h in (f"held-out {o}", f"{o} vs default α (z)")), "chosen by"]
+    table: dict[tuple[int, str], dict] = {}
     for selection in curve["selections"]:
-        if not selection["method"].startswith("best-of"):
+        search = selection.get("search")
+        if not search:
             continue
-        search = selection["search"]
-        auto = next((s["removed"] for s in curve["selections"] if s["count"] == selection["count"]
-                     and s["method"] == "alpha-auto:" + search["objective"]), None)
         for c in search["candidates"]:
-            chosen = [name for name, hit in (("alpha auto", c["removed"] == auto),
-                                             ("best-of", c["removed"] == search["removed"])) if hit]
-            span = "–" if c["alpha_range"] is None else f"{c['alpha_range'][0]:.3f}–{c['alpha_range'][1]:.3f}"
-            rows.append([str(selection["count"]), ", ".join(map(str, c["removed"])),
-                         " / ".join(x.replace("simdiff alpha=", "simdiff α=") for x in c["sources"]), span,
-                         f"{c['score']:.4f}", ", ".join(chosen) or "–"])
-    return markdown_table(header, sorted(rows, key=lambda r: (int(r[0]), float(r[4]))))
+            row = table.setdefault((selection["count"], _key(c["removed"])), {"sources": [], "range": None,
+                                                                                "scores": {}, "chosen": []})
+            row["sources"] += [x.replace("simdiff alpha=", "simdiff α=") for x in c["sources"]
+                               if x.replace("simdiff alpha=", "simdiff α=") not in row["sources"]]
+            row["range"] = row["range"] or c.get("alpha_range")
+            row["scores"][search["objective"]] = (c["score"], c.get("vs_default"))
+            if c["removed"] == search["removed"] and selection["method"] not in row["chosen"]:
+                row["chosen"].append(selection["method"])
+    rows = []
+    for (count, key), row in sorted(table.items(), key=lambda kv: (kv[0][0], kv[1]["scores"].get("kl", (0,))[0])):
+        span = "–" if row["range"] is None else f"{row['range'][0]:.3f}–{row['range'][1]:.3f}"
+        cells = []
+        for objective in objectives:
+            score, vs = row["scores"].get(objective, (None, None))
+            cells.append("–" if score is None else f"{score:.4f}")
+            z = "" if not vs or not vs[1] else f" ({vs[0] / vs[1]:+.1f})"
+            cells.append("–" if not vs else ("default" if vs == [0.0, 0.0] else f"{vs[0]:+.4f} ± {vs[1]:.4f}{z}"))
+        rows.append([str(count), key.replace(",", ", "), " / ".join(row["sources"]), span, *cells,
+                     ", ".join(row["chosen"]) or "–"])
+    return markdown_table(header, rows)
+
+
+def draws_table(curve: dict, source: str = "wikitext2") -> str:
+    """Per count, each criterion over its calibration draws (``METHOD`` is seed 0, ``METHOD:seed=K`` the
+    others): the distinct sets it chose with how often, and the mean perplexity over draws."""
+    by: dict[tuple[str, int], list[list[int]]] = {}
+    for s in curve["selections"]:
+        base, _, seed = s["method"].partition(":seed=")
+        if seed or any(x["method"] == f"{s['method']}:seed=1" for x in curve["selections"]):
+            by.setdefault((base, s["count"]), []).append(s["removed"])
+    header = ["removed", "criterion", "draws", "sets chosen (times): perplexity", f"mean {source} ppl over draws"]
+    rows = []
+    for (base, count), sets in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ppl = [curve["sets"].get(_key(r), {}).get("perplexity", {}).get(source, {}).get("perplexity") for r in sets]
+        chosen = {}
+        for removed, value in zip(sets, ppl):
+            chosen.setdefault(_key(removed), [0, value])[0] += 1
+        cells = "; ".join(f"[{k.replace(',', ', ')}] ({n}): {'–' if v is None else f'{v:.2f}'}"
+                          for k, (n, v) in sorted(chosen.items(), key=lambda kv: -kv[1][0]))
+        mean = "–" if None in ppl else f"{sum(ppl) / len(ppl):.2f}"
+        rows.append([str(count), base, str(len(sets)), cells, mean])
+    return markdown_table(header, rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json")
     parser.add_argument("--img", default=None, help="PNG prefix: one plot per perplexity source")
+    parser.add_argument("--methods", default=None, help="comma-separated methods to show (default: all)")
+    parser.add_argument("--draws", action="store_true",
+                        help="also print the calibration-draw table (methods named METHOD:seed=K)")
     args = parser.parse_args()
     curve = json.loads(Path(args.json).read_text(encoding="utf-8"))
+    if args.draws:
+        print(draws_table(curve))
+        print()
+    if args.methods:
+        keep = args.methods.split(",")
+        curve["selections"] = [s for s in curve["selections"] if s["method"] in keep]
     print(table(curve))
     print()
     print(search_table(curve))

@@ -3,19 +3,27 @@
 Methods (all on the same calibration: the ``Calibration`` default, WikiText-2 validation):
 
 - ``simdiff`` (defaults), ``simdiff:skip-first`` (the same, position 0 of each window left out of the
-  statistics), ``block_influence``, ``angular_block``, ``taylor``, ``ppl_skip`` (one-shot): one-shot
-  selections on all calibration windows, as ``simdiff prune`` makes them;
+  statistics), ``block_influence``, ``angular_block``, ``taylor``: one-shot selections on all calibration
+  windows, as ``simdiff prune`` makes them; ``simdiff:seed=K`` (also ``block_influence``, ``mssd``,
+  ``masd``): the same on calibration draw K, as ``simdiff prune --seed K``;
+- ``ppl_skip`` (one-shot) and ``ppl_skip:iterative`` (SLEB-style: remove one layer, re-score the rest):
+  on the first ``--skip-samples`` calibration windows, since each costs one loss pass per remaining layer
+  and step; the iterative selections for every count are prefixes of one run to the largest count;
 - ``alpha-auto:kl``, ``alpha-auto:ppl``: the exact alpha path on the scoring windows, chosen on the disjoint
   held-out windows by each objective; ``best-of:kl``: the path pooled with the one-pass criteria
-  (``simdiff prune --alpha auto --objective kl|ppl`` and ``--criterion best-of``).
+  (``simdiff prune --alpha auto --objective kl|ppl`` and ``--criterion best-of``); a ``:margin=M`` suffix
+  sets ``--margin`` (default: the tool's).
 
 Each distinct set is evaluated by bypassing its layers in the loaded model: perplexity on every ``--ppl``
-source (first ``--eval-tokens`` tokens, windows of ``--eval-seq-len``, with per-window standard errors),
-then, in a second phase, lm-eval PIQA on ``--limit`` questions. The JSON is rewritten after every
-evaluation, so a stopped run keeps what it measured.
+source (its first ``--eval-tokens`` tokens, windows of ``--eval-seq-len``, with per-window standard
+errors), then lm-eval tasks (PIQA) on ``--limit`` questions. Methods are selected, then evaluated, in
+``--methods`` order. The JSON is rewritten after every selection and evaluation, so a stopped run keeps what
+it measured, and ``--resume`` adds methods or measurements to it.
 
     python benchmarks/pruning_curve.py --counts 2,4,6,8,10,12 --json runs/curve.json \\
-        --ppl wikitext2,/usr/share/doc/python3.11/html/_sources/tutorial --eval-tokens 16384 --limit 200
+        --methods simdiff,block_influence,alpha-auto:kl,alpha-auto:ppl \\
+        --ppl wikitext2,/usr/share/doc/python3.11/html/_sources/tutorial --eval-tokens 65536,16384 --limit 500
+    python benchmarks/pruning_curve.py --resume ...same options... --methods angular_block,ppl_skip:iterative
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from simdiff.api import Calibration
@@ -32,7 +40,7 @@ from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Options
 from simdiff.data import batches, calibration_windows
 from simdiff.evaluate.suite import EvalSettings, Evaluator
 from simdiff.model import load_model
-from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence
+from simdiff.pipeline import block_sizes_for, choose_iterative, choose_one_shot, gather_evidence
 from simdiff.save import provenance
 from simdiff.surgery import bypass_layers
 from simdiff.tune import BEST_OF, Searcher, SearchSettings
@@ -45,11 +53,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--counts", default="2,4,6,8,10,12", help="evaluated in this order")
-    parser.add_argument("--methods", default="simdiff,simdiff:skip-first,block_influence,angular_block,taylor,ppl_skip,"
-                                             "alpha-auto:kl,alpha-auto:ppl,best-of:kl")
+    parser.add_argument("--methods", default="simdiff,block_influence,alpha-auto:kl,alpha-auto:ppl,simdiff:skip-first,"
+                                             "angular_block,taylor,best-of:kl,ppl_skip,ppl_skip:iterative",
+                        help="selected, then evaluated, in this order")
     parser.add_argument("--heldout-samples", type=int, default=Calibration().heldout_samples)
+    parser.add_argument("--skip-samples", type=int, default=None,
+                        help="ppl_skip (one-shot and iterative) scores on the first N calibration windows only "
+                             "(default: all); its cost is one loss pass per remaining layer and step")
     parser.add_argument("--ppl", default="wikitext2", help="comma-separated sources, evaluated one after the other")
-    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", default="16384",
+                        help="tokens scored per --ppl source: one number, or one per source (comma-separated)")
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--tasks", default="piqa")
     parser.add_argument("--limit", type=int, default=200)
@@ -57,7 +70,8 @@ def main() -> None:
                         help="score the one-shot methods on the search's scoring windows too (one statistics pass "
                              "for everything; they differ from `prune`'s windows, which also cover the held-out span)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the selections already in --json and only evaluate the sets of --methods")
+                        help="keep the selections and measurements already in --json; select only the methods it "
+                             "lacks and evaluate only what is missing")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
@@ -67,24 +81,38 @@ def main() -> None:
 
     counts = [int(c) for c in args.counts.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    sources = args.ppl.split(",") if args.ppl else []
+    tokens = [int(t) for t in args.eval_tokens.split(",")]
+    tokens = tokens * len(sources) if len(tokens) == 1 else tokens
+    if len(tokens) != len(sources):
+        parser.error(f"--eval-tokens gives {len(tokens)} numbers for {len(sources)} --ppl sources")
     model, tokenizer = load_model(args.model)
     calibration = Calibration(data_dir=args.data_dir, heldout_samples=args.heldout_samples)
     options = Options()
-    doc: dict = {"model": args.model, "counts": counts, "methods": methods, "calibration": asdict(calibration),
-                 "options": asdict(options), "search": asdict(SearchSettings()),
-                 "evaluation": {"ppl": args.ppl.split(","), "eval_tokens": args.eval_tokens,
-                                "eval_seq_len": args.eval_seq_len, "tasks": args.tasks, "limit": args.limit},
-                 "selections": [], "sets": {}, "costs": {}, **provenance()}
     out = Path(args.json)
+    if args.resume:
+        doc = json.loads(out.read_text(encoding="utf-8"))
+    else:
+        doc = {"model": args.model, "counts": counts, "methods": [], "calibration": asdict(calibration),
+               "options": asdict(options), "search": asdict(SearchSettings()), "evaluation": {},
+               "selections": [], "sets": {}, "costs": {}, **provenance()}
+    doc["evaluation"] = {"ppl": sources, "eval_tokens": dict(zip(sources, tokens)), "eval_seq_len": args.eval_seq_len,
+                         "tasks": args.tasks, "limit": args.limit}
+    doc["methods"] = list(dict.fromkeys([*doc["methods"], *methods]))
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
-    if args.resume:
-        doc = json.loads(out.read_text(encoding="utf-8"))
-        evaluate_all(model, tokenizer, doc, args, save, counts, methods)
-        return
+    selected = {s["method"] for s in doc["selections"]}
+    todo = [m for m in methods if m not in selected]
+    select_methods(model, tokenizer, calibration, options, doc, save, counts, todo, args)
+    evaluate_all(model, tokenizer, doc, args, save, counts, methods, dict(zip(sources, tokens)))
+
+
+def select_methods(model, tokenizer, calibration, options: Options, doc: dict, save, counts: list[int],
+                   methods: list[str], args) -> None:
+    """Append every (method, count) selection of ``methods`` to ``doc``, with the cost of each pass."""
 
     def select(method: str, evidence) -> None:
         criterion = method.split(":")[0]
@@ -106,12 +134,31 @@ def main() -> None:
         doc["costs"][f"evidence {label}"] = time.perf_counter() - start
         for method in wanted:
             select(method, evidence)
-    save()
-    for objective in ("kl", "ppl"):
-        kinds = [k for k in ("alpha", BEST_OF) if f"{'alpha-auto' if k == 'alpha' else k}:{objective}" in methods]
-        if not kinds:
-            continue
+        save()
+    drawn: dict[int, list[str]] = {}  # METHOD:seed=K: a one-pass criterion on calibration draw K
+    for method in methods:
+        base, _, seed = method.partition(":seed=")
+        if seed and base in ("simdiff", "block_influence", "mssd", "masd"):
+            drawn.setdefault(int(seed), []).append(method)
+    for seed, wanted in drawn.items():
+        draw = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seq_len, seed,
+                                   calibration.data_dir)
+        evidence = gather_evidence(model, batches(draw, calibration.batch_size), {LAYER_STATS})
+        for method in wanted:
+            select(method, evidence)
+            for selection in doc["selections"][-len(counts):]:
+                selection["calibration_seed"] = seed
+        save()
+    searches: dict[tuple[str, float | None], list[tuple[str, str]]] = {}
+    for method in methods:  # alpha-auto:OBJECTIVE[:margin=M] and best-of:OBJECTIVE[:margin=M]
+        kind, _, rest = method.partition(":")
+        if kind in ("alpha-auto", BEST_OF):
+            objective, _, margin = rest.partition(":margin=")
+            searches.setdefault((objective, float(margin) if margin else None), []).append(
+                ("alpha" if kind == "alpha-auto" else BEST_OF, method))
+    for (objective, margin), kinds in searches.items():
         settings = SearchSettings(objective=objective)
+        settings = replace(settings, margin=settings.margin if margin is None else margin)
         start = time.perf_counter()
         searcher = Searcher(model, tokenizer, calibration, settings, counts, settings.pool)
         if args.one_pass and objective == "kl":
@@ -119,23 +166,38 @@ def main() -> None:
             for method in plain:
                 select(method, searcher.evidence)
         for count in counts:
-            for kind in kinds:
+            for kind, method in kinds:
                 search = searcher.search(kind, count, options)
-                doc["selections"].append({"method": f"{'alpha-auto' if kind == 'alpha' else kind}:{objective}",
-                                          "count": count, "removed": search.removed, "search": search.to_dict()})
+                doc["selections"].append({"method": method, "count": count, "removed": search.removed,
+                                          "search": {**search.to_dict(), "margin": settings.margin}})
                 save()
-        doc["costs"][f"searches {objective}"] = time.perf_counter() - start
-    if "ppl_skip" in methods:
-        start = time.perf_counter()
-        select("ppl_skip", gather_evidence(model, batches(windows, calibration.batch_size), {SKIP_LOSS}))
-        doc["costs"]["evidence ppl_skip"] = time.perf_counter() - start
+        doc["costs"][f"searches {objective} margin {settings.margin:g}"] = time.perf_counter() - start
         save()
-    evaluate_all(model, tokenizer, doc, args, save, counts, methods)
+    skip_windows = windows[: args.skip_samples] if args.skip_samples else windows
+    if "ppl_skip" in methods or "ppl_skip:iterative" in methods:
+        doc["costs"]["ppl_skip windows"] = int(skip_windows.shape[0])
+        skip_batches = batches(skip_windows, calibration.batch_size)
+        start = time.perf_counter()
+        evidence = gather_evidence(model, skip_batches, {SKIP_LOSS})
+        doc["costs"]["evidence ppl_skip"] = time.perf_counter() - start
+        if "ppl_skip" in methods:
+            select("ppl_skip", evidence)
+            save()
+        if "ppl_skip:iterative" in methods:
+            start = time.perf_counter()
+            steps = choose_iterative(model, skip_batches, "ppl_skip", max(counts), options, initial=evidence).steps
+            order = [step["removed"] for step in steps]
+            for count in counts:
+                doc["selections"].append({"method": "ppl_skip:iterative", "count": count,
+                                          "removed": sorted(order[:count]), "order": order[:count]})
+            doc["costs"]["iterative ppl_skip"] = time.perf_counter() - start
+            save()
 
 
-def evaluate_all(model, tokenizer, doc: dict, args, save, counts: list[int], methods: list[str]) -> None:
-    for source in args.ppl.split(","):
-        settings = EvalSettings(ppl=[source], seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, batch_size=4,
+def evaluate_all(model, tokenizer, doc: dict, args, save, counts: list[int], methods: list[str],
+                 tokens: dict[str, int]) -> None:
+    for source, max_tokens in tokens.items():
+        settings = EvalSettings(ppl=[source], seq_len=args.eval_seq_len, max_tokens=max_tokens, batch_size=4,
                                 data_dir=args.data_dir)
         evaluate_sets(model, Evaluator(model, tokenizer, settings), doc, "perplexity", save, counts, methods)
     if args.tasks:
@@ -144,10 +206,10 @@ def evaluate_all(model, tokenizer, doc: dict, args, save, counts: list[int], met
 
 
 def evaluate_sets(model, evaluator, doc: dict, part: str, save, counts: list[int], methods: list[str]) -> None:
-    """Evaluate (``part`` of) every distinct removed set of ``methods`` not yet measured: dense first, then by
-    count order."""
-    wanted = [[]] + [s["removed"] for c in counts for s in doc["selections"] if s["count"] == c
-                     and s["method"] in methods]
+    """Evaluate (``part`` of) every distinct removed set of ``methods`` not yet measured: dense first, then
+    method by method in ``methods`` order, each by count order."""
+    wanted = [[]] + [s["removed"] for m in methods for c in counts for s in doc["selections"]
+                     if s["count"] == c and s["method"] == m]
     for removed in wanted:
         key = ",".join(map(str, removed)) or "dense"
         entry = doc["sets"].setdefault(key, {"removed": removed})

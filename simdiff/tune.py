@@ -15,8 +15,8 @@ and the number dropped is recorded.
 
 **Best-of.** Pools the alpha path's sets with the one-shot selections of other criteria (by default the
 one-pass ``block_influence``, ``angular_block``, ``mssd``, ``masd``; ``ppl_skip``/``taylor`` when asked for),
-scores each distinct set once and keeps the best. On the held-out objective it is therefore never worse
-than any pooled criterion.
+scores each distinct set once and keeps the best (see Margin). With ``margin=0`` it is therefore never
+worse on the held-out objective than any pooled criterion.
 
 **Objectives.** ``kl``: mean over held-out tokens of KL(dense || candidate) of the next-token
 distributions. Batches are the outer loop and candidates the inner one: the dense log-probabilities of one
@@ -25,9 +25,14 @@ the cost is one dense pass plus one pass per candidate and memory holds one batc
 log-probabilities (about three such tensors at a time; lower ``--calib-batch-size`` for a huge vocabulary), never
 the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass per candidate.
 
+**Margin.** The default alpha's set (listed first) is kept unless another candidate beats it by more than
+``margin`` standard errors of the paired, window-by-window difference of the held-out objective (default 2;
+0 makes the lowest score win). Close sets rank differently on different texts, so leaving the default
+needs evidence, not a difference within noise. Among the candidates that pass, the lowest score wins.
 **Ties** (equal held-out score) go to the candidate listed first: alpha-path sets ordered by the distance
 of their alpha to the default alpha, then the other pooled criteria in pool order. The saved selection is
-exactly the winner: nothing is re-scored afterwards.
+exactly the winner: nothing is re-scored afterwards. Every candidate records ``vs_default``, its paired
+difference from the default's set and the standard error.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from simdiff.criteria import Evidence, Options, get_criterion
 from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, sample_windows, tokenize_text
 from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
-from simdiff.evaluate.perplexity import batch_nll
+from simdiff.evaluate.perplexity import window_nlls
 from simdiff.flags import names, option
 from simdiff.model.load import model_device
 from simdiff.pipeline import (
@@ -82,6 +87,8 @@ class SearchSettings:
     objective: str = option("kl", "held-out objective: kl, mean KL(dense || pruned) of next-token distributions; "
                                   "ppl, perplexity", choices=OBJECTIVES)
     max_candidates: int = option(16, "most distinct alpha-path sets evaluated")
+    margin: float = option(2.0, "standard errors (paired over held-out windows) by which a candidate must beat the "
+                                "default alpha's set to replace it; 0: the lowest held-out score wins")
     pool: list[str] = option(help="criteria best-of pools; simdiff stands for its whole alpha path; ppl_skip and "
                                   "taylor add their passes", parse=names, default_factory=lambda: list(DEFAULT_POOL))
 
@@ -90,6 +97,8 @@ class SearchSettings:
             raise SimdiffError(f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.max_candidates < 2:
             raise SimdiffError(f"--max-candidates must be >= 2, got {self.max_candidates}")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise SimdiffError(f"--margin must be a number >= 0 (standard errors), got {self.margin}")
         if not self.pool:
             raise SimdiffError("--pool must name at least one criterion")
         for name in self.pool:
@@ -130,6 +139,7 @@ class Candidate:
     alpha: float | None = None
     alpha_range: list[float] | None = None
     score: float = math.nan
+    vs_default: list[float] | None = None  # [mean, standard error] of the paired difference with the default's set
 
 
 def alpha_breakpoints(similarity: np.ndarray, difference: np.ndarray) -> list[float]:
@@ -189,13 +199,18 @@ def merge_duplicates(candidates: list[Candidate]) -> list[Candidate]:
 
 # -- the held-out objective ------------------------------------------------------------------------------------
 class HeldoutObjective:
-    """Scores removed sets on held-out windows (lower is better); each distinct set is evaluated once."""
+    """Scores removed sets on held-out windows (lower is better); each distinct set is evaluated once.
+
+    Per-window values are kept too (mean KL, or mean NLL, per predicted token of each window), so two sets
+    can be compared paired, window by window (:meth:`paired`).
+    """
 
     def __init__(self, model: nn.Module, heldout: Sequence[Batch], kind: str = "kl") -> None:
         if kind not in OBJECTIVES:
             raise SimdiffError(f"unknown --objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
         self.model, self.heldout, self.kind = model, list(heldout), kind
-        self.cache: dict[tuple[int, ...], float] = {}
+        self.cache: dict[tuple[int, ...], np.ndarray] = {}  # set -> per-window summed KL or NLL
+        self.window_tokens: np.ndarray | None = None
         self.passes = 0
         self.seconds = 0.0
 
@@ -208,38 +223,56 @@ class HeldoutObjective:
         new = [list(k) for k in dict.fromkeys(tuple(s) for s in sets) if k not in self.cache]
         if new:
             start = time.perf_counter()
-            totals = self._kl(new) if self.kind == "kl" else self._ppl(new)
-            for removed, value in zip(new, totals):
-                self.cache[tuple(removed)] = value
+            totals, self.window_tokens = self._kl(new) if self.kind == "kl" else self._nll(new)
+            for removed, per_window in zip(new, totals):
+                self.cache[tuple(removed)] = per_window
             self.passes += len(new) + (self.kind == "kl")
             self.seconds += time.perf_counter() - start
-        return [self.cache[tuple(s)] for s in sets]
+        return [self._aggregate(self.cache[tuple(s)]) for s in sets]
+
+    def _aggregate(self, per_window: np.ndarray) -> float:
+        mean = float(per_window.sum() / self.window_tokens.sum())
+        if not math.isfinite(mean):
+            return math.inf
+        return mean if self.kind == "kl" else math.exp(mean)
+
+    def window_means(self, removed: Sequence[int]) -> np.ndarray:
+        """Mean KL (``kl``) or mean NLL (``ppl``) per predicted token of each held-out window, for a scored set."""
+        return self.cache[tuple(removed)] / np.maximum(self.window_tokens, 1)
+
+    def paired(self, removed: Sequence[int], reference: Sequence[int]) -> tuple[float, float]:
+        """Mean over held-out windows of (``removed`` − ``reference``) per-token values, and its standard error
+        (both sets scored); negative means ``removed`` is better."""
+        diffs = self.window_means(removed) - self.window_means(reference)
+        if len(diffs) < 2 or not np.isfinite(diffs).all():
+            return float(diffs.mean()) if len(diffs) else 0.0, math.inf
+        return float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
 
     @torch.no_grad()
-    def _ppl(self, sets: list[list[int]]) -> list[float]:
-        nll, tokens = np.zeros(len(sets)), np.zeros(len(sets))
+    def _nll(self, sets: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray]:
+        nll, tokens = [[] for _ in sets], []
         for batch in progress(self.heldout, desc=f"held-out ppl of {len(sets)} candidates"):
             for k, removed in enumerate(sets):
                 with bypass_layers(self.model, removed):
-                    total, count = batch_nll(self.model, batch)
-                nll[k] += float(total)
-                tokens[k] += count
-        return [math.exp(n / t) if math.isfinite(n) else math.inf for n, t in zip(nll, tokens)]
+                    totals, counts = window_nlls(self.model, [batch], desc=None)
+                nll[k] += totals
+            tokens += counts
+        return [np.asarray(v, dtype=np.float64) for v in nll], np.asarray(tokens, dtype=np.float64)
 
     @torch.no_grad()
-    def _kl(self, sets: list[list[int]]) -> list[float]:
-        kl, tokens = np.zeros(len(sets)), 0
+    def _kl(self, sets: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray]:
+        kl, tokens = [[] for _ in sets], []
         for batch in progress(self.heldout, desc=f"held-out KL of {len(sets)} candidates"):
             batch = batch.to(model_device(self.model))
             mask = batch.attention_mask.bool()
-            dense = torch.log_softmax(self._logits(batch), dim=-1)[mask]
-            tokens += int(mask.sum())
+            dense = torch.log_softmax(self._logits(batch), dim=-1)
+            tokens += mask.sum(1).tolist()
             for k, removed in enumerate(sets):
                 with bypass_layers(self.model, removed):
-                    candidate = torch.log_softmax(self._logits(batch), dim=-1)[mask]
+                    candidate = torch.log_softmax(self._logits(batch), dim=-1)
                 per_token = nn.functional.kl_div(candidate, dense, log_target=True, reduction="none").sum(-1)
-                kl[k] += float(per_token.double().sum())
-        return [v / tokens if math.isfinite(v) else math.inf for v in kl]
+                kl[k] += per_token.double().masked_fill(~mask, 0.0).sum(1).tolist()
+        return [np.asarray(v, dtype=np.float64) for v in kl], np.asarray(tokens, dtype=np.float64)
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
@@ -318,8 +351,7 @@ class Searcher:
             candidate.score = value
             log.info("%s removes %s: held-out %s %.5f", " / ".join(candidate.sources), candidate.removed,
                      self.settings.objective, value)
-        order = {id(c): i for i, c in enumerate(candidates)}
-        winner = min(candidates, key=lambda c: (_finite_or_inf(c.score), order[id(c)]))
+        winner = self._winner(candidates)
         log.info("%s for %d layers: %s wins (held-out %s %.5f, %d distinct candidates)", kind, count,
                  " / ".join(winner.sources), self.settings.objective, winner.score, len(candidates))
         costs = {**self.windows, "heldout_tokens": self.objective.tokens,
@@ -328,6 +360,25 @@ class Searcher:
         return Search(kind, count, winner, candidates, self.settings.objective, self.objective.describe(), dropped,
                       self.settings.max_candidates, self.objective.passes - passes,
                       self.objective.seconds - seconds, costs)
+
+    def _winner(self, candidates: list[Candidate]) -> Candidate:
+        """The lowest held-out score among the default alpha's set (listed first) and the candidates that beat
+        it by more than ``margin`` paired standard errors (all of them when its own score is not finite); ties
+        to the one listed first."""
+        reference = candidates[0]
+        for candidate in candidates:
+            candidate.vs_default = list(self.objective.paired(candidate.removed, reference.removed))
+        margin = self.settings.margin
+        eligible = [c for c in candidates if c is reference or margin <= 0 or not math.isfinite(reference.score)
+                    or c.vs_default[0] < -margin * c.vs_default[1]]
+        order = {id(c): i for i, c in enumerate(candidates)}
+        best = min(candidates, key=lambda c: (_finite_or_inf(c.score), order[id(c)]))
+        winner = min(eligible, key=lambda c: (_finite_or_inf(c.score), order[id(c)]))
+        if winner is not best:
+            log.info("%s removes %s with a lower held-out score, but only by %.4g ± %.4g (paired SE), within "
+                     "--margin %g standard errors of the default alpha's set; chose %s", " / ".join(best.sources),
+                     best.removed, -best.vs_default[0], best.vs_default[1], margin, winner.removed)
+        return winner
 
     def selection(self, search: Search, options: Options) -> tuple[Selection, Options]:
         """The winner as a :class:`Selection` (exactly its removed set) and the options it implies."""

@@ -118,13 +118,47 @@ def test_heldout_objectives_match_references_and_evaluate_each_set_once():
     ppl = HeldoutObjective(model, batches(windows, 2), "ppl")
     with bypass_layers(model, [1, 2]):
         expected = nll_over(model, batches(windows, 2), desc=None).perplexity
-    assert ppl.scores([[1, 2]]) == [pytest.approx(expected, rel=1e-9)] and ppl.passes == 1
+    # per-window float64 sums against one float32 sum per batch: equal to float32 rounding
+    assert ppl.scores([[1, 2]]) == [pytest.approx(expected, rel=1e-6)] and ppl.passes == 1
+
+
+def test_heldout_window_values_pair_candidates_window_by_window():
+    model = tiny_model("llama", 6)
+    windows = torch.randint(4, 256, (5, 20), generator=torch.Generator().manual_seed(2))
+    kl = HeldoutObjective(model, batches(windows, 2), "kl")
+    kl.scores([[1, 2], [4]])
+    for removed in ([1, 2], [4]):  # each window's mean KL, as a one-window reference computes it
+        expected = [_reference_kl(model, windows[i:i + 1], removed) for i in range(len(windows))]
+        assert kl.window_means(removed) == pytest.approx(expected, rel=1e-3)  # float32 logits
+    diffs = np.array([_reference_kl(model, windows[i:i + 1], [4]) - _reference_kl(model, windows[i:i + 1], [1, 2])
+                      for i in range(len(windows))])
+    mean, se = kl.paired([4], [1, 2])
+    assert mean == pytest.approx(diffs.mean(), rel=1e-3)
+    assert se == pytest.approx(diffs.std(ddof=1) / math.sqrt(len(diffs)), rel=1e-3)
+
+
+def test_margin_keeps_the_default_set_unless_a_candidate_beats_it_beyond_noise(calib_slice):
+    model, tok = tiny_model("llama", 8), tiny_tokenizer()
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
+    pool = SearchSettings().pool
+    plain = Searcher(model, tok, calibration, SearchSettings(margin=0), [3], pool).search("best-of", 3, Options())
+    default_set = plain.candidates[0]
+    assert default_set.alpha == 0.75 and default_set.vs_default == [0.0, 0.0]
+    assert plain.winner.score == min(c.score for c in plain.candidates)
+    assert plain.winner is not default_set  # this seed has a better set than the default's, else the test is moot
+    for margin in (0.5, 2.0, 1e9):
+        search = Searcher(model, tok, calibration, SearchSettings(margin=margin), [3], pool).search("best-of", 3,
+                                                                                                     Options())
+        beyond = [c for c in search.candidates[1:] if c.vs_default[0] < -margin * c.vs_default[1]]
+        expected = min(beyond, key=lambda c: c.score) if beyond else search.candidates[0]
+        assert search.removed == expected.removed, margin
+    assert search.removed == default_set.removed  # 1e9 standard errors: nothing can replace it
 
 
 def test_best_of_is_at_least_as_good_as_each_pooled_criterion(calib_slice):
     model, tok = tiny_model("llama", 8), tiny_tokenizer()
     calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
-    searcher = Searcher(model, tok, calibration, SearchSettings(objective="kl"), [3], SearchSettings().pool)
+    searcher = Searcher(model, tok, calibration, SearchSettings(objective="kl", margin=0), [3], SearchSettings().pool)
     search = searcher.search("best-of", 3, Options())
     assert search.heldout_passes == len(search.candidates) + 1
     # independently: each pooled criterion's selection on the scoring windows, scored by a fresh objective
@@ -148,8 +182,10 @@ def test_prune_alpha_auto_saves_exactly_the_winner(tmp_path, calib_slice, object
     assert meta["removed_layers"] == search["removed"]
     assert meta["options"]["alpha"] == search["alpha"]
     scores = [c["score"] for c in search["candidates"]]
-    assert search["heldout_score"] == min(scores) and len({tuple(c["removed"]) for c in search["candidates"]}) == len(
-        scores)
+    assert len({tuple(c["removed"]) for c in search["candidates"]}) == len(scores)
+    default, *others = search["candidates"]  # the default alpha's set first; others replace it beyond 2 SE only
+    beyond = [c["score"] for c in others if c["vs_default"][0] < -2.0 * c["vs_default"][1]]
+    assert search["heldout_score"] == min([default["score"], *beyond])
     assert search["heldout_passes"] == len(scores) + (objective == "kl")
     assert search["scoring_windows"] == 8 and search["heldout_windows"] == 6
     assert meta["calibration"]["heldout_samples"] == 6 and "valid" in meta["calibration"]["text"]
@@ -178,3 +214,37 @@ def test_search_user_errors(tmp_path, capsys, calib_slice):
                      "--calib", calib_slice, *CALIB, *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _searcher_with_windows(per_window: dict[tuple[int, ...], list[float]], margin: float) -> Searcher:
+    """A Searcher whose held-out objective already holds these per-window KL sums (one token a window)."""
+    objective = HeldoutObjective(tiny_model("llama", 2), [], "kl")
+    objective.cache = {k: np.asarray(v, dtype=np.float64) for k, v in per_window.items()}
+    objective.window_tokens = np.ones(len(next(iter(per_window.values()))))
+    searcher = Searcher.__new__(Searcher)
+    searcher.objective, searcher.settings = objective, SearchSettings(margin=margin)
+    return searcher
+
+
+def test_margin_rule_on_hand_made_window_values():
+    from simdiff.tune import Candidate
+
+    default, close, far = (1, 2), (1, 3), (2, 3)
+    windows = {default: [1.0, 2.0, 3.0, 4.0],
+               close: [0.9, 2.1, 2.8, 4.0],   # diffs -0.1, +0.1, -0.2, 0: mean -0.05, SE 0.0645
+               far: [0.5, 1.4, 2.6, 3.3]}     # diffs -0.5, -0.6, -0.4, -0.7: mean -0.55, SE 0.0645
+
+    def pick(margin: float, sets) -> list[int]:
+        searcher = _searcher_with_windows(windows, margin)
+        candidates = [Candidate(list(k), [str(k)]) for k in sets]
+        for c in candidates:
+            c.score = searcher.objective.scores([c.removed])[0]
+        return searcher._winner(candidates).removed
+
+    assert pick(0, [default, close]) == [1, 3]  # lowest mean wins without a margin
+    assert pick(2, [default, close]) == [1, 2]  # 0.05 < 2 x 0.0645: within noise, the default stays
+    assert pick(0.5, [default, close]) == [1, 3]  # 0.05 > 0.5 x 0.0645
+    assert pick(2, [default, close, far]) == [2, 3]  # 0.55 is 8.5 SE: beyond noise
+    assert pick(9, [default, close, far]) == [1, 2]
+    windows[default] = [1.0, float("inf"), 3.0, 4.0]  # a broken default set cannot hold its place
+    assert pick(2, [default, close]) == [1, 3]
