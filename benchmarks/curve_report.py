@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from pruning_curve import set_key
+
 from simdiff.evaluate.suite import percent_retained
 from simdiff.report.comparison import plot_perplexity_vs_removed
 from simdiff.report.tables import markdown_table
@@ -17,10 +19,6 @@ from simdiff.report.tables import markdown_table
 
 def _short(source: str) -> str:
     return "python-docs" if "python3" in source else source
-
-
-def _key(removed: list[int]) -> str:
-    return ",".join(map(str, removed)) or "dense"
 
 
 def _tasks(curve: dict) -> list[str]:
@@ -36,7 +34,7 @@ def compare_document(curve: dict, source: str) -> dict:
     rows = [{"label": "dense", "criterion": "dense", "count": 0, "removed_layers": [],
              "perplexity": dense.get("perplexity", {}), "tasks": dense.get("tasks", {})}]
     for selection in curve["selections"]:
-        entry = sets.get(_key(selection["removed"]), {})
+        entry = sets.get(set_key(selection["removed"]), {})
         if source in entry.get("perplexity", {}):
             row = {"label": selection["method"], "criterion": selection["method"].split(":")[0],
                    "count": selection["count"], "removed_layers": selection["removed"],
@@ -91,9 +89,9 @@ def table(curve: dict, rival_method: str = "block_influence") -> str:
              "–"]]
     for count in sorted({s["count"] for s in curve["selections"]}):
         rival = next((s for s in curve["selections"] if s["count"] == count and s["method"] == rival_method), None)
-        rival_ppl = curve["sets"].get(_key(rival["removed"]), {}).get("perplexity", {}) if rival else {}
+        rival_ppl = curve["sets"].get(set_key(rival["removed"]), {}).get("perplexity", {}) if rival else {}
         for selection in (s for s in curve["selections"] if s["count"] == count):
-            entry = curve["sets"].get(_key(selection["removed"]), {})
+            entry = curve["sets"].get(set_key(selection["removed"]), {})
             ppl, scores = entry.get("perplexity", {}), entry.get("tasks", {})
             search = selection.get("search", {})
             rows.append([str(count), selection["method"], ", ".join(map(str, selection["removed"])),
@@ -117,7 +115,7 @@ def search_table(curve: dict) -> str:
         if not search:
             continue
         for c in search["candidates"]:
-            row = table.setdefault((selection["count"], _key(c["removed"])), {"sources": [], "range": None,
+            row = table.setdefault((selection["count"], set_key(c["removed"])), {"sources": [], "range": None,
                                                                                 "scores": {}, "chosen": []})
             row["sources"] += [x.replace("simdiff alpha=", "simdiff α=") for x in c["sources"]
                                if x.replace("simdiff alpha=", "simdiff α=") not in row["sources"]]
@@ -150,10 +148,10 @@ def draws_table(curve: dict, source: str = "wikitext2") -> str:
     header = ["removed", "criterion", "draws", "sets chosen (times): perplexity", f"mean {source} ppl over draws"]
     rows = []
     for (base, count), sets in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        ppl = [curve["sets"].get(_key(r), {}).get("perplexity", {}).get(source, {}).get("perplexity") for r in sets]
+        ppl = [curve["sets"].get(set_key(r), {}).get("perplexity", {}).get(source, {}).get("perplexity") for r in sets]
         chosen = {}
         for removed, value in zip(sets, ppl):
-            chosen.setdefault(_key(removed), [0, value])[0] += 1
+            chosen.setdefault(set_key(removed), [0, value])[0] += 1
         cells = "; ".join(f"[{k.replace(',', ', ')}] ({n}): {'–' if v is None else f'{v:.2f}'}"
                           for k, (n, v) in sorted(chosen.items(), key=lambda kv: -kv[1][0]))
         mean = "–" if None in ppl else f"{sum(ppl) / len(ppl):.2f}"

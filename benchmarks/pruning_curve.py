@@ -113,6 +113,8 @@ def main() -> None:
 def select_methods(model, tokenizer, calibration, options: Options, doc: dict, save, counts: list[int],
                    methods: list[str], args) -> None:
     """Append every (method, count) selection of ``methods`` to ``doc``, with the cost of each pass."""
+    if not methods:
+        return
 
     def select(method: str, evidence) -> None:
         criterion = method.split(":")[0]
@@ -205,13 +207,18 @@ def evaluate_all(model, tokenizer, doc: dict, args, save, counts: list[int], met
         evaluate_sets(model, Evaluator(model, tokenizer, settings), doc, "tasks", save, counts, methods)
 
 
+def set_key(removed: list[int]) -> str:
+    """The key of a removed set in the JSON's ``sets``: "3,12,13" (ascending), "dense" for none."""
+    return ",".join(map(str, removed)) or "dense"
+
+
 def evaluate_sets(model, evaluator, doc: dict, part: str, save, counts: list[int], methods: list[str]) -> None:
     """Evaluate (``part`` of) every distinct removed set of ``methods`` not yet measured: dense first, then
     method by method in ``methods`` order, each by count order."""
     wanted = [[]] + [s["removed"] for m in methods for c in counts for s in doc["selections"]
                      if s["count"] == c and s["method"] == m]
     for removed in wanted:
-        key = ",".join(map(str, removed)) or "dense"
+        key = set_key(removed)
         entry = doc["sets"].setdefault(key, {"removed": removed})
         if set(evaluator.settings.ppl if part == "perplexity" else evaluator.settings.tasks) <= set(entry.get(part, {})):
             continue

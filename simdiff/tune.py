@@ -51,7 +51,7 @@ from simdiff.criteria import Evidence, Options, get_criterion
 from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, sample_windows, tokenize_text
 from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
-from simdiff.evaluate.perplexity import window_nlls
+from simdiff.evaluate.perplexity import standard_error, window_nlls
 from simdiff.flags import names, option
 from simdiff.model.load import model_device
 from simdiff.pipeline import (
@@ -243,10 +243,11 @@ class HeldoutObjective:
     def paired(self, removed: Sequence[int], reference: Sequence[int]) -> tuple[float, float]:
         """Mean over held-out windows of (``removed`` − ``reference``) per-token values, and its standard error
         (both sets scored); negative means ``removed`` is better."""
-        diffs = self.window_means(removed) - self.window_means(reference)
+        with np.errstate(invalid="ignore"):  # inf - inf where both sets broke: NaN, reported as such
+            diffs = self.window_means(removed) - self.window_means(reference)
         if len(diffs) < 2 or not np.isfinite(diffs).all():
             return float(diffs.mean()) if len(diffs) else 0.0, math.inf
-        return float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
+        return float(diffs.mean()), standard_error(diffs.tolist())
 
     @torch.no_grad()
     def _nll(self, sets: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -372,8 +373,11 @@ class Searcher:
         eligible = [c for c in candidates if c is reference or margin <= 0 or not math.isfinite(reference.score)
                     or c.vs_default[0] < -margin * c.vs_default[1]]
         order = {id(c): i for i, c in enumerate(candidates)}
-        best = min(candidates, key=lambda c: (_finite_or_inf(c.score), order[id(c)]))
-        winner = min(eligible, key=lambda c: (_finite_or_inf(c.score), order[id(c)]))
+
+        def rank(c: Candidate) -> tuple[float, int]:
+            return _finite_or_inf(c.score), order[id(c)]
+
+        best, winner = min(candidates, key=rank), min(eligible, key=rank)
         if winner is not best:
             log.info("%s removes %s with a lower held-out score, but only by %.4g ± %.4g (paired SE), within "
                      "--margin %g standard errors of the default alpha's set; chose %s", " / ".join(best.sources),

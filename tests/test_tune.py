@@ -209,6 +209,7 @@ def test_search_user_errors(tmp_path, capsys, calib_slice):
     for extra, message in ((["--criterion", "best-of", "--iterative"], "drop --iterative"),
                            (["--criterion", "best-of", "--pool", "simdif"], "unknown criterion 'simdif'"),
                            (["--alpha", "auto", "--heldout-samples", "5000"], "lower --heldout-samples"),
+                           (["--alpha", "auto", "--margin", "-1"], "--margin must be a number >= 0"),
                            (["--criterion", "random", "--alpha", "auto"], "no alpha")):
         assert main(["-q", "prune", str(folder), "--num-layers", "2", "--out", str(tmp_path / "x"),
                      "--calib", calib_slice, *CALIB, *extra]) == 2
