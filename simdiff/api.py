@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -108,11 +109,13 @@ def prune(recipe: Recipe | str, out: str | Path | None = None, **settings) -> Pr
     return prune_recipe(recipe)
 
 
-def prune_recipe(recipe: Recipe) -> PruneResult:
+def prune_recipe(recipe: Recipe,
+                 after_save: Callable[[PruneResult, OutputDir], None] | None = None) -> PruneResult:
     """Prune as ``recipe`` says. ``selection.layers`` removes exactly those layers (no calibration, no scores).
 
     Under ``torchrun``/``accelerate launch`` the scoring is data parallel (:mod:`simdiff.distributed`) and only
-    rank 0 saves (the other ranks return a result with ``out=None``).
+    rank 0 saves (the other ranks return a result with ``out=None``). ``after_save(result, claim)`` runs on the
+    saving process after the commit, with ``--out`` still claimed and the model freed (extra files).
     """
     from simdiff.compare import CandidateSpec
 
@@ -123,9 +126,8 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
     if recipe.out is None:
         raise SimdiffError("give --out DIR: the folder the pruned model is written to")
     spec = CandidateSpec.parse(recipe.selection.criterion)
-    criterion, options, calibration = spec.criterion, spec.options(recipe.options), recipe.calibration
+    criterion, options = spec.criterion, spec.options(recipe.options)
     sel, spec_model, search = recipe.selection, recipe.model, recipe.search
-    num_layers, ratio = (sel.num_layers or [None])[0], (sel.ratio or [None])[0]
     kind = None if sel.layers is not None else search_kind(criterion, options, sel.iterative)
     if kind is not None:
         search.check()
@@ -140,41 +142,52 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
     claiming = claim_output_dir(recipe.out, recipe.overwrite, inputs=[spec_model.name]) if is_main_process() \
         else nullcontext()
     with claiming as claim:
-        spec_model = replace(spec_model, device=start_data_parallel(spec_model.device))
-        offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
-        model, tokenizer = spec_model.load(offloaded=offload_device is not None)
-        total = len(find_decoder_layers(model))
-        if sel.layers is not None:
-            return prune_given_layers(model, tokenizer, recipe, claim, total)
-        count = resolve_count(total, num_layers, ratio)
-        check_removable(total, count, sel.keep_first, sel.keep_last)
-        check_seq_len(model, calibration.seq_len)
-        searched = None
-        if kind is None:
-            selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                                 sel.iterative, sel.keep_first, sel.keep_last,
-                                                 offload_device=offload_device)
-        else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
-            reported = sorted(set(scored), key=list(CRITERIA).index)
-            searcher = Searcher(model, tokenizer, calibration, search, [count], reported, sel.keep_first,
-                                sel.keep_last)
-            searched = searcher.search(kind, count, searched_options(options))
-            selection, options = searcher.selection(searched, searched_options(options))
-            scores = ScoreResult(searcher.evidence, options,
-                                 {name: importance(name, searcher.evidence, options) for name in reported})
-        log.info("%s removes layers %s of %d", criterion, selection.removed, total)
-        if claim is None:  # data parallel: rank 0 saves
-            return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
-        kept = remove_layers(model, selection.removed)
-        metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
-                                  iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
-                                  dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
-                                  removed_count=count, model_type=model.config.model_type,
-                                  architectures=model.config.architectures)
-        metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
-        if searched is not None:
-            metadata["alpha_search" if kind == "alpha" else "best_of"] = searched.to_dict()
-        saved = save_model(model, tokenizer, claim, metadata)
+        result = _load_and_prune(recipe, claim, criterion, options, kind, scored)
+        if claim is not None and after_save is not None:  # the model is freed: _load_and_prune returned
+            after_save(result, claim)
+    return result
+
+
+def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, options: Options, kind: str | None,
+                    scored: list[str]) -> PruneResult:
+    """The work of :func:`prune_recipe` once ``--out`` is claimed (``claim`` None: a rank other than 0)."""
+    calibration, sel, spec_model, search = recipe.calibration, recipe.selection, recipe.model, recipe.search
+    num_layers, ratio = (sel.num_layers or [None])[0], (sel.ratio or [None])[0]
+    spec_model = replace(spec_model, device=start_data_parallel(spec_model.device))
+    offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
+    model, tokenizer = spec_model.load(offloaded=offload_device is not None)
+    total = len(find_decoder_layers(model))
+    if sel.layers is not None:
+        return prune_given_layers(model, tokenizer, recipe, claim, total)
+    count = resolve_count(total, num_layers, ratio)
+    check_removable(total, count, sel.keep_first, sel.keep_last)
+    check_seq_len(model, calibration.seq_len)
+    searched = None
+    if kind is None:
+        selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
+                                             sel.iterative, sel.keep_first, sel.keep_last,
+                                             offload_device=offload_device)
+    else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
+        reported = sorted(set(scored), key=list(CRITERIA).index)
+        searcher = Searcher(model, tokenizer, calibration, search, [count], reported, sel.keep_first,
+                            sel.keep_last)
+        searched = searcher.search(kind, count, searched_options(options))
+        selection, options = searcher.selection(searched, searched_options(options))
+        scores = ScoreResult(searcher.evidence, options,
+                             {name: importance(name, searcher.evidence, options) for name in reported})
+    log.info("%s removes layers %s of %d", criterion, selection.removed, total)
+    if claim is None:  # data parallel: rank 0 saves
+        return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
+    kept = remove_layers(model, selection.removed)
+    metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
+                              iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
+                              dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
+                              removed_count=count, model_type=model.config.model_type,
+                              architectures=model.config.architectures)
+    metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
+    if searched is not None:
+        metadata["alpha_search" if kind == "alpha" else "best_of"] = searched.to_dict()
+    saved = save_model(model, tokenizer, claim, metadata)
     return PruneResult(selection, scores, kept, saved, metadata)
 
 

@@ -102,20 +102,35 @@ def run_prune(args: argparse.Namespace) -> None:
     print_prune(recipe_from_args(args))
 
 
-def print_prune(recipe) -> None:
-    """Prune as ``recipe`` says and print what was removed and where it went."""
-    from simdiff.api import prune
-    from simdiff.export.cli import check_export, export_after_prune
+def print_prune(recipe, evaluate: bool = False) -> None:
+    """Prune as ``recipe`` says and print what was removed and where it went.
+
+    ``--export gguf`` and (``evaluate``) the evaluation are added to the saved folder under its claim, by rank 0
+    alone under a launcher (the other ranks end after the selection); a failure there exits 3
+    (:func:`simdiff.outputs.add_extras`).
+    """
+    from simdiff.api import prune_recipe
+    from simdiff.export.cli import check_export, gguf_export
+    from simdiff.outputs import add_extras
 
     gguf_source = check_export(recipe.model.name, recipe.export)
-    result = prune(recipe)
-    if result.out is None:  # a data-parallel rank other than 0
-        return
-    before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
-    chosen_by = result.selection.criterion if recipe.selection.layers else recipe.selection.criterion
-    print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {chosen_by}")
-    print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
-    export_after_prune(gguf_source, result.selection.removed, result.out)
+    settings = recipe.evaluation.check() if evaluate else None  # before any work
+
+    def after_save(result, claim) -> None:
+        before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
+        chosen_by = result.selection.criterion if recipe.selection.layers else recipe.selection.criterion
+        print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {chosen_by}")
+        print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
+        extras = []
+        if gguf_source is not None:
+            extras.append(gguf_export(gguf_source, result.selection.removed))
+        if settings is not None:
+            from simdiff.evaluate.cli import pruned_evaluation
+
+            extras.append(pruned_evaluation(recipe, settings))
+        add_extras(claim, extras, "the pruned model, verified")
+
+    prune_recipe(recipe, after_save=after_save)
 
 
 # -- simdiff run ---------------------------------------------------------------------------------------
@@ -145,11 +160,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         print_summary(document, recipe.evaluation.metric)
         print(f"wrote {recipe.out}/results.json, results.md and plots")
         return
-    print_prune(recipe)
-    if recipe.evaluation is not None:
-        from simdiff.evaluate.cli import evaluate_pruned
-
-        evaluate_pruned(recipe)
+    print_prune(recipe, evaluate=recipe.evaluation is not None)
 
 
 # -- entry point ---------------------------------------------------------------------------------------
@@ -194,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
     try:
         args.run(args)
-    except SimdiffError as exc:
+    except SimdiffError as exc:  # exit 2; PartialOutputError (saved, an extra file failed) exits 3
         print(f"simdiff: error: {one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("simdiff: interrupted", file=sys.stderr)
         return 130

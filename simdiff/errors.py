@@ -4,6 +4,14 @@
 class SimdiffError(ValueError):
     """A problem with the user's input or environment; the CLI prints it as one line and exits 2."""
 
+    exit_code = 2
+
+
+class PartialOutputError(SimdiffError):
+    """The main output was saved (complete, verified), but an extra file was not; the CLI exits 3."""
+
+    exit_code = 3
+
 
 def did_you_mean(name: str, choices: list[str]) -> str:
     """Return a ' Did you mean X?' hint for a misspelt name (empty when nothing is close)."""

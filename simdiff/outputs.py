@@ -1,36 +1,43 @@
 """The output contract: every file and folder simdiff writes goes through this module.
 
 - **Validate at start**: every output path is checked before any model work (not empty, ``.``, ``/`` or a
-  folder holding the current or home folder; a known extension for files; a writable parent).
+  folder holding the current or home folder; a known extension for files, never named ``simdiff.json``; a
+  writable parent).
 - **Claim at start**: a folder output is claimed by a lock file beside it (``.NAME.simdiff-lock``, an
-  ``flock`` holding our pid), so a second run to the same path fails at once with one line.
-- **Replace only what is ours**: ``overwrite`` replaces a folder only when it is empty or a previous simdiff
-  output (it holds ``simdiff.json``), and a file only when it is a regular file; never anything that is,
-  contains or lies inside an input model or the model caches.
-- **Atomic commit**: the result is written into ``.NAME.tmp-PID-*`` beside the target and renamed into place
-  at the end. A folder or file that appeared at the target during the run is detected and kept untouched.
-- **Leftovers**: ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` of a process that is gone (killed) are removed by the
-  next run to the same path; a ``.NAME.old-PID`` whose target is missing is renamed back (it is the previous
-  output, and the run that was replacing it died before renaming the new one in).
+  ``flock``; it holds our pid and host), so a second run to the same path fails at once with one line.
+- **Replace only what is ours**: every folder output's ``simdiff.json`` records the files written into it
+  (:data:`MANIFEST_KEY`); ``overwrite`` replaces a folder only when it is empty or holds exactly such recorded
+  files (nothing else, no recorded file resized), and a file only when it is a regular file; never anything
+  that is, contains or lies inside an input model or the model caches.
+- **Atomic commit**: the result is written into ``.NAME.tmp-HOST-PID-*`` beside the target and renamed into
+  place at the end. A folder or file that appeared at the target during the run is detected and kept
+  untouched. Files added after the commit (a GGUF export, an evaluation) are staged beside the folder,
+  recorded, then linked in, still under the claim (:meth:`OutputDir.add_file`).
+- **Leftovers**: ``.NAME.tmp-HOST-PID-*`` / ``.NAME.old-HOST-PID`` of a process of this host that is gone
+  (killed) are removed by the next run to the same path; a ``.NAME.old-*`` whose target is missing is renamed
+  back (it is the previous output, and the run that was replacing it died before renaming the new one in).
+  Another host's entries and lock are never touched.
 - **Failures at save** (full disk, read-only or unwritable folder) become one :class:`SimdiffError` line and
-  leave nothing behind.
+  leave nothing behind; a failed extra file after a saved output is :class:`PartialOutputError` (exit 3).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from simdiff.errors import SimdiffError
+from simdiff.errors import PartialOutputError, SimdiffError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,12 @@ FAULT_ENV = "SIMDIFF_FAULT_AT"  # tests only: kill the process with SIGKILL at t
 NO_FLOCK_ERRNOS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 MIN_FREE_BYTES = 1 << 20
-_LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?")
+MANIFEST_KEY = "simdiff_output"  # in the marker: {"schema": MANIFEST_SCHEMA, "files": {relative path: bytes}}
+MANIFEST_SCHEMA = "simdiff-output/1"
+# leftovers: .NAME.tmp-HOST-PID-*, .NAME.old-HOST-PID (HOST: _host_token, always holds a letter or "_");
+# names without a host (.NAME.tmp-PID-*, .NAME.old-PID) were written before hosts were recorded
+_LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9._]*[A-Za-z_][A-Za-z0-9._]*)-(?P<pid>\d+)(?:-.*)?")
+_OLD_LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?")
 
 Inputs = Iterable[str | os.PathLike | None]
 
@@ -128,17 +140,98 @@ def check_parent_writable(path: Path, flag: str = "--out") -> None:
                            "permission); choose another location")
 
 
-def check_replaceable(path: Path, marker: str = MARKER, flag: str = "--out") -> None:
-    """``--overwrite`` replaces an empty folder or one holding ``marker`` (a previous simdiff output) only."""
+def check_replaceable(path: Path, marker: str = MARKER, flag: str = "--out", manifest: bool | None = None) -> None:
+    """``--overwrite`` replaces an empty folder, or a previous simdiff output: one holding ``marker``.
+
+    With ``manifest`` (the default for ``simdiff.json``) the marker must also hold simdiff's record of the files
+    it wrote, and the folder nothing else: no other entry, no recorded file of another size.
+    """
     if not path.is_dir():
         raise SimdiffError(f"output {str(path)!r} exists and is not a directory")
-    if any(path.iterdir()) and not (path / marker).is_file():
+    if not any(path.iterdir()):
+        return
+    if not (path / marker).is_file():
         raise SimdiffError(f"{flag} {str(path)!r} is not a simdiff output (no {marker}) and not empty; "
                            "--overwrite replaces only earlier simdiff outputs: move it away or choose another path")
+    if not (marker == MARKER if manifest is None else manifest):
+        return
+    recorded = read_manifest(path / marker)
+    if recorded is None:
+        raise SimdiffError(f"{flag} {str(path)!r} holds a {marker} without simdiff's record of the files it wrote "
+                           "(written by a simdiff version before that record, or not by simdiff), so --overwrite "
+                           "cannot tell what else the folder holds: check it and delete it yourself, or choose "
+                           f"another {flag}")
+    surprise = unexpected_entry(path, recorded, marker)
+    if surprise is not None:
+        raise SimdiffError(f"{flag} {str(path)!r} holds {surprise}, which simdiff did not write there (not as "
+                           f"recorded in its {marker}); --overwrite replaces only exactly what simdiff wrote: move "
+                           f"that away or choose another {flag}")
+
+
+def read_manifest(marker_file: Path) -> dict[str, int] | None:
+    """The files (relative path -> bytes) recorded in an output's marker, or None without a valid record."""
+    try:
+        document = json.loads(marker_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    record = document.get(MANIFEST_KEY) if isinstance(document, dict) else None
+    if not isinstance(record, dict) or record.get("schema") != MANIFEST_SCHEMA:
+        return None
+    files = record.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in files.values()):
+        return None
+    return files
+
+
+def unexpected_entry(folder: Path, recorded: dict[str, int], marker: str) -> str | None:
+    """The first entry under ``folder`` that is not a file ``recorded`` (with its size) or a folder holding one."""
+    folders = {str(parent) for name in recorded for parent in Path(name).parents if str(parent) != "."}
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        for name in sorted(dirs + files):
+            entry = base / name
+            relative, stat = entry.as_posix(), os.lstat(folder / entry)
+            if os.path.isdir(folder / entry) and not os.path.islink(folder / entry):
+                if relative not in folders:
+                    return f"the folder {relative!r}"
+            elif not os.path.isfile(folder / entry) or os.path.islink(folder / entry):
+                return f"{relative!r} (not a regular file)"
+            elif relative == marker:
+                continue
+            elif relative not in recorded:
+                return repr(relative)
+            elif recorded[relative] != stat.st_size:
+                return (f"{relative!r} changed since simdiff wrote it ({stat.st_size} bytes, recorded "
+                        f"{recorded[relative]})")
+    return None
+
+
+def files_written(folder: Path, marker: str = MARKER) -> dict[str, int]:
+    """Every regular file under ``folder`` but the marker: relative path -> size in bytes."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            if relative != marker and path.is_file() and not path.is_symlink():
+                found[relative] = path.stat().st_size
+    return dict(sorted(found.items()))
+
+
+def write_manifest(folder: Path, marker: str = MARKER, files: dict[str, int] | None = None,
+                   target: Path | None = None) -> None:
+    """Record ``files`` (default: what ``folder`` holds) in ``folder``'s marker; written to ``target`` if given."""
+    marker_file = folder / marker
+    document = json.loads(marker_file.read_text(encoding="utf-8"))
+    if not isinstance(document, dict):
+        raise RuntimeError(f"internal error: {marker_file} is not a JSON object")
+    document[MANIFEST_KEY] = {"schema": MANIFEST_SCHEMA,
+                              "files": files_written(folder, marker) if files is None else files}
+    (target or marker_file).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Inputs = (), marker: str = MARKER,
-                     protect_cache: bool = True, flag: str = "--out") -> Path:
+                     protect_cache: bool = True, flag: str = "--out", manifest: bool | None = None) -> Path:
     """Validate a folder output before any work: usable name, not an input or cache, writable, replaceable."""
     path = _usable(out, flag)
     check_not_protected(path, inputs, protect_cache, flag)
@@ -146,7 +239,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: In
     if os.path.lexists(path):
         if not overwrite:
             raise SimdiffError(f"output {str(path)!r} already exists; pass --overwrite or choose another {flag}")
-        check_replaceable(path, marker, flag)
+        check_replaceable(path, marker, flag, manifest)
     return path
 
 
@@ -158,6 +251,9 @@ def check_output_file(out: str | os.PathLike | None, overwrite: bool = False, in
     writable folder).
     """
     path = _usable(out, flag)
+    if path.name.lower() == MARKER:
+        raise SimdiffError(f"{flag} {str(out)!r}: the name {MARKER} is reserved for the record simdiff keeps in "
+                           "its output folders; choose another file name")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise SimdiffError(f"{flag} {str(out)!r}: unknown extension {path.suffix or '(none)'!r}; "
                            f"use one of {', '.join(suffixes)}")
@@ -172,6 +268,22 @@ def check_output_file(out: str | os.PathLike | None, overwrite: bool = False, in
 
 
 # -- leftovers ------------------------------------------------------------------------------------------
+def host_name() -> str:
+    """This machine's name, as recorded in lock files and leftover names."""
+    return socket.gethostname() or "unknown-host"
+
+
+def _host_token(host: str) -> str:
+    """``host`` as it appears in leftover names: no ``-`` (it separates host and pid), never only digits."""
+    token = re.sub(r"[^A-Za-z0-9.]", "_", host)
+    return token if re.search(r"[A-Za-z_]", token) else f"h_{token}"
+
+
+def _ours() -> str:
+    """``HOST-PID``: what this process puts into the names of its temporary entries."""
+    return f"{_host_token(host_name())}-{os.getpid()}"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -193,24 +305,46 @@ def _remove(path: Path) -> None:
         log.warning("could not remove %s (%s); delete it by hand", path, exc)
 
 
-def clean_leftovers(path: Path) -> None:
-    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` beside ``path`` left by simdiff runs that are gone.
+def _leftover(name: str) -> tuple[str, str | None, int] | None:
+    """(kind, host token or None for names written before hosts were recorded, pid) of a leftover suffix."""
+    match = _LEFTOVER.fullmatch(name)
+    if match is not None:
+        return match["kind"], match["host"], int(match["pid"])
+    match = _OLD_LEFTOVER.fullmatch(name)
+    return None if match is None else (match["kind"], None, int(match["pid"]))
 
-    A ``.NAME.old-PID`` with no ``NAME`` is the previous output of a run that died mid-replacement: it is
-    renamed back instead of deleted.
+
+def clean_leftovers(path: Path) -> None:
+    """Remove ``.NAME.tmp-HOST-PID-*`` / ``.NAME.old-HOST-PID`` beside ``path`` left by runs on this host that are gone.
+
+    A ``.NAME.old-HOST-PID`` with no ``NAME`` is the previous output of a run that died mid-replacement: it is
+    renamed back instead of deleted. Another host's entries are never touched (its processes cannot be seen
+    from here); entries without a host (older simdiff versions) are only ever renamed back, never deleted.
     """
     prefix = f".{path.name}."
     if not path.parent.is_dir():
         return
+    here = _host_token(host_name())
     for entry in sorted(path.parent.iterdir()):
-        match = _LEFTOVER.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
-        if match is None or _alive(int(match["pid"])):
+        found = _leftover(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+        if found is None:
             continue
-        if match["kind"] == "old" and not os.path.lexists(path):
+        kind, host, pid = found
+        if host is not None and host != here:
+            log.warning("keeping %s: it belongs to simdiff process %d on host %s, whose state cannot be seen from "
+                        "here; delete it by hand once that run is gone", entry, pid, host)
+            continue
+        if _alive(pid):
+            continue
+        if kind == "old" and not os.path.lexists(path):
             os.rename(entry, path)
             log.warning("restored %s from %s (a run that was replacing it was killed)", path, entry.name)
             continue
-        log.info("removing %s, left by simdiff process %s which is gone", entry, match["pid"])
+        if host is None:
+            log.warning("keeping %s: written by an older simdiff that did not record its host; delete it by hand "
+                        "if no simdiff run on another machine is writing %s", entry, path)
+            continue
+        log.info("removing %s, left by simdiff process %d which is gone", entry, pid)
         _remove(entry)
 
 
@@ -266,8 +400,12 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 # -- claimed folders ------------------------------------------------------------------------------------
+def _lock_content() -> bytes:
+    return f"{os.getpid()} {host_name()}\n".encode()
+
+
 def _acquire_lock(lock: Path, target: Path, flag: str) -> int:
-    """Take an exclusive flock on ``lock`` (created if missing) and write our pid into it."""
+    """Take an exclusive flock on ``lock`` (created if missing) and write our pid and host into it."""
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -283,31 +421,45 @@ def _acquire_lock(lock: Path, target: Path, flag: str) -> int:
         held = os.fstat(fd)
         if _identity(lock) == (held.st_dev, held.st_ino):
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, _lock_content(), 0)
             return fd
         os.close(fd)  # the lock file was removed by its previous holder while we waited: take the new one
 
 
-def _holder(lock: Path) -> str:
+def _holder(lock: Path) -> tuple[str, str | None]:
+    """(pid text, host or None) written in ``lock``; an older simdiff wrote the pid alone."""
     try:
-        return lock.read_text(errors="replace").strip()
+        words = lock.read_text(errors="replace").split()
     except OSError:
-        return ""
+        words = []
+    return (words[0] if words else ""), (" ".join(words[1:]) or None)
 
 
 def _busy(lock: Path, target: Path, flag: str) -> SimdiffError:
-    return SimdiffError(f"another simdiff run (pid {_holder(lock) or '?'}) is writing {str(target)!r}; wait for it "
+    pid, host = _holder(lock)
+    where = "" if host in (None, host_name()) else f" on host {host}"
+    return SimdiffError(f"another simdiff run (pid {pid or '?'}{where}) is writing {str(target)!r}; wait for it "
                         f"to finish or choose another {flag}")
 
 
 def _acquire_pid_lock(fd: int, lock: Path, target: Path, flag: str) -> int:
-    """Fallback for file systems without flock (some NFS/Lustre mounts): the pid in the lock file decides."""
-    holder = _holder(lock)
-    if holder.isdigit() and _alive(int(holder)):
+    """Fallback for file systems without flock (some NFS/Lustre mounts): the pid and host in the lock file decide.
+
+    Liveness is checked for this host's processes only; a lock of another host (or of an older simdiff, which
+    did not record its host) is never taken over.
+    """
+    pid, host = _holder(lock)
+    if pid.isdigit() and host != host_name():
+        os.close(fd)
+        who = f"host {host}" if host else "an unknown host (an older simdiff)"
+        raise SimdiffError(f"{flag} {str(target)!r} is locked by simdiff process {pid} on {who}, and this file "
+                           "system has no flock to tell whether it still runs; if no simdiff run is writing there "
+                           f"any more, delete the stale lock {str(lock)!r} and rerun")
+    if pid.isdigit() and _alive(int(pid)):
         os.close(fd)
         raise _busy(lock, target, flag)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, _lock_content(), 0)
     return fd
 
 
@@ -318,16 +470,19 @@ class OutputDir:
     """
 
     def __init__(self, out: str | os.PathLike, overwrite: bool = False, inputs: Inputs = (),
-                 marker: str = MARKER, protect_cache: bool = True, flag: str = "--out") -> None:
+                 marker: str = MARKER, protect_cache: bool = True, flag: str = "--out",
+                 manifest: bool | None = None) -> None:
         self.overwrite, self.marker, self.flag = overwrite, marker, flag
-        self.path = check_output_dir(out, overwrite, inputs, marker, protect_cache, flag)
+        self.manifest = marker == MARKER if manifest is None else manifest  # record the files in the marker
+        self.committed = False
+        self.path = check_output_dir(out, overwrite, inputs, marker, protect_cache, flag, self.manifest)
         self._lock = self.path.with_name(f".{self.path.name}{LOCK_SUFFIX}")
         with _write_errors(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd: int | None = _acquire_lock(self._lock, self.path, flag)
         try:
             clean_leftovers(self.path)
-            check_output_dir(self.path, overwrite, inputs, marker, protect_cache, flag)  # after any restore
+            check_output_dir(self.path, overwrite, inputs, marker, protect_cache, flag, self.manifest)  # after restore
             self._claimed = _identity(self.path)
         except BaseException:
             self.release()
@@ -353,12 +508,14 @@ class OutputDir:
         if self._fd is None:
             raise RuntimeError(f"the claim on {self.path} was released")
         with _write_errors(self.path):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-", dir=self.path.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{_ours()}-", dir=self.path.parent))
         try:
             _make_readable(tmp)
             yield tmp
             if self.marker and not (tmp / self.marker).is_file():
                 raise RuntimeError(f"internal error: output {self.path} was written without its {self.marker}")
+            if self.manifest:
+                write_manifest(tmp, self.marker)
             fault_point("staged")
             self._commit(tmp)
         except BaseException as exc:
@@ -384,14 +541,88 @@ class OutputDir:
                                        f"untouched and this run's result discarded: rerun with another "
                                        f"{self.flag}") from exc
                 raise
+            self._committed_as(self.path)
             return
-        check_replaceable(self.path, self.marker, self.flag)  # its content may have changed since the claim
-        old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+        check_replaceable(self.path, self.marker, self.flag, self.manifest)  # it may have changed since the claim
+        old = self.path.with_name(f".{self.path.name}.old-{_ours()}")
         os.replace(self.path, old)
         fault_point("moved-aside")
         os.replace(tmp, self.path)
         fault_point("renamed-in")
+        self._committed_as(self.path)
         _remove(old)
+
+    def _committed_as(self, path: Path) -> None:
+        self.committed, self._claimed = True, _identity(path)
+
+    def add_file(self, name: str, write: Callable[[Path], None]) -> Path:
+        """After the commit, still under the claim: put one more file ``name`` into the output atomically.
+
+        ``write(path)`` writes it to a temporary sibling of the output (``.NAME.tmp-HOST-PID-*``); it is
+        recorded in the marker, then linked into place. A failure leaves the committed output as it was.
+        """
+        if self._fd is None or not self.committed:
+            raise RuntimeError(f"internal error: {name} added to {self.path} outside its claim or before its commit")
+        target = self.path / name
+        with _write_errors(target):
+            fd, staged = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-{_ours()}-", suffix=f"-{name}",
+                                          dir=self.path.parent)
+        os.close(fd)
+        tmp = Path(staged)
+        try:
+            write(tmp)
+            _make_readable(tmp)
+            if _identity(self.path) != self._claimed or os.path.lexists(target):
+                raise SimdiffError(f"{str(self.path)!r} was changed by someone else after simdiff wrote it; "
+                                   f"{name} was not added")
+            if self.manifest:
+                self._record(name, tmp.stat().st_size)
+            fault_point("extra-recorded")
+            _place_file(tmp, target, False, self.flag)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            failure = write_failure(exc, target)
+            if failure is not None:
+                raise failure from exc
+            raise
+        return target
+
+    def _record(self, name: str, size: int) -> None:
+        """Add ``name`` to the files recorded in the marker (the marker is replaced atomically)."""
+        files = {**(read_manifest(self.path / self.marker) or {}), name: size}
+        fd, staged = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-{_ours()}-", suffix=f"-{self.marker}",
+                                      dir=self.path.parent)
+        os.close(fd)
+        try:
+            write_manifest(self.path, self.marker, dict(sorted(files.items())), target=Path(staged))
+            _make_readable(Path(staged))
+            os.replace(staged, self.path / self.marker)
+        finally:
+            Path(staged).unlink(missing_ok=True)
+
+
+Extra = tuple[str, Callable[[Path], None]]  # (file name, function writing it to the path it is given)
+
+
+def add_extras(claim: OutputDir, extras: Iterable[Extra], saved: str = "the model") -> list[Path]:
+    """Add each extra file to the committed output (:meth:`OutputDir.add_file`), all attempted.
+
+    When any fails, :class:`PartialOutputError` (exit 3) says what is in the output and what is not; the output
+    itself stays complete.
+    """
+    written, failed = [], []
+    for name, write in extras:
+        try:
+            written.append(claim.add_file(name, write))
+        except Exception as exc:  # noqa: BLE001 - reported below, with what was saved
+            log.debug("writing %s failed", name, exc_info=True)
+            failed.append(f"{name} ({one_line(str(exc)) or type(exc).__name__})")
+    if failed:
+        also = "".join(f", {p.name}" for p in written)
+        raise PartialOutputError(f"saved {str(claim.path)!r} ({saved}, complete{also}), but NOT written: "
+                                 f"{'; '.join(failed)}; the saved output is usable as it is (exit status 3: saved, "
+                                 "an extra file failed)")
+    return written
 
 
 def claim_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Inputs = (), marker: str = MARKER,
@@ -426,7 +657,7 @@ def atomic_file(out: str | os.PathLike, overwrite: bool = False, inputs: Inputs 
     with _write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(path)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_ours()}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

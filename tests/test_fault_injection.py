@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +65,8 @@ def test_kill_while_writing_a_new_output(step, setup, tmp_path):
     assert not out.exists(), "a killed run left a partial --out"
     assert ".out.simdiff-lock" in leftovers(tmp_path)  # what the crash left, for the next run to clean
     if step != "claimed":
-        assert any(name.startswith(".out.tmp-") for name in leftovers(tmp_path))
+        here = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())  # leftovers name their host and pid
+        assert any(re.fullmatch(rf"\.out\.tmp-{re.escape(here)}-\d+-\w+", name) for name in leftovers(tmp_path))
     assert tree_hash(setup["model"]) == before
     assert main(command(setup, out, "reverse", overwrite=False)) == 0  # the same command, run again
     assert_complete(out, "reverse")

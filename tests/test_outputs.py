@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -129,7 +130,7 @@ def test_claim_without_flock_falls_back_to_the_pid_in_the_lock_file(tmp_path, mo
     busy = f"another simdiff run \\(pid {os.getpid()}\\) is writing"
     with claim_output_dir(out), pytest.raises(SimdiffError, match=busy):
         claim_output_dir(out)
-    (tmp_path / ".out.simdiff-lock").write_text(f"{dead_pid()}\n")  # left by a killed run
+    (tmp_path / ".out.simdiff-lock").write_text(f"{dead_pid()} {socket.gethostname()}\n")  # a killed run's
     with claim_output_dir(out) as claim, claim.staging() as staging:
         (staging / "simdiff.json").write_text("{}")
     assert (out / "simdiff.json").is_file() and leftovers(tmp_path) == []
@@ -273,17 +274,17 @@ def dead_pid() -> int:
 
 
 def test_leftovers_of_a_killed_run_are_removed(model, calib, tmp_path):
-    pid = dead_pid()
-    tmp = tmp_path / f".out.tmp-{pid}-x1y2"
+    pid, here = dead_pid(), re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    tmp = tmp_path / f".out.tmp-{here}-{pid}-x1y2"
     tmp.mkdir()
     (tmp / "model.safetensors").write_bytes(b"\0" * 4096)  # a half-written checkpoint
-    (tmp_path / f".out.old-{pid}").mkdir()  # a half-deleted earlier output (out exists: it is not restored)
-    (tmp_path / ".out.simdiff-lock").write_text(f"{pid}\n")
-    alive = tmp_path / f".out.tmp-{os.getpid()}-live"  # belongs to a live process: kept
+    (tmp_path / f".out.old-{here}-{pid}").mkdir()  # a half-deleted earlier output (out exists: it is not restored)
+    (tmp_path / ".out.simdiff-lock").write_text(f"{pid} {socket.gethostname()}\n")
+    alive = tmp_path / f".out.tmp-{here}-{os.getpid()}-live"  # belongs to a live process: kept
     alive.mkdir()
     out = tmp_path / "out"
     out.mkdir()
-    (out / "simdiff.json").write_text("{}")
+    (out / "simdiff.json").write_text(json.dumps({"simdiff_output": {"schema": "simdiff-output/1", "files": {}}}))
     assert main(prune_args(model, out, calib, "--overwrite")) == 0
     assert leftovers(tmp_path) == [alive.name]
 
@@ -365,3 +366,166 @@ def test_full_disk_at_save_is_one_line_and_leaves_nothing(model, calib, tmp_path
     message = run_bad(capsys, prune_args(model, small / "out", calib))
     assert "no space left on device" in message.lower() and "nothing was written" in message
     assert list(small.iterdir()) == []
+
+
+# -- issue 15 item 1: --overwrite trusts only a folder whose files simdiff recorded --------------------------
+def manifest(folder: Path) -> dict[str, int]:
+    """The files an output's simdiff.json records (relative path -> bytes)."""
+    record = json.loads((folder / "simdiff.json").read_text())["simdiff_output"]
+    assert record["schema"] == "simdiff-output/1"
+    return record["files"]
+
+
+def files_under(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["score", "eval"])
+def test_result_file_named_simdiff_json_is_refused(name, model, calib, tmp_path, monkeypatch, capsys):
+    """`score --json results/simdiff.json` made `results/` look like a simdiff output to a later --overwrite."""
+    results = tmp_path / "results"
+    args = (score_args(model, calib, "--json", str(results / "simdiff.json")) if name == "score" else
+            ["-q", "eval", str(model), "--ppl", "wikitext2", "--eval-seq-len", "32", "--max-tokens", "200",
+             "--json", str(results / "SimDiff.json")])
+    no_model_work(monkeypatch)
+    assert "the name simdiff.json is reserved" in run_bad(capsys, args)
+    assert not results.exists()
+
+
+def test_overwrite_refuses_a_folder_whose_simdiff_json_holds_no_record(model, calib, tmp_path, monkeypatch, capsys):
+    """A simdiff.json that is not ours (or from before the record) no longer licenses deleting the folder."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "simdiff.json").write_text(json.dumps({"scores": {"simdiff": [1.0, 2.0]}}))
+    (results / "experiment.csv").write_text("step,loss\n1,2.5\n")
+    before = tree_hash(results)
+    no_model_work(monkeypatch)
+    message = run_bad(capsys, prune_args(model, results, calib, "--overwrite"))
+    assert "holds a simdiff.json without simdiff's record of the files it wrote" in message
+    assert "delete it yourself, or choose another --out" in message
+    assert tree_hash(results) == before
+
+
+def test_overwrite_refuses_an_earlier_output_holding_anything_else(model, calib, tmp_path, monkeypatch, capsys):
+    out, applied = tmp_path / "out", tmp_path / "applied"
+    assert main(prune_args(model, out, calib)) == 0
+    assert main(["-q", "apply", str(model), "--layers", "1", "--out", str(applied)]) == 0
+    for folder in (out, applied):  # the record names every file written, with its size
+        assert manifest(folder) == {k: v for k, v in files_under(folder).items() if k != "simdiff.json"}
+        assert "model.safetensors" in manifest(folder)
+    no_model_work(monkeypatch)
+    (out / "notes.txt").write_text("mine")
+    before = tree_hash(out)
+    message = run_bad(capsys, prune_args(model, out, calib, "--overwrite"))
+    assert f"--out {str(out)!r} holds 'notes.txt', which simdiff did not write there" in message
+    (out / "notes.txt").unlink()
+    (out / "extra").mkdir()
+    assert "holds the folder 'extra'" in run_bad(capsys, prune_args(model, out, calib, "--overwrite"))
+    (out / "extra").rmdir()
+    with (out / "README.md").open("a") as card:
+        card.write("my notes\n")
+    assert "'README.md' changed since simdiff wrote it" in run_bad(capsys, prune_args(model, out, calib, "--overwrite"))
+    after = {k: v for k, v in tree_hash(out).items() if k != "README.md"}
+    assert after == {k: v for k, v in before.items() if k not in ("README.md", "notes.txt")}
+
+
+# -- issue 15 item 2: without flock, another host's lock and leftovers are never taken over -----------------
+def no_flock(monkeypatch) -> None:
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("simdiff.outputs.fcntl.flock", refuse)
+
+
+def test_lock_fallback_never_takes_over_another_hosts_lock(tmp_path, monkeypatch):
+    """On NFS/Lustre without flock a run on another node looked dead (os.kill here) and its lock was taken."""
+    from simdiff.outputs import claim_output_dir
+
+    no_flock(monkeypatch)
+    out, lock = tmp_path / "out", tmp_path / ".out.simdiff-lock"
+    for content, who in ((f"{dead_pid()} node-17.cluster\n", "on host node-17.cluster"),
+                         (f"{dead_pid()}\n", "on an unknown host")):  # an older simdiff's lock: no host
+        lock.write_text(content)
+        with pytest.raises(SimdiffError, match=rf"is locked by simdiff process \d+ {who}.*delete the stale lock "
+                                               rf"'{re.escape(str(lock))}' and rerun"):
+            claim_output_dir(out)
+        assert lock.read_text() == content and not out.exists()
+    lock.write_text(f"{dead_pid()} {socket.gethostname()}\n")  # this host's dead run: taken over
+    with claim_output_dir(out) as claim:
+        assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        with claim.staging() as staging:
+            (staging / "simdiff.json").write_text("{}")
+    assert manifest(out) == {} and leftovers(tmp_path) == []
+
+
+def test_leftovers_of_another_host_or_without_a_host_are_never_deleted(model, calib, tmp_path, monkeypatch):
+    pid = dead_pid()
+    here = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    ours = tmp_path / f".out.tmp-{here}-{pid}-x1y2"  # this host's dead run: removed
+    ours.mkdir()
+    foreign = [tmp_path / f".out.tmp-node_17-{pid}-x1y2", tmp_path / f".out.old-node_17-{pid}",
+               tmp_path / f".out.tmp-{pid}-x1y2"]  # another host's, and an older simdiff's (no host): kept
+    for entry in foreign:
+        entry.mkdir()
+        (entry / "model.safetensors").write_bytes(b"\0" * 64)
+    no_flock(monkeypatch)
+    assert main(prune_args(model, tmp_path / "out", calib)) == 0
+    assert leftovers(tmp_path) == sorted(p.name for p in foreign)
+    assert all((p / "model.safetensors").read_bytes() == b"\0" * 64 for p in foreign)
+
+
+# -- issue 15 item 3: extra files (GGUF export, evaluation) go through the contract; exit 3 when one fails ---
+def test_gguf_export_is_added_under_the_claim_and_its_failure_exits_3(model, calib, tmp_path, monkeypatch, capsys):
+    from test_gguf import write_tiny_gguf
+
+    source = write_tiny_gguf(tmp_path / "tiny.gguf", blocks=6)  # stands in for the built-in model's GGUF file
+    monkeypatch.setattr("simdiff.export.cli.check_export", lambda name, export: source if export else None)
+    out = tmp_path / "out"
+    assert main(prune_args(model, out, calib, "--export", "gguf")) == 0
+    assert manifest(out)["pruned.gguf"] == (out / "pruned.gguf").stat().st_size > 0
+    assert leftovers(tmp_path) == []
+
+    def disk_full_half_way(reader, metadata, tensors, path):
+        Path(path).write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("simdiff.export.gguf.write_gguf", disk_full_half_way)
+    failed = tmp_path / "failed"
+    code = main(prune_args(model, failed, calib, "--export", "gguf"))
+    err = capsys.readouterr().err
+    assert code == 3, err
+    (line,) = [line for line in err.splitlines() if line.startswith("simdiff: error:")]
+    assert f"saved {str(failed)!r} (the pruned model, verified, complete), but NOT written: pruned.gguf" in line
+    assert "No space left on device" in line and "Traceback" not in err
+    assert not (failed / "pruned.gguf").exists() and "pruned.gguf" not in manifest(failed)
+    assert manifest(failed) == {k: v for k, v in files_under(failed).items() if k != "simdiff.json"}
+    assert leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert main(prune_args(model, failed, calib, "--overwrite")) == 0  # still an output of ours
+
+
+def run_evaluate_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
+    recipe = Path(__file__).resolve().parents[1] / "docs" / "recipes" / "prune-evaluate.yaml"
+    return ["-q", "run", str(recipe), "--model", str(model), "--criterion", "simdiff", "--calib", str(calib),
+            *CALIB, "--num-layers", "2", "--tasks", "", "--eval-seq-len", "32", "--max-tokens", "200",
+            "--out", str(out), *extra]
+
+
+def test_run_evaluation_is_added_under_the_claim_and_its_failure_exits_3(model, calib, tmp_path, monkeypatch,
+                                                                         capsys):
+    out = tmp_path / "out"
+    assert main(run_evaluate_args(model, calib, out)) == 0
+    assert manifest(out)["evaluation.json"] == (out / "evaluation.json").stat().st_size
+    assert json.loads((out / "evaluation.json").read_text())["simdiff"]["retained"]["ppl_ratio"]
+
+    def evaluation_breaks(*args, **kwargs):
+        raise RuntimeError("lm-eval broke")
+
+    monkeypatch.setattr("simdiff.evaluate.cli.evaluate_against", evaluation_breaks)
+    code = main(run_evaluate_args(model, calib, out, "--overwrite"))
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert f"saved {str(out)!r} (the pruned model, verified, complete), but NOT written: evaluation.json " \
+           "(lm-eval broke)" in err
+    assert not (out / "evaluation.json").exists() and (out / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []

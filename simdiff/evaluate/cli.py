@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from simdiff.cli_options import (
@@ -148,19 +149,19 @@ def run_eval(args: argparse.Namespace) -> None:
                 log.info("wrote %s", written)
 
 
-def evaluate_pruned(recipe) -> None:
-    """``simdiff run`` after a prune: evaluate the pruned folder against the dense model, write evaluation.json
-    (lm-eval's results schema) into it."""
+def pruned_evaluation(recipe, settings) -> tuple[str, Callable[[Path], None]]:
+    """``simdiff run`` after a prune: the extra file evaluation.json (lm-eval's results schema), evaluating the
+    saved folder against the dense model (:func:`simdiff.outputs.add_extras` adds it to the folder)."""
     from simdiff.evaluate.results import lm_eval_document
     from simdiff.save import provenance
 
-    settings = recipe.evaluation.check()
-    result, record, lm_output = evaluate_against(recipe.out, recipe.model, settings, recipe.model.name)
-    path = Path(recipe.out) / EVAL_JSON
-    document = lm_eval_document(recipe.out, result, settings, lm_output,
-                                {**record, "recipe": recipe.to_dict(), **provenance()})
-    path.write_text(json.dumps(document, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
-    log.info("wrote %s", path)
+    def write(path: Path) -> None:
+        result, record, lm_output = evaluate_against(recipe.out, recipe.model, settings, recipe.model.name)
+        document = lm_eval_document(recipe.out, result, settings, lm_output,
+                                    {**record, "recipe": recipe.to_dict(), **provenance()})
+        path.write_text(json.dumps(document, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    return EVAL_JSON, write
 
 
 # -- simdiff compare -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from simdiff.errors import SimdiffError
@@ -50,12 +51,14 @@ def check_export(model: str, export: str | None) -> Path | None:
     return source
 
 
-def export_after_prune(source: Path | None, removed: list[int], out: Path) -> None:
-    """Write ``out/pruned.gguf``: ``source`` without the ``removed`` blocks (nothing when ``source`` is None)."""
-    from simdiff.export.gguf import prune_gguf
+def gguf_export(source: Path, removed: list[int]) -> tuple[str, Callable[[Path], None]]:
+    """The extra file ``pruned.gguf`` of ``prune --export gguf``: ``source`` without the ``removed`` blocks
+    (:func:`simdiff.outputs.add_extras` puts it into the saved folder)."""
+    from simdiff.export.gguf import write_pruned_gguf
 
-    if source is None:
-        return
-    result = prune_gguf(source, removed, out / GGUF_EXPORT_NAME)
-    print(f"wrote {result.out}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
-          f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical)")
+    def write(path: Path) -> None:
+        result = write_pruned_gguf(source, removed, path)
+        print(f"wrote {GGUF_EXPORT_NAME}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
+              f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical)")
+
+    return GGUF_EXPORT_NAME, write

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,6 +215,16 @@ def prune_gguf(src: str | os.PathLike, removed: Sequence[int] | None, out: str |
     """
     src = Path(src).expanduser()
     check_gguf_output(out, overwrite, src)
+    with atomic_file(out, overwrite, inputs=(src,), suffixes=GGUF_SUFFIXES, flag="--out") as tmp:
+        result = write_pruned_gguf(src, removed, tmp, recipe)
+    out = Path(out).expanduser()
+    return replace(result, out=out)
+
+
+def write_pruned_gguf(src: str | os.PathLike, removed: Sequence[int] | None, path: Path,
+                      recipe: RemovalRecord | None = None) -> GGUFPruneResult:
+    """:func:`prune_gguf` into ``path`` itself: the caller stages it (:mod:`simdiff.outputs`)."""
+    src = Path(src).expanduser()
     reader = open_gguf(src)
     count = check_prunable(reader)
     if recipe is not None:
@@ -231,8 +241,6 @@ def prune_gguf(src: str | os.PathLike, removed: Sequence[int] | None, out: str |
     tensors = renamed_tensors(reader, kept)
     removed_bytes = sum(t.n_bytes for t in reader.tensors
                         if (m := BLOCK_TENSOR.match(t.name)) and int(m.group(1)) not in kept)
-    with atomic_file(out, overwrite, inputs=(src,), suffixes=GGUF_SUFFIXES, flag="--out") as tmp:
-        write_gguf(reader, metadata, tensors, tmp)
-    out = Path(out).expanduser()
-    log.info("wrote %s: %d of %d blocks", out, len(kept), count)
-    return GGUFPruneResult(out, count, kept, removed, removed_bytes, src.stat().st_size, out.stat().st_size)
+    write_gguf(reader, metadata, tensors, path)
+    log.info("wrote %s: %d of %d blocks", path, len(kept), count)
+    return GGUFPruneResult(path, count, kept, removed, removed_bytes, src.stat().st_size, path.stat().st_size)
