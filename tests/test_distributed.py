@@ -107,3 +107,78 @@ def test_data_parallel_refuses_what_it_cannot_split(workspace, monkeypatch, caps
     out = ["--out", str(workspace["root"] / "refused")] if args[0] == "prune" else []
     assert main(["-q", args[0], str(workspace["model"]), *args[1:], *out]) == 2
     assert message in capsys.readouterr().err
+
+
+# Runs `simdiff run` under torchrun, recording which ranks evaluate (and the model each one evaluates).
+LAUNCHED_RUN = """
+import os, sys
+import simdiff.evaluate.cli as evaluation
+from simdiff.cli import main
+
+evaluate_against = evaluation.evaluate_against
+
+def recorded(name, *args, **kwargs):
+    with open(os.path.join(os.environ["EVALUATED_DIR"], os.environ["RANK"]), "a") as f:
+        f.write(f"{name}\\n")
+    return evaluate_against(name, *args, **kwargs)
+
+evaluation.evaluate_against = recorded
+sys.exit(main(sys.argv[1:]))
+"""
+RUN_RECIPE = """selection:
+  criterion: simdiff
+  num_layers: 2
+evaluation:
+  ppl: [wikitext2]
+  tasks: []
+  seq_len: 32
+  max_tokens: 200
+"""
+
+
+def test_run_with_evaluation_under_torchrun_evaluates_on_rank_0_after_the_commit(workspace, tmp_path) -> None:
+    """Issue 15 item 4: rank 1 evaluated `out` too, before rank 0 had committed it (exit 2 there made torchrun
+    kill rank 0 mid-save), or wrote evaluation.json beside rank 0's."""
+    script, evaluated, work = tmp_path / "launched_run.py", tmp_path / "evaluated", tmp_path / "work"
+    for folder in (evaluated, work):
+        folder.mkdir()
+    script.write_text(LAUNCHED_RUN, encoding="utf-8")
+    recipe, out = tmp_path / "recipe.yaml", work / "out"
+    recipe.write_text(RUN_RECIPE, encoding="utf-8")
+    source = str(Path(simdiff.__file__).resolve().parents[1])
+    env = {**os.environ, "EVALUATED_DIR": str(evaluated), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), "-q", "run", str(recipe), "--model", str(workspace["model"]), "--calib",
+                          str(workspace["calib"]), *CALIB, "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p.name: p.read_text() for p in evaluated.iterdir()} == {"0": f"{out}\n"}  # rank 0 alone, once
+    document = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
+    assert document["simdiff"]["retained"]["ppl_ratio"]
+    record = json.loads((out / METADATA_FILE).read_text(encoding="utf-8"))["simdiff_output"]["files"]
+    assert record["evaluation.json"] == (out / "evaluation.json").stat().st_size  # added under the contract
+    assert sorted(p.name for p in work.iterdir()) == ["out"]  # no temporary file or lock left
+
+
+
+@pytest.mark.parametrize("command", ["compare", "run"])
+def test_comparison_under_a_launcher_is_refused_by_every_rank_before_work(workspace, monkeypatch, capsys,
+                                                                           command) -> None:
+    """Every rank claimed the same --out: rank 1's 'another simdiff run is writing' (exit 2) made torchrun kill
+    rank 0 in the middle of its work. Now every rank refuses alike, before loading anything."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("simdiff.model.load_model", refuse)
+    recipe = [str(Path(__file__).resolve().parents[1] / "docs" / "recipes" / "compare-results.yaml"), "--model"]
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        out = workspace["root"] / f"compared-{command}-{rank}"
+        args = ["-q", command, *(recipe if command == "run" else []), str(workspace["model"]), "--num-layers", "1",
+                "--out", str(out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "a comparison runs in one process" in err and "Traceback" not in err, err
+        assert not out.exists()

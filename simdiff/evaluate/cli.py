@@ -190,12 +190,17 @@ def run_comparison_recipe(recipe) -> dict:
     from dataclasses import replace
 
     from simdiff.compare import CompareSetup, compare, parse_candidates, write_results
+    from simdiff.distributed import launched_world
     from simdiff.model.layers import find_decoder_layers
     from simdiff.outputs import check_output_dir, claim_output_dir
     from simdiff.select import resolve_count
 
     _quiet_lm_eval()
     recipe.check()
+    if launched_world() is not None:  # every rank stops here alike: none is left to kill rank 0 mid-save
+        raise SimdiffError("a comparison runs in one process (every candidate is evaluated on one copy of the "
+                           "model): run it without torchrun/accelerate launch; prune, score and `simdiff run` of a "
+                           "prune recipe are the data-parallel commands")
     if recipe.out is None:
         raise SimdiffError("give --out DIR: the folder results.json, results.md and the plots go to")
     sel, spec = recipe.selection, recipe.model
