@@ -673,6 +673,17 @@ def atomic_file(out: str | os.PathLike, overwrite: bool = False, inputs: Inputs 
         raise
 
 
+@contextmanager
+def scratch_folder(beside: Path) -> Iterator[Path]:
+    """A private temporary folder beside ``beside`` (a leftover name of this host and pid), removed at the end."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.tmp-{_ours()}-", dir=beside.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _place_file(tmp: Path, path: Path, overwrite: bool, flag: str) -> None:
     if overwrite:
         os.replace(tmp, path)

@@ -286,3 +286,26 @@ def test_demo_says_when_two_perplexities_are_within_noise():
     note = noise_note(row("a", [1], base), far, "t")
     assert "a is better beyond 2 standard errors" in note and "-0.3000" in note
     assert noise_note(row("a", [1], base), row("b", [1], base), "t") == "the same layers"
+
+
+def test_log_samples_go_through_the_output_contract(tmp_path, monkeypatch, capfd):
+    """Issue 15 item 3: lm-eval wrote samples_*.jsonl in place, replacing a file of that name without --overwrite."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # outside any git checkout, where lm-eval's `git describe` fails
+    monkeypatch.setattr("simdiff.evaluate.results.samples_date", lambda: "2026-12-04T18-00-00")
+    folder = save_tiny("llama", tmp_path / "tiny")
+    results = tmp_path / "results"
+    results.mkdir()
+    mine = results / "samples_piqa_2026-12-04T18-00-00.jsonl"
+    mine.write_text("the user's records\n")
+    args = ["-q", "eval", str(folder), "--ppl", "wikitext2", "--eval-seq-len", "32", "--max-tokens", "200", "--tasks",
+            "piqa", "--limit", "2", "--task-max-length", "128", "--data-dir",
+            str(data_dir()), "--json", str(results / "eval.json"), "--log-samples"]
+    assert main(args) == 3
+    err = capfd.readouterr().err
+    assert f"saved {str(results / 'eval.json')!r} (the results, complete), but NOT written: the --log-samples" in err
+    assert "already exists" in err and "Traceback" not in err
+    assert mine.read_text() == "the user's records\n" and json.loads((results / "eval.json").read_text())["results"]
+    assert sorted(p.name for p in results.iterdir()) == ["eval.json", mine.name]  # no temporary entry left
+    assert main([*args, "--overwrite"]) == 0
+    assert len(mine.read_text().splitlines()) == 2

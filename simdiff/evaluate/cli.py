@@ -20,7 +20,7 @@ from simdiff.cli_options import (
     add_selection_options,
     recipe_from_args,
 )
-from simdiff.errors import SimdiffError
+from simdiff.errors import PartialOutputError, SimdiffError, one_line
 from simdiff.flags import names
 
 log = logging.getLogger("simdiff")
@@ -144,9 +144,14 @@ def run_eval(args: argparse.Namespace) -> None:
         write_text_file(args.json, text, args.overwrite, inputs)
         log.info("wrote %s", args.json)
         if settings.log_samples:
-            for written in write_samples(Path(args.json), lm_output.get("samples", {}), result["tasks"],
-                                         samples_date()):
-                log.info("wrote %s", written)
+            try:
+                for written in write_samples(Path(args.json), lm_output.get("samples", {}), result["tasks"],
+                                             samples_date(), args.overwrite, inputs):
+                    log.info("wrote %s", written)
+            except Exception as exc:  # noqa: BLE001 - the results file stands: say so, exit 3
+                raise PartialOutputError(f"saved {args.json!r} (the results, complete), but NOT written: the "
+                                         f"--log-samples records ({one_line(str(exc)) or type(exc).__name__}); "
+                                         "exit status 3: saved, an extra file failed") from exc
 
 
 def pruned_evaluation(recipe, settings) -> tuple[str, Callable[[Path], None]]:

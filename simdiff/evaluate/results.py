@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -168,19 +169,29 @@ def samples_date() -> str:
     return datetime.datetime.now().isoformat().replace(":", "-")
 
 
-def write_samples(results_path: Path, samples: dict[str, list], tasks: dict[str, dict], date: str) -> list[Path]:
-    """Per-question records as lm-eval writes them: ``samples_<task>_<date>.jsonl`` beside the results file."""
+def write_samples(results_path: Path, samples: dict[str, list], tasks: dict[str, dict], date: str,
+                  overwrite: bool = False, inputs=()) -> list[Path]:
+    """Per-question records as lm-eval writes them: ``samples_<task>_<date>.jsonl`` beside the results file.
+
+    lm-eval writes them into a scratch folder; each is then put in place under the output contract.
+    """
     from lm_eval.loggers import EvaluationTracker
 
+    from simdiff.outputs import atomic_file, scratch_folder
+
     names = {scores.get("lm_eval_task", task): task for task, scores in tasks.items()}
-    tracker = EvaluationTracker(output_path=str(results_path.with_suffix(".json")))
-    tracker.date_id = date  # set by save_results_aggregated, which we do not call: we write the results ourselves
     written = []
-    for lm_name, records in samples.items():
-        task = names.get(lm_name, lm_name)
-        tracker.save_results_samples(task_name=task, samples=records)
-        path = results_path.parent / f"samples_{task}_{date}.jsonl"
-        if not path.is_file():
-            raise SimdiffError(f"lm-eval did not write {path}; check that the folder is writable")
-        written.append(path)
+    with scratch_folder(results_path) as scratch:
+        tracker = EvaluationTracker(output_path=str(scratch / results_path.with_suffix(".json").name))
+        tracker.date_id = date  # set by save_results_aggregated, which we do not call: we write the results ourselves
+        for lm_name, records in samples.items():
+            task = names.get(lm_name, lm_name)
+            tracker.save_results_samples(task_name=task, samples=records)
+            name = f"samples_{task}_{date}.jsonl"
+            if not (scratch / name).is_file():
+                raise SimdiffError(f"lm-eval did not write {name}; check that the folder is writable")
+            path = results_path.parent / name
+            with atomic_file(path, overwrite, inputs, (".jsonl",), "--log-samples") as tmp:
+                os.replace(scratch / name, tmp)
+            written.append(path)
     return written
