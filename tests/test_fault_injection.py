@@ -101,3 +101,21 @@ def test_a_run_in_another_process_is_refused_while_out_is_claimed(setup, tmp_pat
     assert done.stderr.strip().splitlines()[-1] == (f"simdiff: error: another simdiff run (pid {os.getpid()}) is "
                                                    f"writing {str(out)!r}; wait for it to finish or choose another --out")
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_kill_while_adding_the_evaluation_to_a_saved_output(setup, tmp_path):
+    """Issue 15 item 3: `run` adds evaluation.json after the commit; killed once it is recorded but not yet linked
+    in, the saved model is complete and still ours (its record lists a file that is absent, never one too many)."""
+    out = tmp_path / "out"
+    recipe = REPO / "docs" / "recipes" / "prune-evaluate.yaml"
+    args = ["-q", "run", str(recipe), "--model", str(setup["model"]), "--criterion", "reverse", "--calib",
+            str(setup["calib"]), "--samples", "4", "--calib-seq-len", "32", "--calib-batch-size", "2",
+            "--num-layers", "2", "--tasks", "", "--eval-seq-len", "32", "--max-tokens", "200", "--out", str(out)]
+    run_killed(args, "extra-recorded")
+    assert_complete(out, "reverse")
+    assert not (out / "evaluation.json").exists()
+    assert "evaluation.json" in json.loads((out / "simdiff.json").read_text())["simdiff_output"]["files"]
+    assert any(name.endswith("-evaluation.json") for name in leftovers(tmp_path))  # staged beside, not inside
+    assert main([*args, "--overwrite"]) == 0
+    assert_complete(out, "reverse")
+    assert (out / "evaluation.json").is_file() and leftovers(tmp_path) == []
