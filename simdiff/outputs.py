@@ -186,7 +186,10 @@ def read_manifest(marker_file: Path) -> dict[str, int] | None:
 def unexpected_entry(folder: Path, recorded: dict[str, int], marker: str) -> str | None:
     """The first entry under ``folder`` that is not a file ``recorded`` (with its size) or a folder holding one."""
     folders = {str(parent) for name in recorded for parent in Path(name).parents if str(parent) != "."}
-    for root, dirs, files in os.walk(folder):
+    unreadable: list[OSError] = []
+    for root, dirs, files in os.walk(folder, onerror=unreadable.append):
+        if unreadable:
+            break
         base = Path(root).relative_to(folder)
         for name in sorted(dirs + files):
             entry = base / name
@@ -203,6 +206,9 @@ def unexpected_entry(folder: Path, recorded: dict[str, int], marker: str) -> str
             elif recorded[relative] != stat.st_size:
                 return (f"{relative!r} changed since simdiff wrote it ({stat.st_size} bytes, recorded "
                         f"{recorded[relative]})")
+    if unreadable:
+        where = Path(unreadable[0].filename or folder)
+        return f"{where.relative_to(folder).as_posix() if where != folder else '.'!r}, which cannot be read"
     return None
 
 
@@ -626,9 +632,9 @@ def add_extras(claim: OutputDir, extras: Iterable[Extra], saved: str = "the mode
 
 
 def claim_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Inputs = (), marker: str = MARKER,
-                     protect_cache: bool = True, flag: str = "--out") -> OutputDir:
+                     protect_cache: bool = True, flag: str = "--out", manifest: bool | None = None) -> OutputDir:
     """Validate and claim a folder output (see :class:`OutputDir`)."""
-    return OutputDir(out, overwrite, inputs, marker, protect_cache, flag)
+    return OutputDir(out, overwrite, inputs, marker, protect_cache, flag, manifest)
 
 
 def claimed_dir(out: str | os.PathLike | OutputDir, overwrite: bool = False,
@@ -639,9 +645,10 @@ def claimed_dir(out: str | os.PathLike | OutputDir, overwrite: bool = False,
 
 @contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False, inputs: Inputs = (), marker: str = MARKER,
-                     protect_cache: bool = True) -> Iterator[Path]:
+                     protect_cache: bool = True, manifest: bool | None = None) -> Iterator[Path]:
     """Claim ``out`` and yield its staging folder; readers never see a half-written ``out``."""
-    with claim_output_dir(out, overwrite, inputs, marker, protect_cache) as claim, claim.staging() as tmp:
+    with claim_output_dir(out, overwrite, inputs, marker, protect_cache, manifest=manifest) as claim, \
+            claim.staging() as tmp:
         yield tmp
 
 

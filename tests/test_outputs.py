@@ -529,3 +529,21 @@ def test_run_evaluation_is_added_under_the_claim_and_its_failure_exits_3(model, 
            "(lm-eval broke)" in err
     assert not (out / "evaluation.json").exists() and (out / "model.safetensors").is_file()
     assert leftovers(tmp_path) == []
+
+
+def test_checkpoint_rotation_deletes_only_what_simdiff_recorded(tmp_path):
+    """`recover --keep-checkpoints` deleted any older step folder holding a trainer.json, with whatever else it held."""
+    from simdiff.recover.checkpoint import save_checkpoint
+
+    folder = tmp_path / "ckpt"
+
+    def save(step: int) -> Path:
+        return save_checkpoint(folder, step, {"w": torch.zeros(2)}, {"config": {}, "history": {}}, keep=2)
+
+    first, second = save(1), save(2)
+    (first / "notes.txt").write_text("mine")
+    save(3)  # step 1 falls out of the two kept, but holds a file simdiff did not write: kept
+    assert (first / "notes.txt").read_text() == "mine"
+    save(4)  # step 2 is exactly what simdiff wrote: deleted
+    assert not second.exists() and sorted(p.name for p in folder.iterdir()) == [
+        first.name, "step-0000003", "step-0000004"]

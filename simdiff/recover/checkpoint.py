@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from simdiff.errors import SimdiffError
-from simdiff.outputs import atomic_directory
+from simdiff.outputs import atomic_directory, check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,16 @@ def save_checkpoint(folder: Path, step: int, state: dict, trainer: dict, keep: i
     """Write ``step-NNNNNNN/`` (tensors in ``state.pt``, JSON in ``trainer.json``) and keep the newest ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / checkpoint_name(step)
-    with atomic_directory(target, overwrite=True, marker=TRAINER_FILE) as tmp:
+    with atomic_directory(target, overwrite=True, marker=TRAINER_FILE, manifest=True) as tmp:
         torch.save(state, tmp / STATE_FILE)
         (tmp / TRAINER_FILE).write_text(json.dumps({**trainer, "step": step}, indent=2) + "\n", encoding="utf-8")
     if keep > 0:
         for old in list_checkpoints(folder)[:-keep]:
+            try:  # only a checkpoint holding exactly the files simdiff recorded in its trainer.json
+                check_replaceable(old, TRAINER_FILE, "--checkpoint-dir", manifest=True)
+            except SimdiffError as exc:
+                log.warning("keeping %s: %s", old, exc)
+                continue
             shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint %s", target)
     return target
