@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
@@ -28,7 +29,7 @@ from simdiff.pipeline import (
 from simdiff.recipe import Calibration, Recipe, recipe_from_settings
 from simdiff.save import provenance, save_model
 from simdiff.select import check_removable, resolve_count
-from simdiff.surgery import remove_layers, validate_layer_indices
+from simdiff.surgery import check_config_sliceable, remove_layers, validate_layer_indices
 from simdiff.tune import BEST_OF, Searcher, reject_auto, search_kind, searched_options
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
     with claiming as claim:
         spec_model = replace(spec_model, device=start_data_parallel(spec_model.device))
         offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
-        model, tokenizer = spec_model.load(offloaded=offload_device is not None)
+        model, tokenizer = spec_model.load(offloaded=offload_device is not None,
+                                           check_config=partial(check_config_sliceable, sliced=sel.slice_config_keys))
         total = len(find_decoder_layers(model))
         if sel.layers is not None:
             return prune_given_layers(model, tokenizer, recipe, claim, total)
@@ -165,7 +167,7 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         log.info("%s removes layers %s of %d", criterion, selection.removed, total)
         if claim is None:  # data parallel: rank 0 saves
             return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
-        kept = remove_layers(model, selection.removed)
+        kept = remove_layers(model, selection.removed, sel.slice_config_keys)
         metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
                                   iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
                                   dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
@@ -185,7 +187,7 @@ def prune_given_layers(model, tokenizer, recipe: Recipe, claim: OutputDir | None
     scores = ScoreResult(Evidence(num_layers=total), Options())
     if claim is None:  # data parallel: rank 0 saves
         return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
-    kept = remove_layers(model, selection.removed)
+    kept = remove_layers(model, selection.removed, recipe.selection.slice_config_keys)
     metadata = prune_metadata(recipe.model.name, selection, scores, kept, total, None, None, dtype=recipe.model.dtype,
                               model_type=model.config.model_type, architectures=model.config.architectures)
     metadata["recipe"] = replace(recipe, overwrite=False).to_dict()

@@ -53,14 +53,15 @@ class ModelSettings:
                                   shown="the default branch")
     trust_remote_code: bool = option(False, "run the model's own Python code (auto_map); only for sources you trust")
 
-    def load(self, name: str | None = None, offloaded: bool = False):
+    def load(self, name: str | None = None, offloaded: bool = False, check_config=None):
         """``(model, tokenizer)`` of this model (or of ``name``, e.g. its pruned copy) with these settings;
-        ``offloaded``: left in CPU memory for layer-wise scoring."""
+        ``offloaded``: left in CPU memory for layer-wise scoring; ``check_config(config)`` runs before the weights
+        are loaded."""
         from simdiff.model import load_model
 
         source = {"revision": self.revision} if name is None else {}
         return load_model(name or self.name, self.dtype, None if offloaded else self.device, self.device_map,
-                          trust_remote_code=self.trust_remote_code, **source)
+                          trust_remote_code=self.trust_remote_code, check_config=check_config, **source)
 
 
 @dataclass
@@ -108,6 +109,10 @@ class SelectionSettings:
     iterative: bool = option(False, "re-score after each removal (one layer at a time)")
     keep_first: int = option(0, "never remove the first N layers")
     keep_last: int = option(0, "never remove the last N layers")
+    slice_config_keys: list[str] = option(
+        help="config keys (comma list) holding one entry per layer besides those simdiff knows (layer_types, "
+             "mlp_only_layers, ...): sliced with the layers; an unknown list as long as the layer count is refused",
+        flag="--slice-config-key", parse=names, default_factory=list)
 
     def counts_given(self) -> list:
         return (self.num_layers or []) + (self.ratio or [])

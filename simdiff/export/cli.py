@@ -21,7 +21,8 @@ def run_apply_gguf(args: argparse.Namespace) -> None:
 
     check_gguf_output(args.out, args.overwrite, args.model)
     recipe = load_removal_record(args.recipe) if args.recipe else None
-    result = prune_gguf(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
+    result = prune_gguf(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe,
+                        sliced=args.slice_config_key)
     print(f"removed blocks {result.removed} ({result.block_count_before} -> {len(result.kept)} blocks) "
           "from the GGUF file")
     print(f"saved to {result.out}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
@@ -33,7 +34,7 @@ def megabytes(size: int) -> str:
 
 
 # -- simdiff prune ... --export gguf ------------------------------------------------------------------
-def check_export(model: str, export: str | None) -> Path | None:
+def check_export(model: str, export: str | None, sliced: list[str] | None = None) -> Path | None:
     """Before any work: the GGUF file that ``--export gguf`` prunes (None without ``--export``; the flag is
     the recipe field ``export``, :class:`simdiff.recipe.Recipe`)."""
     from simdiff.export.gguf import check_prunable, open_gguf
@@ -46,16 +47,16 @@ def check_export(model: str, export: str | None) -> Path | None:
         raise SimdiffError(f"--export gguf needs a model that comes as a GGUF file (built-in: "
                            f"{', '.join(BUILTIN_MODELS)}); {model!r} is not one. For a safetensors "
                            "checkpoint, convert the pruned output with llama.cpp's convert_hf_to_gguf.py")
-    check_prunable(open_gguf(source))
+    check_prunable(open_gguf(source), sliced or ())
     return source
 
 
-def export_after_prune(source: Path | None, removed: list[int], out: Path) -> None:
+def export_after_prune(source: Path | None, removed: list[int], out: Path, sliced: list[str] | None = None) -> None:
     """Write ``out/pruned.gguf``: ``source`` without the ``removed`` blocks (nothing when ``source`` is None)."""
     from simdiff.export.gguf import prune_gguf
 
     if source is None:
         return
-    result = prune_gguf(source, removed, out / GGUF_EXPORT_NAME)
+    result = prune_gguf(source, removed, out / GGUF_EXPORT_NAME, sliced=sliced or ())
     print(f"wrote {result.out}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
           f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical)")
