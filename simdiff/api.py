@@ -50,11 +50,12 @@ class PruneResult:
 
 def score(model, tokenizer, criteria: list[str], calibration: Calibration | None = None,
           options: Options | None = None, block_sizes: tuple[int, ...] = (),
-          offload_device: str | None = None) -> ScoreResult:
+          offload_device: str | None = None, max_device_bytes: int | None = None) -> ScoreResult:
     """Score every decoder layer of an in-memory model with each criterion (one pass per evidence kind).
 
     A criterion may be a variant such as ``simdiff:beta=0.5`` (scored under its own options, same evidence).
-    ``offload_device``: collect the statistics one decoder layer at a time on that device (layer-wise offload).
+    ``offload_device``: collect the statistics one decoder layer at a time on that device (layer-wise offload),
+    refused before the pass if that needs more than ``max_device_bytes`` of it.
     """
     from simdiff.compare import CandidateSpec
     from simdiff.pipeline import score_layers
@@ -66,7 +67,7 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
     names = list(dict.fromkeys(spec.criterion for spec in specs))
     check_seq_len(model, calibration.seq_len)
     result = score_layers(model, calibration.batches(tokenizer), names, options, block_sizes,
-                          offload_device=offload_device)
+                          offload_device=offload_device, max_device_bytes=max_device_bytes)
     result.scores = {spec.label: importance(spec.criterion, result.evidence, spec.options(options))
                      for spec in specs}
     return result
@@ -74,7 +75,8 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
 
 def select_for_model(model, tokenizer, criterion: str, count: int, calibration: Calibration, options: Options,
                      iterative: bool = False, keep_first: int = 0, keep_last: int = 0,
-                     offload_device: str | None = None) -> tuple[Selection, ScoreResult]:
+                     offload_device: str | None = None,
+                     max_device_bytes: int | None = None) -> tuple[Selection, ScoreResult]:
     """Choose ``count`` layers with ``criterion``; also score every criterion the same pass gives for free."""
     get_criterion(criterion)
     if iterative and offload_device is not None:
@@ -82,7 +84,7 @@ def select_for_model(model, tokenizer, criterion: str, count: int, calibration: 
     calib_batches = calibration.batches(tokenizer)
     reported = sorted({criterion, *FREE_CRITERIA}, key=list(CRITERIA).index)
     evidence = gather_evidence(model, calib_batches, needs_of(reported), block_sizes_for(reported, [count]),
-                               offload_device=offload_device)
+                               offload_device=offload_device, max_device_bytes=max_device_bytes)
     result = ScoreResult(evidence, options, {name: importance(name, evidence, options) for name in reported})
     if iterative:
         selection = choose_iterative(model, calib_batches, criterion, count, options, keep_first, keep_last,
@@ -142,7 +144,7 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         else nullcontext()
     with claiming as claim:
         spec_model = replace(spec_model, device=start_data_parallel(spec_model.device))
-        offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
+        offload_device = spec_model.offload_device()
         model, tokenizer = spec_model.load(offloaded=offload_device is not None,
                                            check_config=partial(check_config_sliceable, sliced=sel.slice_config_keys))
         total = len(find_decoder_layers(model))
@@ -155,7 +157,8 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         if kind is None:
             selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
                                                  sel.iterative, sel.keep_first, sel.keep_last,
-                                                 offload_device=offload_device)
+                                                 offload_device=offload_device,
+                                                 max_device_bytes=spec_model.max_device_memory)
         else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
             reported = sorted(set(scored), key=list(CRITERIA).index)
             searcher = Searcher(model, tokenizer, calibration, search, [count], reported, sel.keep_first,

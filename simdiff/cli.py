@@ -65,11 +65,11 @@ def run_score(args: argparse.Namespace) -> None:
     if args.plot:
         check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
     spec = replace(spec, device=start_data_parallel(spec.device))
-    offload_device = (spec.device or "cpu") if spec.offload == "layerwise" else None
+    offload_device = spec.offload_device()
     model, tokenizer = spec.load(offloaded=offload_device is not None)
     sizes = (args.block_size,) if args.block_size else ()
     result = score(model, tokenizer, [s.label for s in specs], recipe.calibration, recipe.options, sizes,
-                   offload_device=offload_device)
+                   offload_device=offload_device, max_device_bytes=spec.max_device_memory)
     if not is_main_process():  # data parallel: rank 0 reports
         return
     print(format_score_table(result.scores))
