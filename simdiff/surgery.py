@@ -265,6 +265,25 @@ def check_config_consistent(model: nn.Module, config=None, source: str = "the pr
                 f"a per-layer config entry was not sliced right (name it with {SLICE_FLAG} if it is one)")
 
 
+def renumber_device_map(model: nn.Module, layers_path: str, kept: list[int]) -> None:
+    """Keep accelerate's ``hf_device_map`` (``--device-map``) naming the model's modules: entries of removed layers
+    dropped, kept layers renamed to their new index. (Each layer keeps its hooks, whose offloaded weights stay
+    addressed by the original names.)"""
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict):
+        return
+    new_index = {old: new for new, old in enumerate(kept)}
+    prefix = layers_path + "."
+    renamed = {}
+    for name, device in device_map.items():
+        index, dot, rest = name.removeprefix(prefix).partition(".")
+        if not name.startswith(prefix) or not index.isdigit():
+            renamed[name] = device
+        elif int(index) in new_index:
+            renamed[f"{prefix}{new_index[int(index)]}{dot}{rest}"] = device
+    model.hf_device_map = renamed
+
+
 def remove_layers(model: nn.Module, indices: Sequence[int], sliced: Collection[str] = ()) -> list[int]:
     """Remove decoder layers ``indices`` (original numbering) from ``model`` in place; return the kept ones.
 
@@ -280,6 +299,7 @@ def remove_layers(model: nn.Module, indices: Sequence[int], sliced: Collection[s
     new_layers = nn.ModuleList([decoder.modules[i] for i in kept])
     renumber_layer_indices(new_layers)
     decoder.replace(new_layers)
+    renumber_device_map(model, decoder.path, kept)
     changed = update_config_for_kept_layers(model.config, kept, sliced)
     log.info("removed layers %s; config keys updated: %s", removed, ", ".join(changed))
     check_config_consistent(model)

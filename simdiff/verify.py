@@ -4,8 +4,9 @@ Four checks, each refusing the save with one line naming what differs:
 
 1. **weights**: the written safetensors files (one file or shards) are streamed tensor by tensor and
    compared with the in-memory state dict as transformers writes it (tied copies dropped, weight
-   conversions such as fused MoE experts reverted): the same names, shapes, dtypes and bytes. Peak memory
-   is the model plus one tensor.
+   conversions such as fused MoE experts reverted): the same names, shapes, dtypes and bytes. Parameters
+   accelerate offloaded to CPU or disk (meta tensors) are read back through its hooks one at a time.
+   Peak memory is the model plus one tensor.
 2. **config**: the written ``config.json`` builds, on the meta device, exactly the in-memory model's
    parameters (:func:`simdiff.surgery.check_config_consistent`) and names its dtype.
 3. **layer indices**: every ``layer_idx`` inside decoder layer j equals j (the KV cache is indexed by it).
@@ -95,6 +96,21 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
+def readable(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or, for a parameter accelerate offloaded (``--device-map`` onto CPU or disk: a meta tensor whose
+    data its hook loads on each call), the data read back through that hook's weights map, as ``save_pretrained``
+    reads it (one tensor at a time)."""
+    if tensor.device.type != "meta":
+        return tensor
+    from transformers.integrations.accelerate import load_offloaded_parameter
+
+    try:
+        return load_offloaded_parameter(model, name)
+    except (ValueError, KeyError) as exc:
+        raise SimdiffError(f"in-memory tensor {name!r} is on the meta device and no accelerate hook holds its data; "
+                           "the written file cannot be checked against it") from exc
+
+
 def check_written_weights(model: nn.Module, folder: Path) -> None:
     """Every written tensor equals its in-memory counterpart in name, shape, dtype and bytes."""
     expected = expected_state_dict(model)
@@ -102,7 +118,7 @@ def check_written_weights(model: nn.Module, folder: Path) -> None:
     for name, actual in written_tensors(folder):
         if name not in expected:
             raise SimdiffError(f"the written checkpoint holds {name!r}, which the in-memory model does not have")
-        want = expected[name]
+        want = readable(model, name, expected[name])
         if actual.dtype != want.dtype or actual.shape != want.shape:
             raise SimdiffError(f"written tensor {name!r} is {actual.dtype} {tuple(actual.shape)}, the in-memory one "
                                f"{want.dtype} {tuple(want.shape)}")

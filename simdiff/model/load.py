@@ -212,5 +212,11 @@ def _load_tokenizer(name: str, path: str, source: dict):
 
 
 def model_device(model) -> torch.device:
-    """The device of the model's input embeddings (where input ids must go)."""
-    return model.get_input_embeddings().weight.device
+    """The device of the model's input embeddings (where input ids must go): for embeddings that accelerate
+    offloaded (meta weights, loaded on each call), the device its hook runs them on."""
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    hook_device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    if device.type == "meta" and hook_device is not None:
+        return torch.device(hook_device)
+    return device
