@@ -38,10 +38,12 @@ INDEX_FILE = "model.safetensors.index.json"
 # A greedy token may differ between the cached and uncached paths only at a rounding tie: both paths rank the
 # same two tokens first, swapped, and on each path the top-2 margin is within the logits' rounding, i.e.
 # max(TIE_ULPS x the unit in the last place of the dtype at the best logit, TIE_RELATIVE_FLOOR x the best logit).
-# bfloat16 at logit 20: 4 x 0.125 = 0.5 nats (the former 16 eps x the largest logit allowed 2.5). Float32 rounding
-# is far below the accumulated kernel differences (20.7 eps over 30 layers of SmolLM2-135M), so its floor is
-# relative: 1e-4 x the largest logit. benchmarks/kv_cache_ties.py measures the margin noise in these units.
-TIE_ULPS = 4
+# benchmarks/kv_cache_ties.py measures how far the top-2 margin moves between the paths: at most 5.0 ulps in
+# bfloat16 (SmolLM2-135M, CPU, 4 prompts x 16 steps), so 10 ulps leave 2x for other kernels; bfloat16 at logit 20:
+# 10 x 0.125 = 1.25 nats (the former 16 eps x the largest logit allowed 2.5, for any token). Float32 rounding is
+# far below the accumulated kernel differences (20.7 eps over 30 layers), so its floor is relative: 1e-4 x the
+# best logit.
+TIE_ULPS = 10
 TIE_RELATIVE_FLOOR = 1e-4
 
 

@@ -178,15 +178,15 @@ class Bf16CachedPathPicks6(torch.nn.Module):
 
 
 def test_kv_cache_check_in_bfloat16_accepts_a_one_ulp_tie_and_refuses_a_two_nat_error():
-    """bf16 at logit 20: 16 eps x 20 = 2.5 nats was accepted as a tie. A swap of the two best tokens one bf16 step
-    (0.125) apart on both paths is a tie; a cached token 2 nats below the best is a real error, even though the
-    two paths rank the same two tokens first; and a cached path that is sure of itself (its own margin 2 nats)
-    is an error even where the uncached margin is one step."""
+    """bf16 at logit 20: 16 eps x 20 = 2.5 nats was accepted as a tie; now 10 ulps = 1.25 nats. A swap of the two
+    best tokens one bf16 step (0.125) apart on both paths is a tie; a cached token 2 nats below the best is a real
+    error, even though the two paths rank the same two tokens first; and a cached path that is sure of itself (its
+    own margin 2 nats) is an error even where the uncached margin is one step."""
     model = pruned(dtype=torch.bfloat16)
     ids = prompt_ids(model)
     check_cached_generation(Bf16CachedPathPicks6(model, uncached_gap=0.125, cached_gap=0.125), ids)
     with pytest.raises(SimdiffError, match=r"picks token 6 at step 1, without it 5 \(logit gap 2, a rounding tie "
-                                           r"is within 0\.5\)"):
+                                           r"is within 1\.25\)"):
         check_cached_generation(Bf16CachedPathPicks6(model, uncached_gap=2.0, cached_gap=0.125), ids)
     with pytest.raises(SimdiffError, match=r"picks token 6 at step 1, without it 5 \(logit gap 0\.125"):
         check_cached_generation(Bf16CachedPathPicks6(model, uncached_gap=0.125, cached_gap=2.0), ids)
