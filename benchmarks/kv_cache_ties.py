@@ -5,7 +5,9 @@
 
 The save check (simdiff.verify.check_cached_generation) accepts a different greedy token between the two
 paths only at a rounding tie; this measures the largest logit difference between the paths at the same
-positions, over eps x the largest logit, which sets that tolerance (TIE_EPS_UNITS, TIE_RELATIVE_FLOOR).
+positions, over eps x the largest logit, and the noise of the top-2 margin (the uncached path's two best tokens,
+difference of their margins on the two paths) in units in the last place of the dtype at the best logit, which
+sets that tolerance (TIE_ULPS, TIE_RELATIVE_FLOOR).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from simdiff.bench.measure import cache_kwarg
 from simdiff.model import load_model
 from simdiff.progress import set_progress
-from simdiff.verify import prompt_ids
+from simdiff.verify import prompt_ids, rounding_unit
 
 
 @torch.no_grad()
@@ -51,7 +53,18 @@ def main() -> None:
     units = ((cached - uncached).abs().max(-1).values / (torch.finfo(dtype).eps * scale)).max().item()
     relative = ((cached - uncached).abs().max(-1).values / scale).max().item()
     print(f"{args.model} {dtype}, {args.new_tokens} greedy steps: largest |cached - uncached| logit = "
-          f"{units:.1f} eps x the largest logit ({relative:.2e} relative); largest logit {scale.max().item():.1f}")
+          f"{units:.1f} eps x the largest logit ({relative:.2e} relative); largest logit {scale.max().item():.1f}; "
+          f"largest top-2 margin noise {top2_margin_noise(cached, uncached, dtype):.1f} ulps of the best logit")
+
+
+def top2_margin_noise(cached: torch.Tensor, uncached: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest |cached margin - uncached margin| of the uncached path's two best tokens, in ulps of the best."""
+    worst = 0.0
+    for c, u in zip(cached, uncached):
+        a, b = u.topk(2).indices
+        noise = abs(float((c[a] - c[b]) - (u[a] - u[b])))
+        worst = max(worst, noise / rounding_unit(float(u[a]), dtype))
+    return worst
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
@@ -29,7 +30,7 @@ from simdiff.pipeline import (
 from simdiff.recipe import Calibration, Recipe, recipe_from_settings
 from simdiff.save import provenance, save_model
 from simdiff.select import check_removable, resolve_count
-from simdiff.surgery import remove_layers, validate_layer_indices
+from simdiff.surgery import check_config_sliceable, remove_layers, validate_layer_indices
 from simdiff.tune import BEST_OF, Searcher, reject_auto, search_kind, searched_options
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ class PruneResult:
 
 def score(model, tokenizer, criteria: list[str], calibration: Calibration | None = None,
           options: Options | None = None, block_sizes: tuple[int, ...] = (),
-          offload_device: str | None = None) -> ScoreResult:
+          offload_device: str | None = None, max_device_bytes: int | None = None) -> ScoreResult:
     """Score every decoder layer of an in-memory model with each criterion (one pass per evidence kind).
 
     A criterion may be a variant such as ``simdiff:beta=0.5`` (scored under its own options, same evidence).
-    ``offload_device``: collect the statistics one decoder layer at a time on that device (layer-wise offload).
+    ``offload_device``: collect the statistics one decoder layer at a time on that device (layer-wise offload),
+    refused before the pass if that needs more than ``max_device_bytes`` of it.
     """
     from simdiff.compare import CandidateSpec
     from simdiff.pipeline import score_layers
@@ -66,7 +68,7 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
     names = list(dict.fromkeys(spec.criterion for spec in specs))
     check_seq_len(model, calibration.seq_len)
     result = score_layers(model, calibration.batches(tokenizer), names, options, block_sizes,
-                          offload_device=offload_device)
+                          offload_device=offload_device, max_device_bytes=max_device_bytes)
     result.scores = {spec.label: importance(spec.criterion, result.evidence, spec.options(options))
                      for spec in specs}
     return result
@@ -74,7 +76,8 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
 
 def select_for_model(model, tokenizer, criterion: str, count: int, calibration: Calibration, options: Options,
                      iterative: bool = False, keep_first: int = 0, keep_last: int = 0,
-                     offload_device: str | None = None) -> tuple[Selection, ScoreResult]:
+                     offload_device: str | None = None,
+                     max_device_bytes: int | None = None) -> tuple[Selection, ScoreResult]:
     """Choose ``count`` layers with ``criterion``; also score every criterion the same pass gives for free."""
     get_criterion(criterion)
     if iterative and offload_device is not None:
@@ -82,7 +85,7 @@ def select_for_model(model, tokenizer, criterion: str, count: int, calibration: 
     calib_batches = calibration.batches(tokenizer)
     reported = sorted({criterion, *FREE_CRITERIA}, key=list(CRITERIA).index)
     evidence = gather_evidence(model, calib_batches, needs_of(reported), block_sizes_for(reported, [count]),
-                               offload_device=offload_device)
+                               offload_device=offload_device, max_device_bytes=max_device_bytes)
     result = ScoreResult(evidence, options, {name: importance(name, evidence, options) for name in reported})
     if iterative:
         selection = choose_iterative(model, calib_batches, criterion, count, options, keep_first, keep_last,
@@ -154,8 +157,9 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     calibration, sel, spec_model, search = recipe.calibration, recipe.selection, recipe.model, recipe.search
     num_layers, ratio = (sel.num_layers or [None])[0], (sel.ratio or [None])[0]
     spec_model = replace(spec_model, device=start_data_parallel(spec_model.device))
-    offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
-    model, tokenizer = spec_model.load(offloaded=offload_device is not None)
+    offload_device = spec_model.offload_device()
+    model, tokenizer = spec_model.load(offloaded=offload_device is not None,
+                                       check_config=partial(check_config_sliceable, sliced=sel.slice_config_keys))
     total = len(find_decoder_layers(model))
     if sel.layers is not None:
         return prune_given_layers(model, tokenizer, recipe, claim, total)
@@ -166,7 +170,8 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     if kind is None:
         selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
                                              sel.iterative, sel.keep_first, sel.keep_last,
-                                             offload_device=offload_device)
+                                             offload_device=offload_device,
+                                             max_device_bytes=spec_model.max_device_memory)
     else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
         reported = sorted(set(scored), key=list(CRITERIA).index)
         searcher = Searcher(model, tokenizer, calibration, search, [count], reported, sel.keep_first,
@@ -178,7 +183,7 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     log.info("%s removes layers %s of %d", criterion, selection.removed, total)
     if claim is None:  # data parallel: rank 0 saves
         return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
-    kept = remove_layers(model, selection.removed)
+    kept = remove_layers(model, selection.removed, sel.slice_config_keys)
     metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
                               iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
                               dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
@@ -198,7 +203,7 @@ def prune_given_layers(model, tokenizer, recipe: Recipe, claim: OutputDir | None
     scores = ScoreResult(Evidence(num_layers=total), Options())
     if claim is None:  # data parallel: rank 0 saves
         return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
-    kept = remove_layers(model, selection.removed)
+    kept = remove_layers(model, selection.removed, recipe.selection.slice_config_keys)
     metadata = prune_metadata(recipe.model.name, selection, scores, kept, total, None, None, dtype=recipe.model.dtype,
                               model_type=model.config.model_type, architectures=model.config.architectures)
     metadata["recipe"] = replace(recipe, overwrite=False).to_dict()

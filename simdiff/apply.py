@@ -182,16 +182,18 @@ class ApplyResult:
 
 
 def apply_to_path(model: str | os.PathLike, removed: list[int] | None = None, out: str | os.PathLike = "",
-                  overwrite: bool = False, recipe: RemovalRecord | None = None) -> ApplyResult:
-    """Remove decoder layers ``removed`` (or the recipe's) from the checkpoint ``model`` on disk into ``out``."""
+                  overwrite: bool = False, recipe: RemovalRecord | None = None,
+                  sliced: list[str] | tuple[str, ...] = ()) -> ApplyResult:
+    """Remove decoder layers ``removed`` (or the recipe's) from the checkpoint ``model`` on disk into ``out``;
+    ``sliced``: config keys beyond the known per-layer ones holding one entry per layer (``--slice-config-key``)."""
     if Path(model).suffix.lower() == ".gguf":
         raise SimdiffError(f"{model}: apply_to_path reads safetensors checkpoints; for a GGUF file use "
                            "simdiff.export.gguf.prune_gguf (or `simdiff apply FILE.gguf`)")
-    return apply_to_safetensors(str(model), removed, out, overwrite, recipe)
+    return apply_to_safetensors(str(model), removed, out, overwrite, recipe, sliced)
 
 
 def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.PathLike, overwrite: bool,
-                         recipe: RemovalRecord | None) -> ApplyResult:
+                         recipe: RemovalRecord | None, sliced: list[str] | tuple[str, ...] = ()) -> ApplyResult:
     from transformers import AutoConfig
 
     from simdiff.model.load import resolve_model_path
@@ -214,7 +216,7 @@ def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.Pa
         check_weights_match(pruned, checkpoint_shapes(folder), str(folder))  # the weights are what the config says
         total = len(find_decoder_layers(pruned))
         layer_path = find_decoder_layers(pruned).path
-        kept = remove_layers(pruned, removed)  # the in-memory rules for the config, checked on the meta device
+        kept = remove_layers(pruned, removed, sliced)  # the in-memory rules for the config, checked on the meta device
         kept_shards = plan_shards(folder, shard_files, layer_path, pruned.base_model_prefix, kept)
         metadata = apply_metadata(model, removed, kept, total, pruned.config, recipe)
         with claim.staging() as tmp:

@@ -13,7 +13,7 @@ def add_apply_command(subparsers) -> None:
         "apply", help="remove given layers from a checkpoint on disk, shard by shard (no model in memory)")
     parser.add_argument("model", help="checkpoint directory (safetensors), built-in name (smollm2-135m), "
                                       "or a .gguf file (docs/gguf.md)")
-    add_selection_options(parser, only=["layers"])
+    add_selection_options(parser, only=["layers", "slice_config_keys"])
     parser.add_argument("--recipe", help="the simdiff.json of a prune (or its folder): apply its selection "
                                          "(default: none; give it or --layers)")
     add_output_options(parser)
@@ -32,7 +32,8 @@ def run_apply(args: argparse.Namespace) -> None:
         run_apply_gguf(args)
         return
     recipe = load_removal_record(args.recipe) if args.recipe else None
-    result = apply_to_path(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
+    result = apply_to_path(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe,
+                           sliced=args.slice_config_key)
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.removed} ({before} -> {after} layers) on disk")
     print(f"saved to {result.out} ({len(result.shards)} shard{'s' if len(result.shards) > 1 else ''})")

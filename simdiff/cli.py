@@ -65,11 +65,11 @@ def run_score(args: argparse.Namespace) -> None:
     if args.plot:
         check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
     spec = replace(spec, device=start_data_parallel(spec.device))
-    offload_device = (spec.device or "cpu") if spec.offload == "layerwise" else None
+    offload_device = spec.offload_device()
     model, tokenizer = spec.load(offloaded=offload_device is not None)
     sizes = (args.block_size,) if args.block_size else ()
     result = score(model, tokenizer, [s.label for s in specs], recipe.calibration, recipe.options, sizes,
-                   offload_device=offload_device)
+                   offload_device=offload_device, max_device_bytes=spec.max_device_memory)
     if not is_main_process():  # data parallel: rank 0 reports
         return
     print(format_score_table(result.scores))
@@ -113,7 +113,7 @@ def print_prune(recipe, evaluate: bool = False) -> None:
     from simdiff.export.cli import check_export, gguf_export
     from simdiff.outputs import add_extras
 
-    gguf_source = check_export(recipe.model.name, recipe.export)
+    gguf_source = check_export(recipe.model.name, recipe.export, recipe.selection.slice_config_keys)
     settings = recipe.evaluation.check() if evaluate else None  # before any work
 
     def after_save(result, claim) -> None:
@@ -123,7 +123,7 @@ def print_prune(recipe, evaluate: bool = False) -> None:
         print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
         extras = []
         if gguf_source is not None:
-            extras.append(gguf_export(gguf_source, result.selection.removed))
+            extras.append(gguf_export(gguf_source, result.selection.removed, recipe.selection.slice_config_keys))
         if settings is not None:
             from simdiff.evaluate.cli import pruned_evaluation
 

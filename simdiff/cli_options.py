@@ -114,7 +114,7 @@ def section_from(cls: type, args: argparse.Namespace, base=None):
 
 # -- the groups the subcommands share ------------------------------------------------------------------
 def add_model_options(parser: argparse.ArgumentParser, offload: bool = False, **kwargs) -> None:
-    add_fields(parser, ModelSettings, "model", exclude=() if offload else ("offload",), **kwargs)
+    add_fields(parser, ModelSettings, "model", exclude=() if offload else ("offload", "max_device_memory"), **kwargs)
 
 
 def add_calibration_options(parser: argparse.ArgumentParser, **kwargs) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -107,6 +108,19 @@ def layer_list(text: str) -> list[int]:
     if not layers or not all(part.isdigit() for part in layers):
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,12,13, got {text!r}")
     return [int(part) for part in layers]
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """A size in bytes from ``40GiB``, ``512MiB``, ``8GB`` or a plain byte count (GB = 10^9, GiB = 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if unit not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 40GiB, 512MiB or 8GB, got {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 def comma_list(parse: Callable[[str], Any], what: str) -> Callable[[str], list]:

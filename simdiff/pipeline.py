@@ -29,11 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def gather_evidence(model: nn.Module, batches: Sequence[Batch], needs: set[str], block_sizes: Sequence[int] = (),
-                    removed: Sequence[int] = (), offload_device: str | None = None) -> Evidence:
+                    removed: Sequence[int] = (), offload_device: str | None = None,
+                    max_device_bytes: int | None = None) -> Evidence:
     """Run each needed collector once; layers in ``removed`` are bypassed and get no evidence.
 
     With ``offload_device`` the statistics are collected one decoder layer at a time on that device
-    (:mod:`simdiff.collect.offload`); only the statistic-based criteria support that. In a data-parallel
+    (:mod:`simdiff.collect.offload`), refused before the pass when it needs more than ``max_device_bytes``;
+    only the statistic-based criteria support that. In a data-parallel
     process group (:mod:`simdiff.distributed`) each process takes its share of ``batches``.
     """
     n = len(find_decoder_layers(model))
@@ -51,8 +53,8 @@ def gather_evidence(model: nn.Module, batches: Sequence[Batch], needs: set[str],
     with bypass_layers(model, list(removed)):
         if LAYER_STATS in needs and offload_device is not None:
             evidence.layer_stats, _ = collect_layer_statistics_offloaded(
-                model, batches, block_sizes, active_layers=None if not removed else active, device=offload_device
-            )
+                model, batches, block_sizes, active_layers=None if not removed else active, device=offload_device,
+                max_device_bytes=max_device_bytes)
         elif LAYER_STATS in needs:
             evidence.layer_stats = collect_layer_statistics(
                 model, batches, block_sizes, active_layers=None if not removed else active
@@ -118,11 +120,12 @@ class ScoreResult:
 
 def score_layers(model: nn.Module, batches: Sequence[Batch], criteria: Sequence[str],
                  options: Options | None = None, block_sizes: Sequence[int] = (),
-                 offload_device: str | None = None) -> ScoreResult:
+                 offload_device: str | None = None, max_device_bytes: int | None = None) -> ScoreResult:
     """Score every decoder layer with each criterion, collecting each kind of evidence once."""
     options = options or Options()
     sizes = sorted(set(block_sizes) | set(block_sizes_for(criteria, [])))
-    evidence = gather_evidence(model, batches, needs_of(criteria), sizes, offload_device=offload_device)
+    evidence = gather_evidence(model, batches, needs_of(criteria), sizes, offload_device=offload_device,
+                               max_device_bytes=max_device_bytes)
     result = ScoreResult(evidence, options)
     for name in criteria:
         result.scores[name] = importance(name, evidence, options)

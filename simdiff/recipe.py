@@ -27,6 +27,7 @@ from simdiff.flags import (
     comma_list,
     field_flags,
     layer_list,
+    memory_size,
     names,
     option,
 )
@@ -49,18 +50,36 @@ class ModelSettings:
     offload: str | None = option(None, "layerwise: keep the model in CPU memory and score it one decoder layer at "
                                        "a time on --device (for models bigger than device memory)",
                                  choices=("layerwise",))
+    max_device_memory: int | None = option(None, "with --offload layerwise: device-memory budget, e.g. 40GiB or "
+                                                 "512MiB; refused before the calibration pass if one layer plus the "
+                                                 "activations would not fit", parse=memory_size, shown="no limit")
     revision: str | None = option(None, "hub model: branch, tag or commit (a token comes from $HF_TOKEN)",
                                   shown="the default branch")
     trust_remote_code: bool = option(False, "run the model's own Python code (auto_map); only for sources you trust")
 
-    def load(self, name: str | None = None, offloaded: bool = False):
+    def __post_init__(self) -> None:
+        """Refuse impossible settings when made, before the model is loaded."""
+        if self.max_device_memory is None:
+            return
+        if self.max_device_memory <= 0:
+            raise SimdiffError(f"--max-device-memory must be a positive size such as 40GiB, got {self.max_device_memory}")
+        if self.offload != "layerwise":
+            raise SimdiffError("--max-device-memory is the device budget of --offload layerwise; add --offload "
+                               "layerwise or drop --max-device-memory")
+
+    def offload_device(self) -> str | None:
+        """The device layer-wise offload scores on (None without ``--offload layerwise``)."""
+        return (self.device or "cpu") if self.offload == "layerwise" else None
+
+    def load(self, name: str | None = None, offloaded: bool = False, check_config=None):
         """``(model, tokenizer)`` of this model (or of ``name``, e.g. its pruned copy) with these settings;
-        ``offloaded``: left in CPU memory for layer-wise scoring."""
+        ``offloaded``: left in CPU memory for layer-wise scoring; ``check_config(config)`` runs before the weights
+        are loaded."""
         from simdiff.model import load_model
 
         source = {"revision": self.revision} if name is None else {}
         return load_model(name or self.name, self.dtype, None if offloaded else self.device, self.device_map,
-                          trust_remote_code=self.trust_remote_code, **source)
+                          trust_remote_code=self.trust_remote_code, check_config=check_config, **source)
 
 
 @dataclass
@@ -108,6 +127,10 @@ class SelectionSettings:
     iterative: bool = option(False, "re-score after each removal (one layer at a time)")
     keep_first: int = option(0, "never remove the first N layers")
     keep_last: int = option(0, "never remove the last N layers")
+    slice_config_keys: list[str] = option(
+        help="config keys (comma list) holding one entry per layer besides those simdiff knows (layer_types, "
+             "mlp_only_layers, ...): sliced with the layers; an unknown list as long as the layer count is refused",
+        flag="--slice-config-key", parse=names, default_factory=list)
 
     def counts_given(self) -> list:
         return (self.num_layers or []) + (self.ratio or [])

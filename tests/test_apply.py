@@ -216,3 +216,30 @@ def test_second_round_keeps_original_numbering_and_replays(bf16_checkpoint, tmp_
     assert tensors_of(tmp_path / "replayed") == tensors_of(tmp_path / "second")
     apply(bf16_checkpoint, tmp_path / "direct", "--layers", "1,3")
     assert tensors_of(tmp_path / "direct") == tensors_of(tmp_path / "second")
+
+
+def test_unknown_layer_count_list_is_refused_before_loading_and_sliced_when_named(tmp_path, capsys,
+                                                                                   monkeypatch) -> None:
+    """prune and apply on a checkpoint whose config holds an unrelated list of 6 entries (6 layers): one line and
+    exit 2 before any weight is loaded or written; --slice-config-key slices it in both, to the same config."""
+    checkpoint = save_checkpoint(tmp_path / "llama", dtype=torch.float32)
+    config = config_of(checkpoint)
+    config["label_weights"] = [1, 2, 3, 4, 5, 6]
+    (checkpoint / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    capsys.readouterr()
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    for command in ("prune", "apply"):
+        assert main(["-q", command, str(checkpoint), "--layers", "1,4", "--out", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and "config key 'label_weights' is a list of 6 entries" in err
+        assert "--slice-config-key label_weights" in err and not (tmp_path / command).exists()
+    assert loads == []  # refused before the weights were loaded
+    for command in ("prune", "apply"):
+        assert main(["-q", command, str(checkpoint), "--layers", "1,4", "--out", str(tmp_path / command),
+                     "--slice-config-key", "label_weights"]) == 0
+        assert config_of(tmp_path / command)["label_weights"] == [1, 3, 4, 6]
+    assert json.loads((tmp_path / "prune" / METADATA_FILE).read_text())["recipe"]["selection"][
+        "slice_config_keys"] == ["label_weights"]

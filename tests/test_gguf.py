@@ -285,3 +285,16 @@ def test_smollm2_prune_export_gguf(tmp_path, capsys) -> None:
     code, _, err = run_cli(capsys, ["apply", str(builtin_gguf()), "--recipe", str(out), "--out", str(tmp_path / "a.gguf")])
     assert code == 0, err
     assert (tmp_path / "a.gguf").read_bytes() == (out / "pruned.gguf").read_bytes()  # the recipe replays it
+
+
+def test_an_unknown_array_of_one_entry_per_block_is_refused_unless_named(tmp_path) -> None:
+    """Arrays are sliced by name (simdiff.surgery.GGUF_KEYS, shared with the safetensors path), not by length: an
+    unknown array of block_count entries is refused before anything is written, and sliced once named."""
+    src = write_tiny_gguf(tmp_path / "tiny.gguf", extra={"llama.label_weights": ([1.0, 2, 3, 4, 5, 6], V.ARRAY,
+                                                                                 V.FLOAT32)})
+    with pytest.raises(SimdiffError, match=r"GGUF metadata 'llama.label_weights' is a list of 6 entries, .* pass "
+                                           r"--slice-config-key llama.label_weights"):
+        prune_gguf(src, [1, 4], tmp_path / "out.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+    prune_gguf(src, [1, 4], tmp_path / "out.gguf", sliced=["label_weights"])  # named without its arch prefix
+    assert gguf.GGUFReader(tmp_path / "out.gguf").get_field("llama.label_weights").contents() == [1, 3, 4, 6]

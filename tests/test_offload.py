@@ -191,3 +191,35 @@ def test_each_layer_gets_its_own_batchs_mask_and_rotary_tables_when_ids_are_reus
             assert a.shape == b.shape and torch.equal(a, b), f"layer {i} got another batch's tensors"
     monkeypatch.undo()
     assert_same_statistics(collect_layer_statistics(model, data).to_dict(), stats.to_dict())
+
+
+def test_cli_max_device_memory_reaches_the_layerwise_budget(checkpoint, capsys, monkeypatch):
+    """--max-device-memory (a size like 40GiB) is the budget collect_layer_statistics_offloaded refuses beyond:
+    1KiB is refused before the calibration pass in score and prune (one line, exit 2, nothing written),
+    1GiB passes; without --offload layerwise, or not a size, it is refused before the model loads."""
+    import simdiff.collect.offload as offload
+
+    budgets = []
+    real = offload.collect_layer_statistics_offloaded
+    monkeypatch.setattr("simdiff.pipeline.collect_layer_statistics_offloaded",
+                        lambda *a, **k: budgets.append(k.get("max_device_bytes")) or real(*a, **k))
+    common = [str(checkpoint["model"]), "--calib", str(checkpoint["calib"]), *CALIB, "--offload", "layerwise"]
+    out = checkpoint["root"] / "budget"
+    capsys.readouterr()
+    for argv in (["score", *common, "--criterion", "simdiff"], ["prune", *common, "--num-layers", "2", "--out", str(out)]):
+        assert main(["-q", *argv, "--max-device-memory", "1KiB"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and "more than the budget of 1.0 KiB (--max-device-memory)" in err, err
+    assert budgets == [1024, 1024] and not out.exists()
+    assert main(["-q", "score", *common, "--criterion", "simdiff", "--max-device-memory", "1GiB"]) == 0
+    assert budgets[-1] == 2**30
+    with pytest.raises(SystemExit) as parse_error:  # argparse: usage and the error line, exit 2
+        main(["-q", "score", *common, "--max-device-memory", "40 parsecs"])
+    assert parse_error.value.code == 2
+    assert "expected a size like 40GiB, 512MiB or 8GB, got '40 parsecs'" in capsys.readouterr().err
+    plain = [str(checkpoint["model"]), "--calib", str(checkpoint["calib"]), *CALIB]
+    for argv, message in (([*plain, "--max-device-memory", "1GiB"], "is the device budget of --offload layerwise"),
+                          ([*common, "--max-device-memory", "0"], "must be a positive size such as 40GiB, got 0")):
+        assert main(["-q", "score", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert len(budgets) == 3  # none of the refusals got as far as the calibration pass

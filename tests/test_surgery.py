@@ -75,13 +75,13 @@ def test_config_update_rules() -> None:
     config = SimpleNamespace(
         num_hidden_layers=6,
         layer_types=["s", "f", "s", "f", "s", "f"],
-        rope_per_layer=(10, 11, 12, 13, 14, 15),  # any list as long as the layer count is per-layer
+        rope_per_layer=(10, 11, 12, 13, 14, 15),  # per-layer because the user names it (--slice-config-key)
         eos_token_id=[7, 8, 9, 10, 11, 12],  # never per-layer
         mlp_only_layers=[0, 3, 5],
         first_k_dense_replace=3,
         hidden_size=32,
     )
-    changed = update_config_for_kept_layers(config, [1, 2, 4, 5])
+    changed = update_config_for_kept_layers(config, [1, 2, 4, 5], sliced=["rope_per_layer"])
     assert config.num_hidden_layers == 4
     assert config.layer_types == ["f", "s", "s", "f"]
     assert config.rope_per_layer == (11, 12, 14, 15)
@@ -140,3 +140,41 @@ def test_save_refuses_existing_output_and_overwrites_on_request(tmp_path) -> Non
     save_model(model, tiny_tokenizer(), out, {"removed_layers": [2]}, overwrite=True)  # and an earlier output
     assert json.loads((out / "simdiff.json").read_text())["removed_layers"] == [2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_unrelated_list_as_long_as_the_layer_count_is_refused_unless_named() -> None:
+    """A config list that merely has as many entries as there are layers (here six label weights of a 6-layer
+    model) used to be sliced silently; now removal refuses it, untouched, until --slice-config-key names it."""
+    model = tiny_model("llama", 6)
+    model.config.label_weights = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    with pytest.raises(SimdiffError, match=r"^config key 'label_weights' is a list of 6 entries, one per layer or "
+                                           r"not: .* pass --slice-config-key label_weights$"):
+        remove_layers(model, [1])
+    assert len(find_decoder_layers(model)) == 6 and model.config.label_weights == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    with pytest.raises(SimdiffError, match=r"--slice-config-key label_weight: the model's config has no such list"):
+        remove_layers(model, [1], sliced=["label_weight"])
+    remove_layers(model, [1], sliced=["label_weights"])
+    assert model.config.label_weights == [0.1, 0.3, 0.4, 0.5, 0.6]
+
+
+def test_documented_per_layer_keys_are_handled_by_name() -> None:
+    config = SimpleNamespace(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], moe_layers=[1, 3],
+                             mlp_layer_types=["dense", "sparse", "sparse", "sparse"], moe_intermediate_size=[8, 4],
+                             architectures=["A", "B", "C", "D"])
+    update_config_for_kept_layers(config, [0, 1, 3])
+    assert config.no_rope_layers == [1, 1, 0] and config.moe_layers == [1, 2]
+    assert config.mlp_layer_types == ["dense", "sparse", "sparse"]
+    assert config.moe_intermediate_size == [8, 4] and config.architectures == ["A", "B", "C", "D"]
+
+
+def test_consistency_check_compares_each_layers_settings_not_only_shapes() -> None:
+    """Sliding and full attention layers have the same parameters: a wrongly sliced layer_types passed a check of
+    parameter shapes. The check now compares each rebuilt layer's settings (sliding window, ...) too."""
+    model = tiny_model("gemma3_text", 6)
+    remove_layers(model, [2])
+    check_config_consistent(model)
+    model.config.layer_types = list(reversed(model.config.layer_types))  # right length, wrong layers
+    assert model.config.layer_types != list(reversed(model.config.layer_types))
+    with pytest.raises(SimdiffError, match=r"builds decoder layer \d with .*sliding.* a per-layer config entry was "
+                                           r"not sliced right"):
+        check_config_consistent(model)

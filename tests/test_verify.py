@@ -149,10 +149,44 @@ class CachedPathPrefersToken6(torch.nn.Module):
 
 
 def test_kv_cache_check_tolerates_rounding_ties_only():
-    """At logits of 100 the float32 tolerance is 1e-4 x 100 = 0.01: a 1e-6 gap between the uncached logits of
-    the two choices is a rounding tie, a gap of 1 is a different choice."""
+    """At logits of 100 the float32 tolerance is 1e-4 x 100 = 0.01: a 1e-3 gap between the logits of the two
+    choices is a rounding tie, a gap of 1 is a different choice."""
     model = pruned()
     ids = prompt_ids(model)
-    check_cached_generation(CachedPathPrefersToken6(model, gap=1e-6), ids)
-    with pytest.raises(SimdiffError, match=r"picks token 6 at step 1, without it 5 \(logit gap 1\)"):
+    check_cached_generation(CachedPathPrefersToken6(model, gap=1e-3), ids)
+    with pytest.raises(SimdiffError, match=r"picks token 6 at step 1, without it 5 \(logit gap 1, a rounding tie is "
+                                           r"within 0\.01\)"):
         check_cached_generation(CachedPathPrefersToken6(model, gap=1.0), ids)
+
+
+class Bf16CachedPathPicks6(torch.nn.Module):
+    """A bfloat16 tiny model whose tokens 5 and 6 lead all others at about logit 20 (bf16 spacing 0.125 there):
+    without a cache 5 leads 6 by ``uncached_gap``, on cached decode steps 6 leads 5 by ``cached_gap``."""
+
+    def __init__(self, inner, uncached_gap: float, cached_gap: float) -> None:
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+        self.uncached_gap, self.cached_gap = uncached_gap, cached_gap
+
+    def forward(self, input_ids, cache=None, use_cache=False):
+        out = self.inner(input_ids=input_ids, cache=cache, use_cache=use_cache)
+        assert out.logits.dtype == torch.bfloat16
+        leader, other = (6, 5) if cache is not None else (5, 6)
+        out.logits[..., leader] = 20.0
+        out.logits[..., other] = 20.0 - (self.cached_gap if cache is not None else self.uncached_gap)
+        return out
+
+
+def test_kv_cache_check_in_bfloat16_accepts_a_one_ulp_tie_and_refuses_a_two_nat_error():
+    """bf16 at logit 20: 16 eps x 20 = 2.5 nats was accepted as a tie; now 10 ulps = 1.25 nats. A swap of the two
+    best tokens one bf16 step (0.125) apart on both paths is a tie; a cached token 2 nats below the best is a real
+    error, even though the two paths rank the same two tokens first; and a cached path that is sure of itself (its
+    own margin 2 nats) is an error even where the uncached margin is one step."""
+    model = pruned(dtype=torch.bfloat16)
+    ids = prompt_ids(model)
+    check_cached_generation(Bf16CachedPathPicks6(model, uncached_gap=0.125, cached_gap=0.125), ids)
+    with pytest.raises(SimdiffError, match=r"picks token 6 at step 1, without it 5 \(logit gap 2, a rounding tie "
+                                           r"is within 1\.25\)"):
+        check_cached_generation(Bf16CachedPathPicks6(model, uncached_gap=2.0, cached_gap=0.125), ids)
+    with pytest.raises(SimdiffError, match=r"picks token 6 at step 1, without it 5 \(logit gap 0\.125"):
+        check_cached_generation(Bf16CachedPathPicks6(model, uncached_gap=0.125, cached_gap=2.0), ids)

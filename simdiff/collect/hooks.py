@@ -50,8 +50,11 @@ class StatisticsRecorder:
         self._inputs.clear()
 
     def record(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
-        x = token_vectors(hidden_in, self.mask)
+        """Add one layer call. Input and output are brought to the output's device, as float32, before any
+        arithmetic: under ``--device-map`` a forward hook sees the input before accelerate moves it onto the
+        layer's device, so at a device boundary it is still on the previous layer's."""
         y = token_vectors(hidden_out, self.mask)
+        x = token_vectors(hidden_in.to(y.device), self.mask)
         self.stats.add_layer(layer, x, y)
         if not self.block_sizes:
             return
@@ -59,7 +62,7 @@ class StatisticsRecorder:
         for n in self.block_sizes:
             start = layer - n + 1
             if start in self._inputs:
-                self.stats.add_block(n, start, self._inputs[start], y.to(self._inputs[start].device))
+                self.stats.add_block(n, start, self._inputs[start].to(y.device), y)
         self._inputs.pop(layer - max(self.block_sizes) + 1, None)
 
     def hook_for(self, layer: int) -> Callable:

@@ -212,6 +212,11 @@ class OffloadReport:
                 f"{self.working_bytes / 2**20:.1f} MiB (whole model {self.model_bytes / 2**20:.1f} MiB)")
 
 
+def size_text(size: int) -> str:
+    """``size`` bytes in MiB, or in KiB below one MiB."""
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
 def collect_layer_statistics_offloaded(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -249,8 +254,9 @@ def collect_layer_statistics_offloaded(
                                + report.working_bytes)
     need = report.largest_layer_bytes + report.activation_bytes
     if max_device_bytes is not None and need > max_device_bytes:
-        raise SimdiffError(f"one layer plus activations need {need / 2**20:.1f} MiB of device memory, more than the "
-                           f"budget of {max_device_bytes / 2**20:.1f} MiB; use fewer --samples or a shorter --calib-seq-len")
+        raise SimdiffError(f"one layer plus activations need {size_text(need)} of device memory, more than the "
+                           f"budget of {size_text(max_device_bytes)} (--max-device-memory); use fewer --samples or a "
+                           "shorter --calib-seq-len")
 
     recorders = [StatisticsRecorder(n, block_sizes) for _ in batches]
     for recorder, mask in zip(recorders, masks):

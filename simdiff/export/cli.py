@@ -22,7 +22,8 @@ def run_apply_gguf(args: argparse.Namespace) -> None:
 
     check_gguf_output(args.out, args.overwrite, args.model)
     recipe = load_removal_record(args.recipe) if args.recipe else None
-    result = prune_gguf(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
+    result = prune_gguf(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe,
+                        sliced=args.slice_config_key)
     print(f"removed blocks {result.removed} ({result.block_count_before} -> {len(result.kept)} blocks) "
           "from the GGUF file")
     print(f"saved to {result.out}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
@@ -34,7 +35,7 @@ def megabytes(size: int) -> str:
 
 
 # -- simdiff prune ... --export gguf ------------------------------------------------------------------
-def check_export(model: str, export: str | None) -> Path | None:
+def check_export(model: str, export: str | None, sliced: list[str] | None = None) -> Path | None:
     """Before any work: the GGUF file that ``--export gguf`` prunes (None without ``--export``; the flag is
     the recipe field ``export``, :class:`simdiff.recipe.Recipe`)."""
     from simdiff.export.gguf import check_prunable, open_gguf
@@ -47,17 +48,17 @@ def check_export(model: str, export: str | None) -> Path | None:
         raise SimdiffError(f"--export gguf needs a model that comes as a GGUF file (built-in: "
                            f"{', '.join(BUILTIN_MODELS)}); {model!r} is not one. For a safetensors "
                            "checkpoint, convert the pruned output with llama.cpp's convert_hf_to_gguf.py")
-    check_prunable(open_gguf(source))
+    check_prunable(open_gguf(source), sliced or ())
     return source
 
 
-def gguf_export(source: Path, removed: list[int]) -> tuple[str, Callable[[Path], None]]:
+def gguf_export(source: Path, removed: list[int], sliced: list[str] | None = None) -> tuple[str, Callable[[Path], None]]:
     """The extra file ``pruned.gguf`` of ``prune --export gguf``: ``source`` without the ``removed`` blocks
     (:func:`simdiff.outputs.add_extras` puts it into the saved folder)."""
     from simdiff.export.gguf import write_pruned_gguf
 
     def write(path: Path) -> None:
-        result = write_pruned_gguf(source, removed, path)
+        result = write_pruned_gguf(source, removed, path, sliced=sliced or ())
         print(f"wrote {GGUF_EXPORT_NAME}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
               f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical)")
 

@@ -4,8 +4,10 @@ The file is read with ``gguf.GGUFReader`` and written with ``gguf.GGUFWriter`` (
 
 - the removed blocks' tensors (``blk.N.*``) are dropped and the kept blocks renumbered 0..n-1;
 - every kept tensor is copied byte for byte (same quantization type, same raw data, same shape);
-- ``<arch>.block_count`` is set, every per-layer metadata array (length = block count) is sliced, and
-  ``<arch>.leading_dense_block_count`` is recounted over the kept blocks;
+- ``<arch>.block_count`` is set, the per-layer metadata arrays (by name: :data:`simdiff.surgery.GGUF_KEYS`, the
+  one definition shared with the safetensors path, plus keys named by ``--slice-config-key``) are sliced, and
+  ``<arch>.leading_dense_block_count`` is recounted over the kept blocks; any other array with one entry per
+  block is refused (it may be per-layer);
 - all other metadata (tokenizer, chat template, licence, ...) is copied unchanged.
 
 Architectures whose metadata places layers by position (a period, "the last N layers", ...) cannot be
@@ -17,14 +19,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from simdiff.errors import SimdiffError
 from simdiff.outputs import atomic_file, check_output_file
-from simdiff.surgery import validate_layer_indices
+from simdiff.surgery import GGUF_KEYS, per_layer_action, validate_layer_indices
 
 if TYPE_CHECKING:
     from simdiff.apply import RemovalRecord
@@ -50,9 +52,6 @@ POSITIONAL_KEYS: dict[str, tuple[int, str]] = {
 }
 # Integers counting the first k blocks of a kind: recounted over the kept blocks (as in simdiff.surgery).
 LEADING_BLOCK_COUNTS = ("{arch}.leading_dense_block_count",)
-# Arrays that are never per-layer, even when their length happens to equal the block count.
-NOT_PER_LAYER_PREFIXES = ("general.", "tokenizer.", "split.", "clip.", "GGUF.")
-NOT_PER_LAYER = ("{arch}.rope.dimension_sections", "{arch}.classifier.output_labels")
 
 
 @dataclass(frozen=True)
@@ -97,8 +96,9 @@ def block_count(reader) -> int:
     return int(field.contents())
 
 
-def check_prunable(reader) -> int:
-    """Refuse files whose layers cannot be removed by dropping ``blk.N`` tensors; return the block count."""
+def check_prunable(reader, sliced: Collection[str] = ()) -> int:
+    """Refuse files whose layers cannot be removed by dropping ``blk.N`` tensors, or that hold an array of one
+    entry per block that is not known as per-layer nor named in ``sliced``; return the block count."""
     arch = architecture(reader)
     count = block_count(reader)
     split = reader.get_field("split.count")
@@ -119,6 +119,8 @@ def check_prunable(reader) -> int:
         missing = sorted(set(range(count)) - blocks)[:5]
         raise SimdiffError(f"the GGUF file's blk.N tensors do not match {arch}.block_count = {count} "
                            f"(extra blocks {extra}, missing blocks {missing})")
+    for key, field in reader.fields.items():
+        is_per_layer(key, field, arch, count, sliced)  # refuses an unknown array of one entry per block
     return count
 
 
@@ -138,14 +140,16 @@ def _field_value(field):
     return field.contents()
 
 
-def is_per_layer(key: str, field, arch: str, count: int) -> bool:
-    """An array with one entry per block (head counts, feed-forward sizes, SWA flags of each layer, ...)."""
-    if key.startswith(NOT_PER_LAYER_PREFIXES) or key in {k.format(arch=arch) for k in NOT_PER_LAYER}:
+def is_per_layer(key: str, field, arch: str, count: int, sliced: Collection[str] = ()) -> bool:
+    """An array with one entry per block, by name (head counts, feed-forward sizes, SWA flags of each layer, ...;
+    :data:`simdiff.surgery.GGUF_KEYS`) or named in ``sliced`` (the full key, or without its ``<arch>.``)."""
+    if not _is_array(field):
         return False
-    return _is_array(field) and len(field.data) == count
+    named = {*sliced, *(f"{arch}.{k}" for k in sliced)}
+    return per_layer_action(key, len(field.data), count, GGUF_KEYS, named, arch, "GGUF metadata") == "slice"
 
 
-def pruned_metadata(reader, kept: list[int]) -> list[tuple[str, object, object, object]]:
+def pruned_metadata(reader, kept: list[int], sliced: Collection[str] = ()) -> list[tuple[str, object, object, object]]:
     """``(key, value, type, sub_type)`` of every field for the pruned file, in the original order."""
     arch = architecture(reader)
     count = block_count(reader)
@@ -159,7 +163,7 @@ def pruned_metadata(reader, kept: list[int]) -> list[tuple[str, object, object, 
             value = len(kept)
         elif key in leading:
             value = sum(1 for i in kept if i < value)
-        elif is_per_layer(key, field, arch, count):
+        elif is_per_layer(key, field, arch, count, sliced):
             value = [value[i] for i in kept]
             log.debug("sliced per-layer metadata %s", key)
         sub_type = field.types[-1] if _is_array(field) else None
@@ -206,27 +210,29 @@ def check_gguf_output(out: str | os.PathLike, overwrite: bool, src: str | os.Pat
 
 
 def prune_gguf(src: str | os.PathLike, removed: Sequence[int] | None, out: str | os.PathLike,
-               overwrite: bool = False, recipe: RemovalRecord | None = None) -> GGUFPruneResult:
+               overwrite: bool = False, recipe: RemovalRecord | None = None,
+               sliced: Collection[str] = ()) -> GGUFPruneResult:
     """Write a copy of the GGUF file ``src`` without the decoder blocks ``removed`` (original numbering) to ``out``.
 
     ``recipe`` (a prune's ``simdiff.json``, :func:`simdiff.apply.load_removal_record`) supplies ``removed`` when it is
     None, and is refused when it was made on a model of another depth. Kept tensors are byte-identical to the
-    input's; ``out`` appears by one rename when complete (simdiff.outputs); ``src`` is only read.
+    input's; ``out`` appears by one rename when complete (simdiff.outputs); ``src`` is only read. ``sliced``:
+    metadata arrays beyond :data:`simdiff.surgery.GGUF_KEYS` holding one entry per block (``--slice-config-key``).
     """
     src = Path(src).expanduser()
     check_gguf_output(out, overwrite, src)
     with atomic_file(out, overwrite, inputs=(src,), suffixes=GGUF_SUFFIXES, flag="--out") as tmp:
-        result = write_pruned_gguf(src, removed, tmp, recipe)
+        result = write_pruned_gguf(src, removed, tmp, recipe, sliced)
     out = Path(out).expanduser()
     return replace(result, out=out)
 
 
 def write_pruned_gguf(src: str | os.PathLike, removed: Sequence[int] | None, path: Path,
-                      recipe: RemovalRecord | None = None) -> GGUFPruneResult:
+                      recipe: RemovalRecord | None = None, sliced: Collection[str] = ()) -> GGUFPruneResult:
     """:func:`prune_gguf` into ``path`` itself: the caller stages it (:mod:`simdiff.outputs`)."""
     src = Path(src).expanduser()
     reader = open_gguf(src)
-    count = check_prunable(reader)
+    count = check_prunable(reader, sliced)
     if recipe is not None:
         if recipe.num_layers_before != count:
             made_on = f" ({recipe.base_model})" if recipe.base_model else ""
@@ -237,7 +243,7 @@ def write_pruned_gguf(src: str | os.PathLike, removed: Sequence[int] | None, pat
         raise SimdiffError("give the layers to remove: --layers 3,12,13 or --recipe simdiff.json")
     removed = validate_layer_indices(removed, count)
     kept = [i for i in range(count) if i not in removed]
-    metadata = pruned_metadata(reader, kept)
+    metadata = pruned_metadata(reader, kept, sliced)
     tensors = renamed_tensors(reader, kept)
     removed_bytes = sum(t.n_bytes for t in reader.tensors
                         if (m := BLOCK_TENSOR.match(t.name)) and int(m.group(1)) not in kept)

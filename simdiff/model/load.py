@@ -130,8 +130,11 @@ def load_model(
     device_map: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    check_config=None,
 ):
     """Load ``(model, tokenizer)`` in eval mode. ``device_map='auto'`` spreads it with accelerate.
+
+    ``check_config(config)``: the caller's own check of the config, run before any weight is loaded.
 
     A local checkpoint is checked from its headers first (:mod:`simdiff.model.checks`); ``revision`` and
     ``trust_remote_code`` are passed to transformers (a hub token comes from ``HF_TOKEN``).
@@ -142,6 +145,8 @@ def load_model(
     path = resolve_model_path(name_or_path)
     source = _source_kwargs(path, revision, trust_remote_code)
     config = _load_config(name_or_path, path, source)
+    if check_config is not None:
+        check_config(config)
     expected = meta_model(config, trust_remote_code)
     find_decoder_layers(expected)  # refuses encoder-only and other non-decoder models before loading
     if Path(path).is_dir():
@@ -207,5 +212,11 @@ def _load_tokenizer(name: str, path: str, source: dict):
 
 
 def model_device(model) -> torch.device:
-    """The device of the model's input embeddings (where input ids must go)."""
-    return model.get_input_embeddings().weight.device
+    """The device of the model's input embeddings (where input ids must go): for embeddings that accelerate
+    offloaded (meta weights, loaded on each call), the device its hook runs them on."""
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    hook_device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    if device.type == "meta" and hook_device is not None:
+        return torch.device(hook_device)
+    return device
