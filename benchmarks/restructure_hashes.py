@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 ROOT = Path("/tmp/simdiff-restructure-hashes")  # fixed: the command lines (recorded in outputs) must match
 CALIB = ["--samples", "4", "--calib-seq-len", "32", "--calib-batch-size", "2", "--seed", "3"]
 EVAL = ["--eval-seq-len", "32", "--max-tokens", "320", "--eval-batch-size", "4"]
-VOLATILE = {"created", "seconds", "versions", "seconds_total", "elapsed", "date"}
+VOLATILE = {"created", "versions", "date"}  # and every key ending in "seconds"
 
 
 def scrub(value):
     """``value`` without the volatile keys (recursively)."""
     if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE}
+        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE and not k.endswith("seconds")}
     if isinstance(value, list):
         return [scrub(v) for v in value]
     return value
@@ -62,6 +62,12 @@ def simdiff(name: str, *args: str) -> str:
     return done.stdout
 
 
+def hashes(root: Path) -> list[str]:
+    """One ``digest  path`` line per output file under ``root``."""
+    return [f"{digest(p)}  {p.relative_to(root)}" for p in sorted(root.rglob("*")) if p.is_file()
+            and p.relative_to(root).parts[0] not in ("llama", "calib.txt", "recipe.yaml")]
+
+
 def main(report: str) -> None:
     from tiny import save_tiny, write_calibration_text
 
@@ -84,8 +90,7 @@ def main(report: str) -> None:
         "evaluation:\n  ppl: [wikitext2]\n  seq_len: 32\n  max_tokens: 320\n  batch_size: 4\n"
         "out: ran\n", encoding="utf-8")
     simdiff("run", "run", "recipe.yaml")
-    lines = [f"{digest(p)}  {p.relative_to(ROOT)}" for p in sorted(ROOT.rglob("*")) if p.is_file()
-             and p.relative_to(ROOT).parts[0] not in ("llama", "calib.txt", "recipe.yaml")]
+    lines = hashes(ROOT)
     Path(report).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
