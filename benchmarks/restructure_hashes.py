@@ -44,7 +44,8 @@ def digest(path: Path) -> str:
             data = json.dumps(scrub(json.loads(data)), sort_keys=True).encode()
     elif path.suffix in (".md", ".txt"):
         text = re.sub(r"\d{4}-\d\d-\d\dT[\d:+.]+", "<time>", data.decode("utf-8", "replace"))
-        text = re.sub(r"\b\d+\.\d+ ?s\b", "<secs>", text)
+        text = re.sub(r"\b\d+\.\d+ ?s\b|\(\d+ s\)", "<secs>", text)
+        text = re.sub(r"(?m)\| \d+ \|$", "| <secs> |", text)  # results.md: the seconds column
         data = re.sub(r"(?m)^.*(transformers|torch|simdiff) \d+\.\d+.*$", "<versions>", text).encode()
     elif path.suffix in (".png", ".svg", ".pdf"):
         return "(plot, not hashed)"
