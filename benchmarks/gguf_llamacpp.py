@@ -6,7 +6,7 @@
 Needs llama-cpp-python, which is not a simdiff dependency (it builds from source in about 8 minutes):
 ``CMAKE_ARGS="-DGGML_CUDA=OFF" pip install llama-cpp-python``.
 
-The GGUF file is pruned with ``simdiff.export.gguf.prune_gguf`` (kept tensors byte-identical). Then, for the
+The GGUF file is pruned with ``simdiff.surgery.gguf.prune_gguf`` (kept tensors byte-identical). Then, for the
 dense and the pruned file: llama.cpp's perplexity over the first ``--tokens`` tokens of the WikiText-2 test
 split (one window, llama.cpp's own tokenization), transformers' perplexity of the dequantized GGUF on the
 same token ids, the fraction of positions where both predict the same next token, and llama.cpp's greedy
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simdiff.cli_options import add_data_dir_option, layer_list
+from simdiff.cli.options import add_data_dir_option, layer_list
 from simdiff.data import load_text
-from simdiff.export.gguf import prune_gguf
 from simdiff.model.load import builtin_gguf_file
-from simdiff.save import provenance
+from simdiff.store.save import provenance
+from simdiff.surgery.gguf import prune_gguf
 
 SIMDIFF_8_OF_30 = "3,12,13,14,16,17,25,26"  # SimDiff's 8-layer selection on smollm2-135m (docs/results.md)
 

@@ -34,20 +34,20 @@ from pathlib import Path
 
 import torch
 
-from simdiff.api import FREE_CRITERIA
 from simdiff.bench.measure import timed
 from simdiff.bench.memory import track_peak
 from simdiff.bench.models import random_model
 from simdiff.bench.run import BenchSettings, compare, decode_figures, describe_models, prefill_figures
 from simdiff.collect.hooks import run_decoder
+from simdiff.core.progress import set_progress
 from simdiff.criteria import LAYER_STATS, Options
 from simdiff.data import batches as make_batches
 from simdiff.model.layers import find_decoder_layers
-from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence
-from simdiff.progress import set_progress
-from simdiff.save import save_model
-from simdiff.surgery import remove_layers
-from simdiff.verify import safetensors_files, same_bytes, written_tensors
+from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence
+from simdiff.store.save import save_model
+from simdiff.store.verify import safetensors_files, same_bytes, written_tensors
+from simdiff.surgery.layers import remove_layers
+from simdiff.workflows.api import FREE_CRITERIA
 
 log = logging.getLogger("gpu_check")
 
@@ -181,9 +181,9 @@ def speed_step(dense, pruned, p: dict) -> dict:
 
 def apply_step(dense, removed: list[int], pruned_dir: Path, workdir: Path) -> dict | str:
     """``simdiff apply`` of the same layers on the dense checkpoint, compared with the in-memory prune's save."""
-    if importlib.util.find_spec("simdiff.apply") is None:
+    if importlib.util.find_spec("simdiff.surgery.apply") is None:
         return "not available"
-    from simdiff.cli import main as simdiff_main
+    from simdiff.cli.main import main as simdiff_main
 
     dense_dir, applied = workdir / "dense", workdir / "applied"
     dense.save_pretrained(dense_dir)

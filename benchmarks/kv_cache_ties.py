@@ -3,7 +3,7 @@
     python benchmarks/kv_cache_ties.py --model smollm2-135m --dtype bfloat16
     python benchmarks/kv_cache_ties.py --model smollm2-135m --dtype float32
 
-The save check (simdiff.verify.check_cached_generation) accepts a different greedy token between the two
+The save check (simdiff.store.verify.check_cached_generation) accepts a different greedy token between the two
 paths only at a rounding tie; this measures the largest logit difference between the paths at the same
 positions, over eps x the largest logit, which sets that tolerance (TIE_EPS_UNITS, TIE_RELATIVE_FLOOR).
 """
@@ -15,9 +15,9 @@ import argparse
 import torch
 
 from simdiff.bench.measure import cache_kwarg
+from simdiff.core.progress import set_progress
 from simdiff.model import load_model
-from simdiff.progress import set_progress
-from simdiff.verify import prompt_ids
+from simdiff.store.verify import prompt_ids
 
 
 @torch.no_grad()

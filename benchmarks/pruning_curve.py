@@ -35,15 +35,15 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from simdiff.api import Calibration
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Options
 from simdiff.data import batches, calibration_windows
 from simdiff.evaluate.suite import EvalSettings, Evaluator
 from simdiff.model import load_model
-from simdiff.pipeline import block_sizes_for, choose_iterative, choose_one_shot, gather_evidence
-from simdiff.save import provenance
-from simdiff.surgery import bypass_layers
-from simdiff.tune import BEST_OF, Searcher, SearchSettings
+from simdiff.selection.evidence import block_sizes_for, choose_iterative, choose_one_shot, gather_evidence
+from simdiff.selection.search import BEST_OF, Searcher, SearchSettings
+from simdiff.store.save import provenance
+from simdiff.surgery.layers import bypass_layers
+from simdiff.workflows.api import Calibration
 
 ONE_SHOT = ("simdiff", "block_influence", "angular_block", "taylor", "ppl_skip")
 log = logging.getLogger("pruning_curve")

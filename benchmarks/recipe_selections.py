@@ -13,10 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from simdiff.compare import CandidateSpec
+from simdiff.config.recipe import load_recipe
 from simdiff.model import load_model
-from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, needs_of
-from simdiff.recipe import load_recipe
+from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence, needs_of
+from simdiff.workflows.compare import CandidateSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = ["simdiff", "block_influence", "angular_block", "ppl_skip", "taylor", "reverse", "random"]

@@ -1,13 +1,13 @@
 """simdiff: depth pruning of causal language models with the SimDiff criterion and its baselines."""
 
-from simdiff.api import Calibration, PruneResult, prune, score
+from simdiff.config.recipe import Recipe, load_recipe
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria import CRITERIA, Options, get_criterion
-from simdiff.errors import SimdiffError
 from simdiff.model import find_decoder_layers, load_model
-from simdiff.recipe import Recipe, load_recipe
-from simdiff.save import save_model
-from simdiff.select import select_block, select_layers
-from simdiff.surgery import bypass_layers, remove_layers
+from simdiff.selection.rank import select_block, select_layers
+from simdiff.store.save import save_model
+from simdiff.surgery.layers import bypass_layers, remove_layers
+from simdiff.workflows.api import Calibration, PruneResult, prune, score
 
 __version__ = "0.1.0"
 

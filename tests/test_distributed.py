@@ -13,8 +13,8 @@ import pytest
 from tiny import tiny_workspace
 
 import simdiff
-from simdiff.cli import main
-from simdiff.save import METADATA_FILE
+from simdiff.cli.main import main
+from simdiff.store.save import METADATA_FILE
 
 CALIB = ["--samples", "8", "--calib-seq-len", "24", "--calib-batch-size", "2", "--seed", "3"]  # 4 batches
 SCORE = ["--criterion", "simdiff,block_influence,angular_block,mssd,masd,ppl_skip", "--block-size", "2"]
@@ -23,7 +23,7 @@ PRUNE = ["--num-layers", "2", "--criterion", "ppl_skip", "--iterative"]  # SLEB:
 LAUNCHED = """
 import os, sys
 import simdiff.collect.hooks as hooks
-from simdiff.cli import main
+from simdiff.cli.main import main
 
 calls = []
 run_decoder = hooks.run_decoder

@@ -10,8 +10,8 @@ from tiny import FAMILIES, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from simdiff.model.layers import find_decoder_layers, num_layers_in_config
-from simdiff.save import METADATA_FILE, save_model
-from simdiff.surgery import bypass_layers, remove_layers
+from simdiff.store.save import METADATA_FILE, save_model
+from simdiff.surgery.layers import bypass_layers, remove_layers
 
 NUM_LAYERS = 6
 # Removing layer 0 moves every later layer down, so index remapping (mlp_only_layers [1] -> [0]) and

@@ -12,10 +12,10 @@ import torch
 from gguf.quants import quantize
 from transformers import AutoModelForCausalLM
 
-from simdiff.cli import main
-from simdiff.errors import SimdiffError
-from simdiff.export.gguf import BLOCK_TENSOR, prune_gguf
-from simdiff.surgery import remove_layers
+from simdiff.cli.main import main
+from simdiff.core.errors import SimdiffError
+from simdiff.surgery.gguf import BLOCK_TENSOR, prune_gguf
+from simdiff.surgery.layers import remove_layers
 
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType

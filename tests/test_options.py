@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from simdiff.cli import build_parser, configure_logging, main
-from simdiff.cli_options import recipe_from_args
+from simdiff.cli.main import build_parser, configure_logging, main
+from simdiff.cli.options import recipe_from_args
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

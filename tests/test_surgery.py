@@ -11,10 +11,10 @@ from tiny import tiny_config, tiny_model, tiny_tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
-from simdiff.save import save_model
-from simdiff.surgery import (
+from simdiff.store.save import save_model
+from simdiff.surgery.layers import (
     bypass_layers,
     check_config_consistent,
     remove_layers,

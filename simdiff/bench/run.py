@@ -12,8 +12,8 @@ from torch import nn
 from simdiff.bench.measure import Decoder, median, prefill, random_tokens, synchronize, timed
 from simdiff.bench.memory import track_peak
 from simdiff.bench.weights import WeightCounts, ceiling, weight_bytes, weight_counts
-from simdiff.errors import SimdiffError
-from simdiff.flags import field_flags, option
+from simdiff.config.flags import field_flags, option
+from simdiff.core.errors import SimdiffError
 from simdiff.model.load import model_device
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from simdiff.cli_options import add_output_options, add_selection_options
-from simdiff.errors import SimdiffError
+from simdiff.cli.options import add_output_options, add_selection_options
+from simdiff.core.errors import SimdiffError
 
 
 def add_apply_command(subparsers) -> None:
@@ -21,8 +21,8 @@ def add_apply_command(subparsers) -> None:
 
 
 def run_apply(args: argparse.Namespace) -> None:
-    from simdiff.apply import apply_to_path, load_removal_record
-    from simdiff.export.cli import is_gguf, run_apply_gguf
+    from simdiff.cli.export import is_gguf, run_apply_gguf
+    from simdiff.surgery.apply import apply_to_path, load_removal_record
 
     if (args.layers is None) == (args.recipe is None):
         raise SimdiffError("give exactly one of --layers 3,12,13 or --recipe simdiff.json: the layers to remove")

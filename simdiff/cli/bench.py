@@ -7,14 +7,14 @@ import json
 import logging
 
 from simdiff.bench.run import BenchSettings
-from simdiff.cli_options import (
+from simdiff.cli.options import (
     add_command_flags,
     add_fields,
     add_model_options,
     add_output_options,
     section_from,
 )
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 log = logging.getLogger("simdiff")
 
@@ -107,8 +107,8 @@ def run_bench(args: argparse.Namespace) -> None:
     import torch
 
     from simdiff.bench.run import bench_models
-    from simdiff.outputs import check_output_file, write_text_file
-    from simdiff.save import provenance
+    from simdiff.core.outputs import check_output_file, write_text_file
+    from simdiff.store.save import provenance
 
     settings = section_from(BenchSettings, args)
     settings.check()

@@ -8,7 +8,7 @@ import logging
 import math
 from pathlib import Path
 
-from simdiff.cli_options import (
+from simdiff.cli.options import (
     add_calibration_options,
     add_command_flags,
     add_criterion_options,
@@ -19,8 +19,8 @@ from simdiff.cli_options import (
     add_selection_options,
     recipe_from_args,
 )
-from simdiff.errors import SimdiffError
-from simdiff.flags import names
+from simdiff.config.flags import names
+from simdiff.core.errors import SimdiffError
 
 log = logging.getLogger("simdiff")
 
@@ -55,7 +55,7 @@ def add_eval_command(subparsers) -> None:
 
 def evaluate_model(name: str, spec, settings) -> tuple[dict, dict]:
     """(our result, lm-eval's raw output for the tasks) of ``name`` loaded as ``spec``
-    (:class:`simdiff.recipe.ModelSettings`) says."""
+    (:class:`simdiff.config.recipe.ModelSettings`) says."""
     from simdiff.evaluate.suite import Evaluator
     from simdiff.model.checks import check_seq_len
 
@@ -122,9 +122,9 @@ def evaluate_against(name: str, spec, settings, baseline: str | None,
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from simdiff.core.outputs import check_output_file, write_text_file
     from simdiff.evaluate.results import lm_eval_document, samples_date, write_samples
-    from simdiff.outputs import check_output_file, write_text_file
-    from simdiff.save import provenance
+    from simdiff.store.save import provenance
 
     recipe = recipe_from_args(args)
     settings = recipe.evaluation.check()
@@ -152,7 +152,7 @@ def evaluate_pruned(recipe) -> None:
     """``simdiff run`` after a prune: evaluate the pruned folder against the dense model, write evaluation.json
     (lm-eval's results schema) into it."""
     from simdiff.evaluate.results import lm_eval_document
-    from simdiff.save import provenance
+    from simdiff.store.save import provenance
 
     settings = recipe.evaluation.check()
     result, record, lm_output = evaluate_against(recipe.out, recipe.model, settings, recipe.model.name)
@@ -184,14 +184,14 @@ def add_compare_command(subparsers) -> None:
 
 
 def run_comparison_recipe(recipe) -> dict:
-    """Load the model, run :func:`simdiff.compare.compare` as ``recipe`` says, write the folder; returns the
+    """Load the model, run :func:`simdiff.workflows.compare.compare` as ``recipe`` says, write the folder; returns the
     document (its ``recipe`` key holds the resolved recipe)."""
     from dataclasses import replace
 
-    from simdiff.compare import CompareSetup, compare, parse_candidates, write_results
+    from simdiff.core.outputs import check_output_dir, claim_output_dir
     from simdiff.model.layers import find_decoder_layers
-    from simdiff.outputs import check_output_dir, claim_output_dir
-    from simdiff.select import resolve_count
+    from simdiff.selection.rank import resolve_count
+    from simdiff.workflows.compare import CompareSetup, compare, parse_candidates, write_results
 
     _quiet_lm_eval()
     recipe.check()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 GGUF_EXPORT_NAME = "pruned.gguf"  # written into prune's output folder by --export gguf
 
@@ -16,8 +16,8 @@ def is_gguf(model: str) -> bool:
 
 def run_apply_gguf(args: argparse.Namespace) -> None:
     """``simdiff apply FILE.gguf``: prune the GGUF file by ``--layers`` or ``--recipe`` into the file ``--out``."""
-    from simdiff.apply import load_removal_record
-    from simdiff.export.gguf import check_gguf_output, prune_gguf
+    from simdiff.surgery.apply import load_removal_record
+    from simdiff.surgery.gguf import check_gguf_output, prune_gguf
 
     check_gguf_output(args.out, args.overwrite, args.model)
     recipe = load_removal_record(args.recipe) if args.recipe else None
@@ -35,9 +35,9 @@ def megabytes(size: int) -> str:
 # -- simdiff prune ... --export gguf ------------------------------------------------------------------
 def check_export(model: str, export: str | None) -> Path | None:
     """Before any work: the GGUF file that ``--export gguf`` prunes (None without ``--export``; the flag is
-    the recipe field ``export``, :class:`simdiff.recipe.Recipe`)."""
-    from simdiff.export.gguf import check_prunable, open_gguf
+    the recipe field ``export``, :class:`simdiff.config.recipe.Recipe`)."""
     from simdiff.model.load import BUILTIN_MODELS, builtin_gguf_file
+    from simdiff.surgery.gguf import check_prunable, open_gguf
 
     if export is None:
         return None
@@ -52,7 +52,7 @@ def check_export(model: str, export: str | None) -> Path | None:
 
 def export_after_prune(source: Path | None, removed: list[int], out: Path) -> None:
     """Write ``out/pruned.gguf``: ``source`` without the ``removed`` blocks (nothing when ``source`` is None)."""
-    from simdiff.export.gguf import prune_gguf
+    from simdiff.surgery.gguf import prune_gguf
 
     if source is None:
         return

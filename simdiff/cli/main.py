@@ -8,9 +8,10 @@ import logging
 import sys
 from dataclasses import replace
 
-from simdiff.apply_cli import add_apply_command
-from simdiff.bench.cli import add_bench_command
-from simdiff.cli_options import (
+from simdiff.cli.apply import add_apply_command
+from simdiff.cli.bench import add_bench_command
+from simdiff.cli.evaluate import add_compare_command, add_demo_command, add_eval_command
+from simdiff.cli.options import (
     add_calibration_options,
     add_command_flags,
     add_common_flags,
@@ -23,10 +24,9 @@ from simdiff.cli_options import (
     add_selection_options,
     recipe_from_args,
 )
-from simdiff.errors import SimdiffError, one_line
-from simdiff.evaluate.cli import add_compare_command, add_demo_command, add_eval_command
-from simdiff.progress import set_progress
-from simdiff.recover.cli import add_recover_command
+from simdiff.cli.recover import add_recover_command
+from simdiff.core.errors import SimdiffError, one_line
+from simdiff.core.progress import set_progress
 
 log = logging.getLogger("simdiff")
 SCORE_CRITERIA = "simdiff,block_influence,angular_block,mssd,masd"
@@ -45,14 +45,20 @@ def add_score_command(subparsers) -> None:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    from simdiff.api import score
-    from simdiff.compare import parse_candidates
-    from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
+    from simdiff.collect.distributed import check_data_parallel_support, is_main_process, start_data_parallel
+    from simdiff.core.outputs import (
+        JSON_SUFFIXES,
+        PLOT_SUFFIXES,
+        atomic_file,
+        check_output_file,
+        write_text_file,
+    )
     from simdiff.model.checks import check_device
-    from simdiff.outputs import JSON_SUFFIXES, PLOT_SUFFIXES, atomic_file, check_output_file, write_text_file
-    from simdiff.pipeline import needs_of
     from simdiff.report.tables import format_score_table
-    from simdiff.save import provenance
+    from simdiff.selection.evidence import needs_of
+    from simdiff.store.save import provenance
+    from simdiff.workflows.api import score
+    from simdiff.workflows.compare import parse_candidates
 
     specs = parse_candidates(args.criterion)  # names and variants such as simdiff:beta=0.5, checked
     recipe = recipe_from_args(args)  # validated before loading
@@ -104,8 +110,8 @@ def run_prune(args: argparse.Namespace) -> None:
 
 def print_prune(recipe) -> None:
     """Prune as ``recipe`` says and print what was removed and where it went."""
-    from simdiff.api import prune
-    from simdiff.export.cli import check_export, export_after_prune
+    from simdiff.cli.export import check_export, export_after_prune
+    from simdiff.workflows.api import prune
 
     gguf_source = check_export(recipe.model.name, recipe.export)
     result = prune(recipe)
@@ -135,11 +141,11 @@ def add_run_command(subparsers) -> None:
 
 
 def run_recipe(args: argparse.Namespace) -> None:
-    from simdiff.recipe import load_recipe
+    from simdiff.config.recipe import load_recipe
 
     recipe = recipe_from_args(args, load_recipe(args.recipe)).check()
     if recipe.is_comparison():
-        from simdiff.evaluate.cli import print_summary, run_comparison_recipe
+        from simdiff.cli.evaluate import print_summary, run_comparison_recipe
 
         document = run_comparison_recipe(recipe)
         print_summary(document, recipe.evaluation.metric)
@@ -147,7 +153,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         return
     print_prune(recipe)
     if recipe.evaluation is not None:
-        from simdiff.evaluate.cli import evaluate_pruned
+        from simdiff.cli.evaluate import evaluate_pruned
 
         evaluate_pruned(recipe)
 

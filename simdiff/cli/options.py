@@ -1,7 +1,7 @@
 """The one option vocabulary of the command line, generated from the settings dataclasses.
 
-Every flag comes from a dataclass field declared with :func:`simdiff.flags.option` (the recipe sections in
-:mod:`simdiff.recipe`, :class:`simdiff.recover.config.RecoverConfig`, :class:`simdiff.bench.run.BenchSettings`
+Every flag comes from a dataclass field declared with :func:`simdiff.config.flags.option` (the recipe sections in
+:mod:`simdiff.config.recipe`, :class:`simdiff.recover.config.RecoverConfig`, :class:`simdiff.bench.run.BenchSettings`
 and :class:`CommandFlags` below), so a flag has one name, type, help text and meaning in every subcommand;
 only its default may differ by command. Adding a setting is one field; every subcommand taking its section
 gets the flag. Flags that were renamed fail with a one-line hint (:data:`RENAMED`).
@@ -14,10 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from simdiff.criteria import Options
-from simdiff.errors import SimdiffError
-from simdiff.flags import FieldFlag, base_type, comma_list, field_flags, option
-from simdiff.recipe import (
+from simdiff.config.flags import FieldFlag, base_type, comma_list, field_flags, option
+from simdiff.config.recipe import (
     SECTION_TYPES,
     Calibration,
     ModelSettings,
@@ -25,6 +23,8 @@ from simdiff.recipe import (
     SelectionSettings,
     recipe_from_dict,
 )
+from simdiff.core.errors import SimdiffError
+from simdiff.criteria import Options
 
 SECTION_MARK = "_section_"
 RENAMED = {
@@ -130,8 +130,8 @@ def add_selection_options(parser: argparse.ArgumentParser, **kwargs) -> None:
 
 
 def add_search_options(parser: argparse.ArgumentParser, **kwargs) -> None:
-    """How --alpha auto and --criterion best-of choose on held-out calibration windows (simdiff.tune)."""
-    from simdiff.tune import SearchSettings
+    """How --alpha auto and --criterion best-of choose on held-out calibration windows (simdiff.selection.search)."""
+    from simdiff.selection.search import SearchSettings
 
     add_fields(parser, SearchSettings, "held-out selection (--alpha auto, --criterion best-of)", **kwargs)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from simdiff.cli_options import add_fields, add_model_options, add_output_options, section_from
-from simdiff.errors import SimdiffError
+from simdiff.cli.options import add_fields, add_model_options, add_output_options, section_from
+from simdiff.core.errors import SimdiffError
 from simdiff.recover.api import Evaluation
 from simdiff.recover.config import RecoverConfig
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from simdiff.collect.stats import PER_LAYER_SUMS, LayerStatistics
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 from simdiff.evaluate.perplexity import NLL
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def start_data_parallel(device: str | None) -> str | None:
     if not world.is_main:  # one process reports
         from transformers.utils import logging as transformers_logging
 
-        from simdiff.progress import set_progress
+        from simdiff.core.progress import set_progress
 
         logging.getLogger("simdiff").setLevel(logging.WARNING)
         set_progress(False)

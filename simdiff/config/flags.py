@@ -1,7 +1,7 @@
 """Option fields: a dataclass field that also describes its command-line flag.
 
 Settings dataclasses (calibration, criterion options, evaluation, recovery, benchmark shapes) declare each
-field with :func:`option`; :mod:`simdiff.cli_options` turns the fields into flags and :mod:`simdiff.recipe`
+field with :func:`option`; :mod:`simdiff.cli.options` turns the fields into flags and :mod:`simdiff.config.recipe`
 validates recipes against them. So a setting is defined once: name, type, default, help and choices.
 """
 
@@ -70,7 +70,7 @@ def field_flags(cls: type, help_fallback: dict[str, str] | None = None) -> list[
         meta = f.metadata
         text = meta.get("help") or (help_fallback or {}).get(f.name)
         if not text:
-            raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with simdiff.flags.option")
+            raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with simdiff.config.flags.option")
         flags.append(FieldFlag(f.name, meta.get("flag") or "--" + f.name.replace("_", "-"), text, hints[f.name],
                                field_default(f), meta.get("choices"), meta.get("parse"), meta.get("shown")))
     return flags
@@ -87,7 +87,7 @@ def base_type(value_type: Any) -> tuple[Any, bool]:
 
 
 def number_or_auto(text: str) -> float | str:
-    """A number, or ``auto`` (tuned per model and layer count, see simdiff.tune)."""
+    """A number, or ``auto`` (tuned per model and layer count, see simdiff.selection.search)."""
     if str(text).strip().lower() == "auto":
         return "auto"
     try:

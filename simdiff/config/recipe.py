@@ -1,7 +1,7 @@
 """Recipes: one typed description of a run (model, calibration, selection, criterion options, evaluation, output).
 
 A recipe is the options object the library passes down (``simdiff.prune(recipe)``), the source of the
-command-line flags (:mod:`simdiff.cli_options` generates them from these fields) and a YAML/JSON file
+command-line flags (:mod:`simdiff.cli.options` generates them from these fields) and a YAML/JSON file
 (``simdiff run recipe.yaml``). Every prune writes its fully resolved recipe into ``simdiff.json``, so
 ``simdiff run out/simdiff.json --out other/`` replays it.
 """
@@ -14,12 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from simdiff.criteria.registry import Options
-from simdiff.data import batches, calibration_windows
-from simdiff.data.windows import Batch
-from simdiff.errors import SimdiffError
-from simdiff.evaluate.suite import EvalSettings
-from simdiff.flags import (
+from simdiff.config.flags import (
     DATA_DIR_HELP,
     DATA_DIR_SHOWN,
     FieldFlag,
@@ -30,8 +25,13 @@ from simdiff.flags import (
     names,
     option,
 )
+from simdiff.core.errors import SimdiffError
+from simdiff.criteria.registry import Options
+from simdiff.data import batches, calibration_windows
+from simdiff.data.windows import Batch
+from simdiff.evaluate.suite import EvalSettings
 from simdiff.model.load import DTYPES
-from simdiff.tune import SearchSettings
+from simdiff.selection.search import SearchSettings
 
 RECIPE_KEY = "recipe"
 
@@ -146,7 +146,7 @@ class Recipe:
 
     def check(self) -> Recipe:
         """Semantic checks that need no model; raises :class:`SimdiffError` naming the field."""
-        from simdiff.compare import parse_candidates
+        from simdiff.workflows.compare import parse_candidates
 
         if not self.model.name:
             raise SimdiffError("recipe field model.name is empty; name a model directory, hub id or smollm2-135m")

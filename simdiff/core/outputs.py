@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 
 def minmax(values: np.ndarray) -> np.ndarray:

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simdiff.collect.stats import LayerStatistics
+from simdiff.config.flags import number_or_auto, option
+from simdiff.core.errors import SimdiffError, did_you_mean
 from simdiff.criteria.normalize import NORMALIZERS
-from simdiff.errors import SimdiffError, did_you_mean
-from simdiff.flags import number_or_auto, option
 
 # What a criterion can need; the pipeline runs one collector per kind, once, for all criteria.
 LAYER_STATS = "layer_stats"  # one streaming hook pass (cosine, MSSD, MASD, angular blocks)
@@ -54,7 +54,7 @@ class Options:
         for name in ("alpha", "beta"):
             value = getattr(self, name)
             if name == "alpha" and isinstance(value, str) and value.strip().lower() == "auto":
-                continue  # tuned later by simdiff.tune
+                continue  # tuned later by simdiff.selection.search
             if isinstance(value, str) or not 0.0 <= value <= 1.0:
                 raise SimdiffError(f"--{name} must lie in [0, 1]{' or be auto' if name == 'alpha' else ''}, "
                                    f"got {value}")

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from simdiff.core.progress import progress
 from simdiff.data.text import text_variant
 from simdiff.data.windows import Batch
 from simdiff.model.load import model_device
-from simdiff.progress import progress
 
 
 @dataclass

@@ -18,7 +18,7 @@ import re
 import time
 from pathlib import Path
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 PERPLEXITY_VERSION = 1.0
 PERPLEXITY_METRIC = "token_perplexity"

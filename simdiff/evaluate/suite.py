@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from simdiff.errors import SimdiffError
+from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, names, option
+from simdiff.core.errors import SimdiffError
 from simdiff.evaluate.perplexity import PerplexityProtocol, evaluation_batches, perplexity_report
-from simdiff.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, names, option
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 # model_type -> dotted path of the decoder-layer ModuleList (only where the generic search needs help).
 LAYER_PATHS: dict[str, str] = {

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from simdiff.errors import SimdiffError, did_you_mean, one_line
+from simdiff.core.errors import SimdiffError, did_you_mean, one_line
+from simdiff.core.outputs import atomic_directory
 from simdiff.model.checks import (
     check_device,
     check_loading_info,
@@ -27,7 +28,6 @@ from simdiff.model.checks import (
 )
 from simdiff.model.hub import local_files_only
 from simdiff.model.layers import find_decoder_layers
-from simdiff.outputs import atomic_directory
 
 log = logging.getLogger(__name__)
 

@@ -11,21 +11,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
+from simdiff.core.errors import SimdiffError
+from simdiff.core.outputs import OutputDir, check_not_protected, check_output_dir, claim_output_dir
 from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
 from simdiff.data.text import NAMED_DATASETS, read_text_file, text_digest, text_files
-from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import NLL
-from simdiff.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
-from simdiff.lineage import input_metadata
 from simdiff.model.checks import check_seq_len
 from simdiff.model.load import load_model, resolve_model_path
-from simdiff.outputs import OutputDir, check_not_protected, check_output_dir, claim_output_dir
 from simdiff.recover.checkpoint import check_checkpoint_files, read_trainer, resolve_checkpoint
 from simdiff.recover.config import RecoverConfig
 from simdiff.recover.data import TRAIN_SPLIT, training_text
 from simdiff.recover.lora import attach_lora, count_parameters, merge
 from simdiff.recover.train import TrainResult, distributed_nll, make_accelerator, train_lora
-from simdiff.save import METADATA_FILE, provenance, write_model
+from simdiff.store.lineage import input_metadata
+from simdiff.store.save import METADATA_FILE, provenance, write_model
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _save(model: nn.Module, tokenizer, claim: OutputDir, metadata: dict, history
 def save_adapter(model: nn.Module, tokenizer, folder: Path, metadata: dict, model_name: str) -> Path:
     """Save the LoRA adapter (peft format) + tokenizer + ``simdiff.json`` + a card, verified by reloading onto
     the base. ``base_model_name_or_path`` is a hub id or an absolute path, so the adapter loads from anywhere."""
-    from simdiff.report.card import base_reference, write_adapter_card
+    from simdiff.store.card import base_reference, write_adapter_card
 
     base = base_reference(model_name)
     for config in model.peft_config.values():

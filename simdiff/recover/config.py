@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria.registry import SEED_HELP
-from simdiff.errors import SimdiffError
-from simdiff.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
 
 ALL_LINEAR = "all-linear"
 

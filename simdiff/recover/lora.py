@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 from simdiff.recover.config import RecoverConfig
 
 log = logging.getLogger(__name__)

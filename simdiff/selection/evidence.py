@@ -9,21 +9,21 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from simdiff.collect.hooks import collect_layer_statistics
-from simdiff.collect.model_passes import skip_loss_increase, taylor_importance
-from simdiff.collect.offload import collect_layer_statistics_offloaded
-from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Evidence, Options, get_criterion
-from simdiff.data.windows import Batch
-from simdiff.distributed import (
+from simdiff.collect.distributed import (
     active_world,
     all_reduce_statistics,
     check_data_parallel_support,
     shard_batches,
 )
-from simdiff.errors import SimdiffError
+from simdiff.collect.hooks import collect_layer_statistics
+from simdiff.collect.model_passes import skip_loss_increase, taylor_importance
+from simdiff.collect.offload import collect_layer_statistics_offloaded
+from simdiff.core.errors import SimdiffError
+from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Evidence, Options, get_criterion
+from simdiff.data.windows import Batch
 from simdiff.model.layers import find_decoder_layers
-from simdiff.select import select_block, select_layers
-from simdiff.surgery import bypass_layers
+from simdiff.selection.rank import select_block, select_layers
+from simdiff.surgery.layers import bypass_layers
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def gather_evidence(model: nn.Module, batches: Sequence[Batch], needs: set[str],
 
     With ``offload_device`` the statistics are collected one decoder layer at a time on that device
     (:mod:`simdiff.collect.offload`); only the statistic-based criteria support that. In a data-parallel
-    process group (:mod:`simdiff.distributed`) each process takes its share of ``batches``.
+    process group (:mod:`simdiff.collect.distributed`) each process takes its share of ``batches``.
     """
     n = len(find_decoder_layers(model))
     active = [i for i in range(n) if i not in set(removed)]

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 log = logging.getLogger(__name__)
 

@@ -47,14 +47,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from simdiff.config.flags import names, option
+from simdiff.core.errors import SimdiffError
+from simdiff.core.progress import progress
 from simdiff.criteria import Evidence, Options, get_criterion
 from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, sample_windows, tokenize_text
 from simdiff.data.windows import Batch
-from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import standard_error, window_nlls
-from simdiff.flags import names, option
 from simdiff.model.load import model_device
-from simdiff.pipeline import (
+from simdiff.selection.evidence import (
     Selection,
     block_sizes_for,
     choose_one_shot,
@@ -63,9 +64,8 @@ from simdiff.pipeline import (
     importance,
     needs_of,
 )
-from simdiff.progress import progress
-from simdiff.select import select_layers
-from simdiff.surgery import bypass_layers
+from simdiff.selection.rank import select_layers
+from simdiff.surgery.layers import bypass_layers
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def split_token_stream(ids: torch.Tensor, samples: int, seq_len: int, seed: int,
 
 
 def split_calibration(tokenizer, calibration) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`split_token_stream` on a :class:`simdiff.api.Calibration`'s text (validation split)."""
+    """:func:`split_token_stream` on a :class:`simdiff.workflows.api.Calibration`'s text (validation split)."""
     ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
     return split_token_stream(ids, calibration.samples, calibration.seq_len, calibration.seed,
                               bos_token_id(tokenizer), calibration.heldout_samples)

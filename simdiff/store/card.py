@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 TAGS = ["simdiff", "pruned", "depth-pruning"]
 # built-in name -> (hub id of the model it was converted from, licence, what the built-in weights are)

@@ -10,8 +10,8 @@ import json
 import logging
 from pathlib import Path
 
-from simdiff.errors import SimdiffError
-from simdiff.outputs import MARKER
+from simdiff.core.errors import SimdiffError
+from simdiff.core.outputs import MARKER
 
 log = logging.getLogger(__name__)
 

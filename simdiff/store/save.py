@@ -1,4 +1,4 @@
-"""Verified model saving (through the output contract of :mod:`simdiff.outputs`), provenance for JSON results."""
+"""Verified model saving (through the output contract of :mod:`simdiff.core.outputs`), provenance for JSON results."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
-from simdiff.outputs import MARKER, Inputs, OutputDir, claimed_dir, fault_point
-from simdiff.outputs import atomic_directory as atomic_directory  # re-exported for existing callers
-from simdiff.outputs import check_output_dir as check_output_dir
-from simdiff.progress import progress
+from simdiff.core.outputs import MARKER, Inputs, OutputDir, claimed_dir, fault_point
+from simdiff.core.outputs import atomic_directory as atomic_directory  # re-exported for existing callers
+from simdiff.core.outputs import check_output_dir as check_output_dir
+from simdiff.core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ def provenance() -> dict:
 
 def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verify: bool = True) -> None:
     """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify what was written."""
-    from simdiff.report.card import drop_stale_config_name, write_model_card
-    from simdiff.surgery import check_config_consistent
-    from simdiff.verify import verify_saved
+    from simdiff.store.card import drop_stale_config_name, write_model_card
+    from simdiff.store.verify import verify_saved
+    from simdiff.surgery.layers import check_config_consistent
 
     check_config_consistent(model)  # refuse to write a config that would not rebuild this model
     steps = ["weights", "tokenizer", "metadata", "verify"] if verify else ["weights", "tokenizer", "metadata"]
@@ -80,10 +80,10 @@ def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verif
 
 def save_model(model: nn.Module, tokenizer, out: str | os.PathLike | OutputDir, metadata: dict,
                overwrite: bool = False, verify: bool = True, inputs: Inputs = ()) -> Path:
-    """Save ``model`` + tokenizer + ``simdiff.json`` + model card to ``out`` atomically, verified (simdiff.verify).
+    """Save ``model`` + tokenizer + ``simdiff.json`` + model card to ``out`` atomically, verified (simdiff.store.verify).
 
-    ``out`` is a path, or an :class:`~simdiff.outputs.OutputDir` the caller claimed at the start of its work.
-    ``inputs``: the input model(s), which the output may not overlap (see :mod:`simdiff.outputs`).
+    ``out`` is a path, or an :class:`~simdiff.core.outputs.OutputDir` the caller claimed at the start of its work.
+    ``inputs``: the input model(s), which the output may not overlap (see :mod:`simdiff.core.outputs`).
     """
     with claimed_dir(out, overwrite, inputs) as claim, claim.staging() as tmp:
         write_model(model, tokenizer, tmp, metadata, verify)

@@ -7,7 +7,7 @@ Four checks, each refusing the save with one line naming what differs:
    conversions such as fused MoE experts reverted): the same names, shapes, dtypes and bytes. Peak memory
    is the model plus one tensor.
 2. **config**: the written ``config.json`` builds, on the meta device, exactly the in-memory model's
-   parameters (:func:`simdiff.surgery.check_config_consistent`) and names its dtype.
+   parameters (:func:`simdiff.surgery.layers.check_config_consistent`) and names its dtype.
 3. **layer indices**: every ``layer_idx`` inside decoder layer j equals j (the KV cache is indexed by it).
 4. **KV cache**: greedy decoding with the KV cache gives the tokens of greedy decoding without it.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import model_device
 
@@ -117,7 +117,7 @@ def check_written_config(model: nn.Module, folder: Path) -> None:
     """The written config.json rebuilds the in-memory model's parameters and records its dtype."""
     from transformers import AutoConfig
 
-    from simdiff.surgery import check_config_consistent
+    from simdiff.surgery.layers import check_config_consistent
 
     config = AutoConfig.from_pretrained(folder)
     check_config_consistent(model, config, source=f"config.json written to {folder}")

@@ -4,7 +4,7 @@
 it reads the shards one at a time, drops the removed layers' tensors, renumbers the rest (``<layers>.<i>.``
 in tensor names, where ``<layers>`` is the decoder-layer path found on a meta-device skeleton of the
 model), and writes one output shard per input shard with the kept tensors' bytes unchanged. The config
-goes through the same rules as in-memory surgery (:func:`simdiff.surgery.remove_layers` on the skeleton,
+goes through the same rules as in-memory surgery (:func:`simdiff.surgery.layers.remove_layers` on the skeleton,
 with its consistency check). Peak memory is about the largest shard.
 """
 
@@ -18,8 +18,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from simdiff.errors import SimdiffError
-from simdiff.lineage import compose_rounds, input_metadata
+from simdiff.core.errors import SimdiffError
+from simdiff.core.outputs import claim_output_dir
+from simdiff.core.progress import progress
 from simdiff.model.checks import (
     PYTORCH_INDEX,
     SAFETENSORS,
@@ -30,11 +31,10 @@ from simdiff.model.checks import (
     read_config_json,
 )
 from simdiff.model.layers import find_decoder_layers
-from simdiff.outputs import claim_output_dir
-from simdiff.progress import progress
-from simdiff.report.card import drop_stale_config_name, write_model_card
-from simdiff.save import METADATA_FILE, provenance
-from simdiff.surgery import remove_layers, validate_layer_indices
+from simdiff.store.card import drop_stale_config_name, write_model_card
+from simdiff.store.lineage import compose_rounds, input_metadata
+from simdiff.store.save import METADATA_FILE, provenance
+from simdiff.surgery.layers import remove_layers, validate_layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def check_recipe_matches(recipe: RemovalRecord, config, model: str) -> None:
 # -- the plan: which tensors go where under which name ---------------------------------------------------
 def input_shards(folder: Path) -> list[str]:
     """The safetensors shard file names of a checkpoint folder, in order."""
-    from simdiff.verify import safetensors_files
+    from simdiff.store.verify import safetensors_files
 
     if not any((folder / name).is_file() for name in (SAFETENSORS, SAFETENSORS_INDEX)):
         raise SimdiffError(f"{folder} holds no {SAFETENSORS} or {SAFETENSORS_INDEX}; apply reads safetensors "
@@ -186,7 +186,7 @@ def apply_to_path(model: str | os.PathLike, removed: list[int] | None = None, ou
     """Remove decoder layers ``removed`` (or the recipe's) from the checkpoint ``model`` on disk into ``out``."""
     if Path(model).suffix.lower() == ".gguf":
         raise SimdiffError(f"{model}: apply_to_path reads safetensors checkpoints; for a GGUF file use "
-                           "simdiff.export.gguf.prune_gguf (or `simdiff apply FILE.gguf`)")
+                           "simdiff.surgery.gguf.prune_gguf (or `simdiff apply FILE.gguf`)")
     return apply_to_safetensors(str(model), removed, out, overwrite, recipe)
 
 
@@ -276,7 +276,7 @@ def apply_metadata(model: str, removed: list[int], kept: list[int], total: int, 
     """The ``simdiff.json`` of an applied selection (itself a recipe for ``apply --recipe``).
 
     As for ``prune``, layer indices are in the original model's numbering when the input is itself a simdiff
-    output (:mod:`simdiff.lineage`); ``history[-1].removed_layers`` indexes the input's layers.
+    output (:mod:`simdiff.store.lineage`); ``history[-1].removed_layers`` indexes the input's layers.
     """
     criterion = recipe.criterion if recipe is not None else "manual"
     run = provenance()

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simdiff.errors import SimdiffError
-from simdiff.outputs import atomic_file, check_output_file
-from simdiff.surgery import validate_layer_indices
+from simdiff.core.errors import SimdiffError
+from simdiff.core.outputs import atomic_file, check_output_file
+from simdiff.surgery.layers import validate_layer_indices
 
 if TYPE_CHECKING:
-    from simdiff.apply import RemovalRecord
+    from simdiff.surgery.apply import RemovalRecord
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ POSITIONAL_KEYS: dict[str, tuple[int, str]] = {
     "{arch}.embedding_length_per_layer_input": (0, "one tensor holds per-layer embeddings of every layer"),
     "{arch}.decoder_block_count": (-1, "an encoder-decoder model: block_count is not the decoder's"),
 }
-# Integers counting the first k blocks of a kind: recounted over the kept blocks (as in simdiff.surgery).
+# Integers counting the first k blocks of a kind: recounted over the kept blocks (as in simdiff.surgery.layers).
 LEADING_BLOCK_COUNTS = ("{arch}.leading_dense_block_count",)
 # Arrays that are never per-layer, even when their length happens to equal the block count.
 NOT_PER_LAYER_PREFIXES = ("general.", "tokenizer.", "split.", "clip.", "GGUF.")
@@ -201,7 +201,7 @@ def write_gguf(reader, metadata: list[tuple], tensors: list[tuple[str, object]],
 
 
 def check_gguf_output(out: str | os.PathLike, overwrite: bool, src: str | os.PathLike) -> Path:
-    """Validate the output file before any work (simdiff.outputs: a .gguf name, never over the input)."""
+    """Validate the output file before any work (simdiff.core.outputs: a .gguf name, never over the input)."""
     return check_output_file(out, overwrite, inputs=(src,), suffixes=GGUF_SUFFIXES, flag="--out")
 
 
@@ -209,9 +209,9 @@ def prune_gguf(src: str | os.PathLike, removed: Sequence[int] | None, out: str |
                overwrite: bool = False, recipe: RemovalRecord | None = None) -> GGUFPruneResult:
     """Write a copy of the GGUF file ``src`` without the decoder blocks ``removed`` (original numbering) to ``out``.
 
-    ``recipe`` (a prune's ``simdiff.json``, :func:`simdiff.apply.load_removal_record`) supplies ``removed`` when it is
+    ``recipe`` (a prune's ``simdiff.json``, :func:`simdiff.surgery.apply.load_removal_record`) supplies ``removed`` when it is
     None, and is refused when it was made on a model of another depth. Kept tensors are byte-identical to the
-    input's; ``out`` appears by one rename when complete (simdiff.outputs); ``src`` is only read.
+    input's; ``out`` appears by one rename when complete (simdiff.core.outputs); ``src`` is only read.
     """
     src = Path(src).expanduser()
     check_gguf_output(out, overwrite, src)

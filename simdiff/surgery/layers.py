@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers, num_layers_in_config
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def check_config_consistent(model: nn.Module, config=None, source: str = "the pr
         raise SimdiffError(
             f"{source} (model_type {config.model_type!r}) would not rebuild the pruned model "
             f"(differing parameters: {missing or shapes}); this architecture needs a config rule in "
-            "simdiff.surgery (LAYER_INDEX_LISTS / LEADING_LAYER_COUNTS)"
+            "simdiff.surgery.layers (LAYER_INDEX_LISTS / LEADING_LAYER_COUNTS)"
         )
 
 

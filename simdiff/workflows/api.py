@@ -7,15 +7,15 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from simdiff.collect.distributed import check_data_parallel_support, is_main_process, start_data_parallel
+from simdiff.config.recipe import Calibration, Recipe, recipe_from_settings
+from simdiff.core.errors import SimdiffError
+from simdiff.core.outputs import OutputDir, claim_output_dir
 from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
 from simdiff.data.text import text_variant
-from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
-from simdiff.errors import SimdiffError
-from simdiff.lineage import compose_rounds, input_metadata
 from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
-from simdiff.outputs import OutputDir, claim_output_dir
-from simdiff.pipeline import (
+from simdiff.selection.evidence import (
     ScoreResult,
     Selection,
     block_sizes_for,
@@ -25,11 +25,11 @@ from simdiff.pipeline import (
     importance,
     needs_of,
 )
-from simdiff.recipe import Calibration, Recipe, recipe_from_settings
-from simdiff.save import provenance, save_model
-from simdiff.select import check_removable, resolve_count
-from simdiff.surgery import remove_layers, validate_layer_indices
-from simdiff.tune import BEST_OF, Searcher, reject_auto, search_kind, searched_options
+from simdiff.selection.rank import check_removable, resolve_count
+from simdiff.selection.search import BEST_OF, Searcher, reject_auto, search_kind, searched_options
+from simdiff.store.lineage import compose_rounds, input_metadata
+from simdiff.store.save import provenance, save_model
+from simdiff.surgery.layers import remove_layers, validate_layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
     A criterion may be a variant such as ``simdiff:beta=0.5`` (scored under its own options, same evidence).
     ``offload_device``: collect the statistics one decoder layer at a time on that device (layer-wise offload).
     """
-    from simdiff.compare import CandidateSpec
-    from simdiff.pipeline import score_layers
+    from simdiff.selection.evidence import score_layers
+    from simdiff.workflows.compare import CandidateSpec
 
     calibration, options = calibration or Calibration(), options or Options()
     specs = [CandidateSpec.parse(name) for name in criteria]
@@ -96,7 +96,7 @@ def prune(recipe: Recipe | str, out: str | Path | None = None, **settings) -> Pr
 
     Convenience form: ``prune("smollm2-135m", out="pruned", ratio=0.25, criterion="simdiff",
     calibration=Calibration(samples=32))`` builds the recipe from keyword arguments (whole sections or single
-    fields, see :func:`simdiff.recipe.recipe_from_settings`). ``out`` also overrides a recipe's output.
+    fields, see :func:`simdiff.config.recipe.recipe_from_settings`). ``out`` also overrides a recipe's output.
     ``model.offload="layerwise"`` keeps the model in CPU memory and scores it one layer at a time on the device.
     """
     if isinstance(recipe, Recipe):
@@ -111,10 +111,10 @@ def prune(recipe: Recipe | str, out: str | Path | None = None, **settings) -> Pr
 def prune_recipe(recipe: Recipe) -> PruneResult:
     """Prune as ``recipe`` says. ``selection.layers`` removes exactly those layers (no calibration, no scores).
 
-    Under ``torchrun``/``accelerate launch`` the scoring is data parallel (:mod:`simdiff.distributed`) and only
+    Under ``torchrun``/``accelerate launch`` the scoring is data parallel (:mod:`simdiff.collect.distributed`) and only
     rank 0 saves (the other ranks return a result with ``out=None``).
     """
-    from simdiff.compare import CandidateSpec
+    from simdiff.workflows.compare import CandidateSpec
 
     if recipe.is_comparison():
         raise SimdiffError(f"prune takes one criterion and one count, got criterion {recipe.selection.criterion!r}, "
@@ -154,7 +154,7 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
             selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
                                                  sel.iterative, sel.keep_first, sel.keep_last,
                                                  offload_device=offload_device)
-        else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
+        else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.selection.search)
             reported = sorted(set(scored), key=list(CRITERIA).index)
             searcher = Searcher(model, tokenizer, calibration, search, [count], reported, sel.keep_first,
                                 sel.keep_last)
@@ -199,7 +199,7 @@ def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, k
     """The ``simdiff.json`` document (stable top-level keys: removed_layers, kept_layers, criterion, scores).
 
     Layer indices are in the original model's numbering when the input is itself a simdiff output
-    (:mod:`simdiff.lineage`); ``scores``, ``statistics`` and ``history[-1].removed_layers`` index the input's layers.
+    (:mod:`simdiff.store.lineage`); ``scores``, ``statistics`` and ``history[-1].removed_layers`` index the input's layers.
     """
     run = provenance()
     lineage = compose_rounds(input_metadata(model_name), model_name, selection.criterion, selection.removed, kept,

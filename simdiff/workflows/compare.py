@@ -4,7 +4,7 @@ All statistic-based criteria share a single hook pass over the calibration windo
 ``taylor`` add their own passes, in the same ``gather_evidence`` call). Each candidate's layers are
 bypassed in place (no copies, no reloads) and evaluated; candidates removing the same layers are
 evaluated once. ``simdiff:alpha=auto`` (the exact alpha path) and ``best-of`` choose per count on held-out
-calibration windows (:mod:`simdiff.tune`): one extra statistics pass on the scoring windows, shared by all
+calibration windows (:mod:`simdiff.selection.search`): one extra statistics pass on the scoring windows, shared by all
 counts, and one held-out pass per distinct candidate set.
 """
 
@@ -20,19 +20,19 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from simdiff.core.errors import SimdiffError
+from simdiff.core.outputs import MARKER, OutputDir, claimed_dir
 from simdiff.criteria import Options, get_criterion
 from simdiff.data import batches, calibration_windows
 from simdiff.data.text import text_variant
-from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
 from simdiff.model.checks import check_seq_len
 from simdiff.model.layers import find_decoder_layers
-from simdiff.outputs import MARKER, OutputDir, claimed_dir
-from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
-from simdiff.save import provenance
-from simdiff.select import check_removable
-from simdiff.surgery import bypass_layers
-from simdiff.tune import BEST_OF, Searcher, SearchSettings, is_auto, search_kind, searched_options
+from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
+from simdiff.selection.rank import check_removable
+from simdiff.selection.search import BEST_OF, Searcher, SearchSettings, is_auto, search_kind, searched_options
+from simdiff.store.save import provenance
+from simdiff.surgery.layers import bypass_layers
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class CompareSetup:
 
     specs: list[CandidateSpec]
     counts: list[int]
-    calibration: object  # simdiff.api.Calibration
+    calibration: object  # simdiff.workflows.api.Calibration
     options: Options = field(default_factory=Options)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     keep_first: int = 0
@@ -211,9 +211,9 @@ def write_results(document: dict, out: str | os.PathLike | OutputDir, overwrite:
     """Write results.json, results.md, the plots (PNG and SVG) and the ``simdiff.json`` marker into ``out``
     atomically.
 
-    ``out`` is a path or an :class:`~simdiff.outputs.OutputDir` claimed when the comparison started.
+    ``out`` is a path or an :class:`~simdiff.core.outputs.OutputDir` claimed when the comparison started.
     """
-    from simdiff.recipe import dump_recipe
+    from simdiff.config.recipe import dump_recipe
     from simdiff.report.comparison import comparison_markdown, plot_perplexity_vs_removed
     from simdiff.report.plots import plot_layer_ranks
 
