@@ -259,7 +259,7 @@ def _acc_text(scores: dict, metric: str) -> str:
 
 def noise_note(a: dict, b: dict, source: str) -> str:
     """Paired comparison of two candidates' perplexity on the same windows: the difference and whether it is noise."""
-    from simdiff.evaluate.perplexity import standard_error
+    from simdiff.collect.nll import standard_error
 
     if a["removed_layers"] == b["removed_layers"]:
         return "the same layers"

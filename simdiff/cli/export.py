@@ -36,7 +36,7 @@ def megabytes(size: int) -> str:
 def check_export(model: str, export: str | None) -> Path | None:
     """Before any work: the GGUF file that ``--export gguf`` prunes (None without ``--export``; the flag is
     the recipe field ``export``, :class:`simdiff.config.recipe.Recipe`)."""
-    from simdiff.model.load import BUILTIN_MODELS, builtin_gguf_file
+    from simdiff.core.cache import BUILTIN_MODELS, builtin_gguf_file
     from simdiff.surgery.gguf import check_prunable, open_gguf
 
     if export is None:

@@ -45,7 +45,7 @@ def add_score_command(subparsers) -> None:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    from simdiff.collect.distributed import check_data_parallel_support, is_main_process, start_data_parallel
+    from simdiff.collect.distributed import is_main_process, start_data_parallel
     from simdiff.core.outputs import (
         JSON_SUFFIXES,
         PLOT_SUFFIXES,
@@ -55,7 +55,7 @@ def run_score(args: argparse.Namespace) -> None:
     )
     from simdiff.model.checks import check_device
     from simdiff.report.tables import format_score_table
-    from simdiff.selection.evidence import needs_of
+    from simdiff.selection.evidence import check_data_parallel_support, needs_of
     from simdiff.store.save import provenance
     from simdiff.workflows.api import score
     from simdiff.workflows.compare import parse_candidates

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from simdiff.collect.nll import NLL
 from simdiff.collect.stats import PER_LAYER_SUMS, LayerStatistics
 from simdiff.core.errors import SimdiffError
-from simdiff.evaluate.perplexity import NLL
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +62,6 @@ def active_world() -> World | None:
 def is_main_process() -> bool:
     world = active_world() or launched_world()
     return world is None or world.is_main
-
-
-def check_data_parallel_support(needs: set[str], device_map: str | None = None) -> None:
-    """Refuse, before any work, what data-parallel scoring cannot do."""
-    from simdiff.criteria import LAYER_STATS, SKIP_LOSS
-
-    if launched_world() is None and active_world() is None:
-        return
-    other = sorted(needs - {LAYER_STATS, SKIP_LOSS})
-    if other:
-        raise SimdiffError(f"data-parallel scoring (torchrun/accelerate) reduces hidden-state statistics and "
-                           f"calibration losses only; criteria needing {', '.join(other)} must run in one "
-                           "process (without the launcher)")
-    if device_map is not None:
-        raise SimdiffError("--device-map spreads one model over several devices, but under torchrun each process "
-                           "holds its own copy on cuda:LOCAL_RANK; drop --device-map (or the launcher)")
 
 
 def start_data_parallel(device: str | None) -> str | None:

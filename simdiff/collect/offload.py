@@ -30,9 +30,8 @@ from simdiff.collect.stats import LayerStatistics
 from simdiff.core.errors import SimdiffError
 from simdiff.core.progress import progress
 from simdiff.data.windows import Batch
-from simdiff.model.layers import find_decoder_layers
+from simdiff.model.layers import SkippedLayer, find_decoder_layers
 from simdiff.model.load import model_device
-from simdiff.surgery.layers import SkippedLayer
 
 log = logging.getLogger(__name__)
 

@@ -77,7 +77,7 @@ def _usable(out: str | os.PathLike | None, flag: str) -> Path:
 
 def input_locations(inputs: Inputs) -> list[Path]:
     """Local paths of the input models/files (built-in names map to their cached checkpoint)."""
-    from simdiff.model.load import BUILTIN_MODELS, cache_dir
+    from simdiff.core.cache import BUILTIN_MODELS, cache_dir
 
     found = []
     for name in inputs:
@@ -92,7 +92,7 @@ def input_locations(inputs: Inputs) -> list[Path]:
 
 def cache_locations() -> list[Path]:
     """The model caches simdiff reads from: its own (built-in models) and the Hugging Face hub cache."""
-    from simdiff.model.load import cache_dir
+    from simdiff.core.cache import cache_dir
 
     paths = [cache_dir().expanduser()]
     try:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simdiff.collect.stats import LayerStatistics
 from simdiff.config.flags import number_or_auto, option
+
+if TYPE_CHECKING:  # the record type only: criteria never import collect (import-linter contract)
+    from simdiff.collect.stats import LayerStatistics
 from simdiff.core.errors import SimdiffError, did_you_mean
 from simdiff.criteria.normalize import NORMALIZERS
 

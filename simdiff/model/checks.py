@@ -8,6 +8,8 @@ than the embedding) is refused with one line instead of loading half-random weig
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
 import re
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from simdiff.core.errors import SimdiffError
-from simdiff.model.layers import find_decoder_layers
+from simdiff.model.layers import find_decoder_layers, num_layers_in_config
 
 log = logging.getLogger(__name__)
 
@@ -239,3 +241,35 @@ def check_device(device: str | None) -> None:
             raise SimdiffError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise SimdiffError(f"--device {device} asked for, but MPS is not available here; use --device cpu")
+
+
+def _structure(model: nn.Module) -> dict[str, tuple]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_config_consistent(model: nn.Module, config=None, source: str = "the pruned config") -> None:
+    """Raise unless ``type(model)(config)`` builds exactly ``model``'s parameters and per-layer lists.
+
+    ``config`` defaults to ``model.config``; ``source`` names it in the error (e.g. a written config.json).
+    """
+    config = model.config if config is None else config
+    count = num_layers_in_config(config)
+    for key, value in vars(config).items():
+        if key.endswith("layer_types") and isinstance(value, (list, tuple)) and len(value) != count:
+            raise SimdiffError(f"{source}: {key} has {len(value)} entries for {count} layers")
+    with torch.device("meta"):
+        rebuilt = type(model)(copy.deepcopy(config))
+    expected, actual = _structure(rebuilt), _structure(model)
+    if expected != actual:
+        missing = sorted(set(actual) ^ set(expected))[:3]
+        shapes = [k for k in set(actual) & set(expected) if actual[k] != expected[k]][:3]
+        raise SimdiffError(
+            f"{source} (model_type {config.model_type!r}) would not rebuild the pruned model "
+            f"(differing parameters: {missing or shapes}); this architecture needs a config rule in "
+            "simdiff.surgery.layers (LAYER_INDEX_LISTS / LEADING_LAYER_COUNTS)"
+        )
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument taking the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

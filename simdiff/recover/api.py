@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simdiff.collect.nll import NLL
 from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
 from simdiff.core.errors import SimdiffError
 from simdiff.core.outputs import OutputDir, check_not_protected, check_output_dir, claim_output_dir
 from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
 from simdiff.data.text import NAMED_DATASETS, read_text_file, text_digest, text_files
-from simdiff.evaluate.perplexity import NLL
 from simdiff.model.checks import check_seq_len
 from simdiff.model.load import load_model, resolve_model_path
 from simdiff.recover.checkpoint import check_checkpoint_files, read_trainer, resolve_checkpoint

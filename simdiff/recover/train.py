@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simdiff.collect.nll import NLL, nll_over
 from simdiff.core.progress import progress
 from simdiff.data import batches
-from simdiff.evaluate.perplexity import NLL, nll_over
 from simdiff.recover.checkpoint import load_checkpoint, save_checkpoint
 from simdiff.recover.config import RecoverConfig
 from simdiff.recover.data import TrainingText

@@ -12,7 +12,7 @@ from torch import nn
 from simdiff.collect.distributed import (
     active_world,
     all_reduce_statistics,
-    check_data_parallel_support,
+    launched_world,
     shard_batches,
 )
 from simdiff.collect.hooks import collect_layer_statistics
@@ -21,9 +21,8 @@ from simdiff.collect.offload import collect_layer_statistics_offloaded
 from simdiff.core.errors import SimdiffError
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Evidence, Options, get_criterion
 from simdiff.data.windows import Batch
-from simdiff.model.layers import find_decoder_layers
+from simdiff.model.layers import bypass_layers, find_decoder_layers
 from simdiff.selection.rank import select_block, select_layers
-from simdiff.surgery.layers import bypass_layers
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +183,17 @@ def choose_iterative(model: nn.Module, batches: Sequence[Batch], criterion: str,
         steps.append({"step": step, "removed": layer, "importance": scores.tolist()})
         log.info("iterative %s step %d: remove layer %d", criterion, step + 1, layer)
     return Selection(criterion, sorted(removed), steps)
+
+
+def check_data_parallel_support(needs: set[str], device_map: str | None = None) -> None:
+    """Refuse, before any work, what data-parallel scoring cannot do."""
+    if launched_world() is None and active_world() is None:
+        return
+    other = sorted(needs - {LAYER_STATS, SKIP_LOSS})
+    if other:
+        raise SimdiffError(f"data-parallel scoring (torchrun/accelerate) reduces hidden-state statistics and "
+                           f"calibration losses only; criteria needing {', '.join(other)} must run in one "
+                           "process (without the launcher)")
+    if device_map is not None:
+        raise SimdiffError("--device-map spreads one model over several devices, but under torchrun each process "
+                           "holds its own copy on cuda:LOCAL_RANK; drop --device-map (or the launcher)")

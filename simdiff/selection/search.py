@@ -47,13 +47,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from simdiff.collect.nll import standard_error, window_nlls
 from simdiff.config.flags import names, option
 from simdiff.core.errors import SimdiffError
 from simdiff.core.progress import progress
 from simdiff.criteria import Evidence, Options, get_criterion
 from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, sample_windows, tokenize_text
 from simdiff.data.windows import Batch
-from simdiff.evaluate.perplexity import standard_error, window_nlls
+from simdiff.model.layers import bypass_layers
 from simdiff.model.load import model_device
 from simdiff.selection.evidence import (
     Selection,
@@ -65,7 +66,6 @@ from simdiff.selection.evidence import (
     needs_of,
 )
 from simdiff.selection.rank import select_layers
-from simdiff.surgery.layers import bypass_layers
 
 log = logging.getLogger(__name__)
 

@@ -57,9 +57,9 @@ def provenance() -> dict:
 
 def write_model(model: nn.Module, tokenizer, folder: Path, metadata: dict, verify: bool = True) -> None:
     """Write weights, tokenizer, ``simdiff.json`` and a model card into ``folder``; verify what was written."""
+    from simdiff.model.checks import check_config_consistent
     from simdiff.store.card import drop_stale_config_name, write_model_card
     from simdiff.store.verify import verify_saved
-    from simdiff.surgery.layers import check_config_consistent
 
     check_config_consistent(model)  # refuse to write a config that would not rebuild this model
     steps = ["weights", "tokenizer", "metadata", "verify"] if verify else ["weights", "tokenizer", "metadata"]

@@ -117,7 +117,7 @@ def check_written_config(model: nn.Module, folder: Path) -> None:
     """The written config.json rebuilds the in-memory model's parameters and records its dtype."""
     from transformers import AutoConfig
 
-    from simdiff.surgery.layers import check_config_consistent
+    from simdiff.model.checks import check_config_consistent
 
     config = AutoConfig.from_pretrained(folder)
     check_config_consistent(model, config, source=f"config.json written to {folder}")
@@ -150,7 +150,7 @@ def prompt_ids(model: nn.Module, tokenizer=None, text: str = "The quick brown fo
 @torch.no_grad()
 def greedy_with_cache(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """``new_tokens`` greedy tokens after ``ids``, each step feeding one token and the KV cache."""
-    from simdiff.bench.measure import cache_kwarg
+    from simdiff.model.checks import cache_kwarg
 
     key = cache_kwarg(model)
     out = model(input_ids=ids, use_cache=True)

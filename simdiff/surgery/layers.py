@@ -8,16 +8,19 @@ them on exit; layer positions do not move, so per-position config (``layer_types
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from simdiff.core.errors import SimdiffError
-from simdiff.model.layers import find_decoder_layers, num_layers_in_config
+from simdiff.model.checks import _structure, check_config_consistent  # noqa: F401  (re-exported)
+from simdiff.model.layers import (  # noqa: F401  (re-exported)
+    SkippedLayer,
+    bypass_layers,
+    find_decoder_layers,
+    num_layers_in_config,
+    validate_layer_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,43 +30,6 @@ NOT_PER_LAYER = {"architectures", "eos_token_id", "bad_words_ids", "suppress_tok
 LAYER_INDEX_LISTS = ("mlp_only_layers",)
 # Config integers counting the first k layers of a special kind (recounted over the kept layers).
 LEADING_LAYER_COUNTS = ("first_k_dense_replace",)
-
-
-class SkippedLayer(nn.Module):
-    """Stands in for a bypassed decoder layer: returns its input hidden states unchanged."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return hidden_states
-
-
-def validate_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
-    """Sorted unique indices, checked to lie in range and to leave at least one layer."""
-    unique = sorted(set(int(i) for i in indices))
-    bad = [i for i in unique if not 0 <= i < num_layers]
-    if bad:
-        raise SimdiffError(f"layer indices {bad} out of range: the model has layers 0..{num_layers - 1}")
-    if len(unique) >= num_layers:
-        raise SimdiffError(f"cannot remove all {num_layers} layers; keep at least one")
-    return unique
-
-
-@contextmanager
-def bypass_layers(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.Module]:
-    """Within the block, the chosen decoder layers pass their input through unchanged; restored on exit."""
-    decoder = find_decoder_layers(model)
-    chosen = validate_layer_indices(indices, len(decoder)) if indices else []
-    originals = {i: decoder.modules[i] for i in chosen}
-    try:
-        for i in chosen:
-            decoder.modules[i] = SkippedLayer(i)
-        yield model
-    finally:
-        for i, layer in originals.items():
-            decoder.modules[i] = layer
 
 
 def renumber_layer_indices(layers: Sequence[nn.Module]) -> None:
@@ -104,33 +70,6 @@ def update_config_for_kept_layers(config, kept: list[int]) -> list[str]:
             changed.append(key)
     config.num_hidden_layers = len(kept)
     return changed
-
-
-def _structure(model: nn.Module) -> dict[str, tuple]:
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def check_config_consistent(model: nn.Module, config=None, source: str = "the pruned config") -> None:
-    """Raise unless ``type(model)(config)`` builds exactly ``model``'s parameters and per-layer lists.
-
-    ``config`` defaults to ``model.config``; ``source`` names it in the error (e.g. a written config.json).
-    """
-    config = model.config if config is None else config
-    count = num_layers_in_config(config)
-    for key, value in vars(config).items():
-        if key.endswith("layer_types") and isinstance(value, (list, tuple)) and len(value) != count:
-            raise SimdiffError(f"{source}: {key} has {len(value)} entries for {count} layers")
-    with torch.device("meta"):
-        rebuilt = type(model)(copy.deepcopy(config))
-    expected, actual = _structure(rebuilt), _structure(model)
-    if expected != actual:
-        missing = sorted(set(actual) ^ set(expected))[:3]
-        shapes = [k for k in set(actual) & set(expected) if actual[k] != expected[k]][:3]
-        raise SimdiffError(
-            f"{source} (model_type {config.model_type!r}) would not rebuild the pruned model "
-            f"(differing parameters: {missing or shapes}); this architecture needs a config rule in "
-            "simdiff.surgery.layers (LAYER_INDEX_LISTS / LEADING_LAYER_COUNTS)"
-        )
 
 
 def remove_layers(model: nn.Module, indices: Sequence[int]) -> list[int]:

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from simdiff.collect.distributed import check_data_parallel_support, is_main_process, start_data_parallel
+from simdiff.collect.distributed import is_main_process, start_data_parallel
 from simdiff.config.recipe import Calibration, Recipe, recipe_from_settings
 from simdiff.core.errors import SimdiffError
 from simdiff.core.outputs import OutputDir, claim_output_dir
@@ -19,6 +19,7 @@ from simdiff.selection.evidence import (
     ScoreResult,
     Selection,
     block_sizes_for,
+    check_data_parallel_support,
     choose_iterative,
     choose_one_shot,
     gather_evidence,

@@ -27,12 +27,11 @@ from simdiff.data import batches, calibration_windows
 from simdiff.data.text import text_variant
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
 from simdiff.model.checks import check_seq_len
-from simdiff.model.layers import find_decoder_layers
+from simdiff.model.layers import bypass_layers, find_decoder_layers
 from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
 from simdiff.selection.rank import check_removable
 from simdiff.selection.search import BEST_OF, Searcher, SearchSettings, is_auto, search_kind, searched_options
 from simdiff.store.save import provenance
-from simdiff.surgery.layers import bypass_layers
 
 log = logging.getLogger(__name__)
 
