@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from simdiff.config.recipe import load_recipe
+from simdiff.data import calibration_batches
 from simdiff.model import load_model
 from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence, needs_of
 from simdiff.workflows.compare import CandidateSpec
@@ -29,7 +30,7 @@ def main() -> None:
     counts = sorted({count for _, count in documented})
     model, tokenizer = load_model(recipe.model.name)
     start = time.perf_counter()
-    evidence = gather_evidence(model, recipe.calibration.batches(tokenizer), needs_of(CRITERIA),
+    evidence = gather_evidence(model, calibration_batches(recipe.calibration, tokenizer), needs_of(CRITERIA),
                                block_sizes_for(CRITERIA, counts))
     print(f"evidence collected in {time.perf_counter() - start:.0f} s")
     same = 0

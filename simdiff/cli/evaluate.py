@@ -58,8 +58,9 @@ def evaluate_model(name: str, spec, settings) -> tuple[dict, dict]:
     (:class:`simdiff.config.recipe.ModelSettings`) says."""
     from simdiff.evaluate.suite import Evaluator
     from simdiff.model.checks import check_seq_len
+    from simdiff.model.load import load_from_settings
 
-    model, tokenizer = spec.load(None if name == spec.name else name)
+    model, tokenizer = load_from_settings(spec, None if name == spec.name else name)
     if settings.ppl:
         check_seq_len(model, settings.seq_len, "--eval-seq-len")
     evaluator = Evaluator(model, tokenizer, settings)
@@ -190,8 +191,10 @@ def run_comparison_recipe(recipe) -> dict:
 
     from simdiff.core.outputs import check_output_dir, claim_output_dir
     from simdiff.model.layers import find_decoder_layers
+    from simdiff.model.load import load_from_settings
     from simdiff.selection.rank import resolve_count
-    from simdiff.workflows.compare import CompareSetup, compare, parse_candidates, write_results
+    from simdiff.selection.spec import parse_candidates
+    from simdiff.workflows.compare import CompareSetup, compare, write_results
 
     _quiet_lm_eval()
     recipe.check()
@@ -202,7 +205,7 @@ def run_comparison_recipe(recipe) -> dict:
     specs = parse_candidates(sel.criterion)
     settings = recipe.evaluation.check()
     with claim_output_dir(recipe.out, recipe.overwrite, [spec.name]) as claim:  # claimed before any model work
-        model, tokenizer = spec.load()
+        model, tokenizer = load_from_settings(spec)
         total = len(find_decoder_layers(model))
         counts = list(sel.num_layers) if sel.num_layers else [resolve_count(total, ratio=r) for r in sel.ratio or []]
         setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, sel.keep_first,

@@ -54,11 +54,12 @@ def run_score(args: argparse.Namespace) -> None:
         write_text_file,
     )
     from simdiff.model.checks import check_device
+    from simdiff.model.load import load_from_settings
     from simdiff.report.tables import format_score_table
     from simdiff.selection.evidence import check_data_parallel_support, needs_of
+    from simdiff.selection.spec import parse_candidates
     from simdiff.store.save import provenance
     from simdiff.workflows.api import score
-    from simdiff.workflows.compare import parse_candidates
 
     specs = parse_candidates(args.criterion)  # names and variants such as simdiff:beta=0.5, checked
     recipe = recipe_from_args(args)  # validated before loading
@@ -72,7 +73,7 @@ def run_score(args: argparse.Namespace) -> None:
         check_output_file(args.plot, args.overwrite, inputs, PLOT_SUFFIXES, "--plot")
     spec = replace(spec, device=start_data_parallel(spec.device))
     offload_device = (spec.device or "cpu") if spec.offload == "layerwise" else None
-    model, tokenizer = spec.load(offloaded=offload_device is not None)
+    model, tokenizer = load_from_settings(spec, offloaded=offload_device is not None)
     sizes = (args.block_size,) if args.block_size else ()
     result = score(model, tokenizer, [s.label for s in specs], recipe.calibration, recipe.options, sizes,
                    offload_device=offload_device)

@@ -22,16 +22,10 @@ from simdiff.config.flags import (
     comma_list,
     field_flags,
     layer_list,
-    names,
     option,
 )
+from simdiff.config.settings import DTYPE_NAMES, EvalSettings, Options, SearchSettings
 from simdiff.core.errors import SimdiffError
-from simdiff.criteria.registry import Options
-from simdiff.data import batches, calibration_windows
-from simdiff.data.windows import Batch
-from simdiff.evaluate.suite import EvalSettings
-from simdiff.model.load import DTYPES
-from simdiff.selection.search import SearchSettings
 
 RECIPE_KEY = "recipe"
 
@@ -43,7 +37,7 @@ class ModelSettings:
     name: str = option("", "model directory, hub id (org/name), or built-in name (smollm2-135m)", flag="model",
                        shown="required")
     dtype: str = option("auto", "weights' dtype, loaded and saved (statistics are float32 either way)",
-                        choices=tuple(DTYPES), shown="auto, the checkpoint's own")
+                        choices=DTYPE_NAMES, shown="auto, the checkpoint's own")
     device: str | None = option(None, "device to run on, e.g. cpu, cuda, cuda:1", shown="cpu")
     device_map: str | None = option(None, "accelerate placement, e.g. auto (several GPUs + CPU)")
     offload: str | None = option(None, "layerwise: keep the model in CPU memory and score it one decoder layer at "
@@ -53,14 +47,6 @@ class ModelSettings:
                                   shown="the default branch")
     trust_remote_code: bool = option(False, "run the model's own Python code (auto_map); only for sources you trust")
 
-    def load(self, name: str | None = None, offloaded: bool = False):
-        """``(model, tokenizer)`` of this model (or of ``name``, e.g. its pruned copy) with these settings;
-        ``offloaded``: left in CPU memory for layer-wise scoring."""
-        from simdiff.model import load_model
-
-        source = {"revision": self.revision} if name is None else {}
-        return load_model(name or self.name, self.dtype, None if offloaded else self.device, self.device_map,
-                          trust_remote_code=self.trust_remote_code, **source)
 
 
 @dataclass
@@ -87,9 +73,6 @@ class Calibration:
             if value < least:
                 raise SimdiffError(f"{flag} must be >= {least}, got {value}")
 
-    def batches(self, tokenizer) -> list[Batch]:
-        windows = calibration_windows(tokenizer, self.source, self.samples, self.seq_len, self.seed, self.data_dir)
-        return batches(windows, self.batch_size, self.skip_first_token)
 
 
 @dataclass
@@ -135,10 +118,9 @@ class Recipe:
 
     def criteria(self) -> list[str]:
         """The criterion specs, ``all`` expanded."""
-        from simdiff.criteria import CRITERIA
+        from simdiff.selection.spec import criterion_names  # the one spec parser, lazily (no torch)
 
-        text = self.selection.criterion.strip()
-        return list(CRITERIA) if text == "all" else names(text)
+        return criterion_names(self.selection.criterion)
 
     def is_comparison(self) -> bool:
         """Several criteria or counts: a comparison (``simdiff compare``) rather than one prune."""
@@ -146,7 +128,7 @@ class Recipe:
 
     def check(self) -> Recipe:
         """Semantic checks that need no model; raises :class:`SimdiffError` naming the field."""
-        from simdiff.workflows.compare import parse_candidates
+        from simdiff.selection.spec import parse_candidates  # the registry, lazily (no torch)
 
         if not self.model.name:
             raise SimdiffError("recipe field model.name is empty; name a model directory, hub id or smollm2-135m")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from simdiff.config.settings import NORMALIZER_NAMES
 from simdiff.core.errors import SimdiffError
 
 
@@ -34,6 +35,8 @@ def rank(values: np.ndarray) -> np.ndarray:
 
 
 NORMALIZERS = {"minmax": minmax, "zscore": zscore, "rank": rank}
+
+assert tuple(NORMALIZERS) == NORMALIZER_NAMES, "simdiff.config.settings.NORMALIZER_NAMES lists these"
 
 
 def normalize(values: np.ndarray, method: str) -> np.ndarray:

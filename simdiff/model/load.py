@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from simdiff.config.settings import DTYPE_NAMES
 from simdiff.core.cache import (  # noqa: F401  (re-exported)
     BUILTIN_MODELS,
     BuiltinModel,
@@ -36,6 +37,7 @@ from simdiff.model.layers import find_decoder_layers
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+assert tuple(DTYPES) == DTYPE_NAMES, "simdiff.config.settings.DTYPE_NAMES lists these"
 
 
 def parse_dtype(name: str) -> torch.dtype | str:
@@ -171,3 +173,11 @@ def _load_tokenizer(name: str, path: str, source: dict):
 def model_device(model) -> torch.device:
     """The device of the model's input embeddings (where input ids must go)."""
     return model.get_input_embeddings().weight.device
+
+
+def load_from_settings(settings, name: str | None = None, offloaded: bool = False):
+    """``(model, tokenizer)`` as :class:`~simdiff.config.recipe.ModelSettings` say (or of ``name``, e.g. its
+    pruned copy, with the same settings); ``offloaded``: left in CPU memory for layer-wise scoring."""
+    source = {"revision": settings.revision} if name is None else {}
+    return load_model(name or settings.name, settings.dtype, None if offloaded else settings.device,
+                      settings.device_map, trust_remote_code=settings.trust_remote_code, **source)

@@ -48,10 +48,10 @@ import torch
 from torch import nn
 
 from simdiff.collect.nll import standard_error, window_nlls
-from simdiff.config.flags import names, option
+from simdiff.config.settings import AUTO, DEFAULT_POOL, OBJECTIVES, SearchSettings, is_auto  # noqa: F401  (re-exported)
 from simdiff.core.errors import SimdiffError
 from simdiff.core.progress import progress
-from simdiff.criteria import Evidence, Options, get_criterion
+from simdiff.criteria import Evidence, Options
 from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, sample_windows, tokenize_text
 from simdiff.data.windows import Batch
 from simdiff.model.layers import bypass_layers
@@ -66,43 +66,11 @@ from simdiff.selection.evidence import (
     needs_of,
 )
 from simdiff.selection.rank import select_layers
+from simdiff.selection.spec import BEST_OF  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
-BEST_OF = "best-of"
-OBJECTIVES = ("kl", "ppl")
-DEFAULT_POOL = ("simdiff", "block_influence", "angular_block", "mssd", "masd")
 DEFAULT_ALPHA = Options().alpha
-
-
-def is_auto(alpha: object) -> bool:
-    return isinstance(alpha, str) and alpha.strip().lower() == AUTO
-
-
-@dataclass
-class SearchSettings:
-    """How held-out selection works: the objective, the cap on distinct candidates, and best-of's pool."""
-
-    objective: str = option("kl", "held-out objective: kl, mean KL(dense || pruned) of next-token distributions; "
-                                  "ppl, perplexity", choices=OBJECTIVES)
-    max_candidates: int = option(16, "most distinct alpha-path sets evaluated")
-    margin: float = option(2.0, "standard errors (paired over held-out windows) by which a candidate must beat the "
-                                "default alpha's set to replace it; 0: the lowest held-out score wins")
-    pool: list[str] = option(help="criteria best-of pools; simdiff stands for its whole alpha path; ppl_skip and "
-                                  "taylor add their passes", parse=names, default_factory=lambda: list(DEFAULT_POOL))
-
-    def check(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise SimdiffError(f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.max_candidates < 2:
-            raise SimdiffError(f"--max-candidates must be >= 2, got {self.max_candidates}")
-        if not (math.isfinite(self.margin) and self.margin >= 0):
-            raise SimdiffError(f"--margin must be a number >= 0 (standard errors), got {self.margin}")
-        if not self.pool:
-            raise SimdiffError("--pool must name at least one criterion")
-        for name in self.pool:
-            get_criterion(name)
 
 
 # -- disjoint scoring / held-out windows --------------------------------------------------------------------

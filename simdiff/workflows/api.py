@@ -12,9 +12,11 @@ from simdiff.config.recipe import Calibration, Recipe, recipe_from_settings
 from simdiff.core.errors import SimdiffError
 from simdiff.core.outputs import OutputDir, claim_output_dir
 from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_criterion
+from simdiff.data import calibration_batches
 from simdiff.data.text import text_variant
 from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
+from simdiff.model.load import load_from_settings
 from simdiff.selection.evidence import (
     ScoreResult,
     Selection,
@@ -57,7 +59,7 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
     ``offload_device``: collect the statistics one decoder layer at a time on that device (layer-wise offload).
     """
     from simdiff.selection.evidence import score_layers
-    from simdiff.workflows.compare import CandidateSpec
+    from simdiff.selection.spec import CandidateSpec
 
     calibration, options = calibration or Calibration(), options or Options()
     specs = [CandidateSpec.parse(name) for name in criteria]
@@ -65,7 +67,7 @@ def score(model, tokenizer, criteria: list[str], calibration: Calibration | None
         reject_auto(spec.options(options))
     names = list(dict.fromkeys(spec.criterion for spec in specs))
     check_seq_len(model, calibration.seq_len)
-    result = score_layers(model, calibration.batches(tokenizer), names, options, block_sizes,
+    result = score_layers(model, calibration_batches(calibration, tokenizer), names, options, block_sizes,
                           offload_device=offload_device)
     result.scores = {spec.label: importance(spec.criterion, result.evidence, spec.options(options))
                      for spec in specs}
@@ -79,7 +81,7 @@ def select_for_model(model, tokenizer, criterion: str, count: int, calibration: 
     get_criterion(criterion)
     if iterative and offload_device is not None:
         raise SimdiffError("--offload layerwise supports one-shot selection only; drop --iterative or --offload")
-    calib_batches = calibration.batches(tokenizer)
+    calib_batches = calibration_batches(calibration, tokenizer)
     reported = sorted({criterion, *FREE_CRITERIA}, key=list(CRITERIA).index)
     evidence = gather_evidence(model, calib_batches, needs_of(reported), block_sizes_for(reported, [count]),
                                offload_device=offload_device)
@@ -115,7 +117,7 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
     Under ``torchrun``/``accelerate launch`` the scoring is data parallel (:mod:`simdiff.collect.distributed`) and only
     rank 0 saves (the other ranks return a result with ``out=None``).
     """
-    from simdiff.workflows.compare import CandidateSpec
+    from simdiff.selection.spec import CandidateSpec
 
     if recipe.is_comparison():
         raise SimdiffError(f"prune takes one criterion and one count, got criterion {recipe.selection.criterion!r}, "
@@ -143,7 +145,7 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
     with claiming as claim:
         spec_model = replace(spec_model, device=start_data_parallel(spec_model.device))
         offload_device = (spec_model.device or "cpu") if spec_model.offload == "layerwise" else None
-        model, tokenizer = spec_model.load(offloaded=offload_device is not None)
+        model, tokenizer = load_from_settings(spec_model, offloaded=offload_device is not None)
         total = len(find_decoder_layers(model))
         if sel.layers is not None:
             return prune_given_layers(model, tokenizer, recipe, claim, total)

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch import nn
 
 from simdiff.core.errors import SimdiffError
 from simdiff.core.outputs import MARKER, OutputDir, claimed_dir
-from simdiff.criteria import Options, get_criterion
+from simdiff.criteria import Options
 from simdiff.data import batches, calibration_windows
 from simdiff.data.text import text_variant
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
@@ -30,7 +30,8 @@ from simdiff.model.checks import check_seq_len
 from simdiff.model.layers import bypass_layers, find_decoder_layers
 from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
 from simdiff.selection.rank import check_removable
-from simdiff.selection.search import BEST_OF, Searcher, SearchSettings, is_auto, search_kind, searched_options
+from simdiff.selection.search import Searcher, SearchSettings, search_kind, searched_options
+from simdiff.selection.spec import BEST_OF, OPTION_TYPES, CandidateSpec, parse_candidates  # noqa: F401  (re-exported)
 from simdiff.store.save import provenance
 
 log = logging.getLogger(__name__)
@@ -38,54 +39,6 @@ log = logging.getLogger(__name__)
 RESULTS_JSON, RESULTS_MD, RECIPE_YAML = "results.json", "results.md", "recipe.yaml"
 RANKS_PNG, PPL_PNG = "layer_ranks.png", "perplexity_vs_removed.png"
 PLOTS = [RANKS_PNG, PPL_PNG, "layer_ranks.svg", "perplexity_vs_removed.svg"]
-OPTION_TYPES = {"alpha": float, "beta": float, "normalize": str, "diff_scale": str, "seed": int}
-
-
-@dataclass(frozen=True)
-class CandidateSpec:
-    """A criterion with optional option overrides, written ``name`` or ``name:key=value[:key=value]``."""
-
-    label: str
-    criterion: str
-    overrides: tuple[tuple[str, object], ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> CandidateSpec:
-        name, *parts = [p.strip() for p in text.strip().split(":")]
-        if name != BEST_OF:
-            get_criterion(name)
-        overrides = []
-        for part in parts:
-            key, sep, value = part.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in OPTION_TYPES:
-                raise SimdiffError(f"bad criterion option {part!r} in {text!r}; write name:key=value with key one "
-                                   f"of {', '.join(OPTION_TYPES)} (e.g. simdiff:alpha=auto)")
-            if key == "alpha" and is_auto(value):
-                overrides.append((key, "auto"))
-                continue
-            try:
-                overrides.append((key, OPTION_TYPES[key](value)))
-            except ValueError:
-                raise SimdiffError(f"bad value {value!r} for {key} in {text!r}") from None
-        return cls(text.strip(), name, tuple(overrides))
-
-    def options(self, base: Options) -> Options:
-        return replace(base, **dict(self.overrides))
-
-
-def parse_candidates(value: str) -> list[CandidateSpec]:
-    """Comma-separated candidate specs (``all`` = every registered criterion); duplicates are an error."""
-    from simdiff.criteria import CRITERIA
-
-    texts = list(CRITERIA) if value.strip() == "all" else [t for t in value.split(",") if t.strip()]
-    specs = [CandidateSpec.parse(t) for t in texts]
-    labels = [s.label for s in specs]
-    if not specs or len(set(labels)) != len(labels):
-        raise SimdiffError(f"--criterion must list distinct criteria, got {value!r}")
-    return specs
-
-
 @dataclass
 class CompareSetup:
     """Everything a comparison needs besides the model."""
