@@ -310,7 +310,7 @@ def test_bad_baseline_json_before_evaluation(content, pattern, checkpoints, tmp_
     ("corrupt state.pt", r"state\.pt is damaged"),
 ])
 def test_resume_from_damaged_checkpoint_names_the_file(damage, pattern, checkpoints, texts, tmp_path, capsys):
-    from simdiff.recover.config import RecoverConfig
+    from simdiff.config.recover import RecoverConfig
 
     step = tmp_path / "ckpt" / "step-0000001"
     step.mkdir(parents=True)

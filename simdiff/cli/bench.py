@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 
-from simdiff.bench.run import BenchSettings
 from simdiff.cli.options import (
     add_command_flags,
     add_fields,
@@ -14,6 +13,7 @@ from simdiff.cli.options import (
     add_output_options,
     section_from,
 )
+from simdiff.config.settings import BenchSettings
 from simdiff.core.errors import SimdiffError
 
 log = logging.getLogger("simdiff")

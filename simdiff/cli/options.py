@@ -1,7 +1,7 @@
 """The one option vocabulary of the command line, generated from the settings dataclasses.
 
 Every flag comes from a dataclass field declared with :func:`simdiff.config.flags.option` (the recipe sections in
-:mod:`simdiff.config.recipe`, :class:`simdiff.recover.config.RecoverConfig`, :class:`simdiff.bench.run.BenchSettings`
+:mod:`simdiff.config.recipe`, :class:`simdiff.config.recover.RecoverConfig`, :class:`simdiff.bench.run.BenchSettings`
 and :class:`CommandFlags` below), so a flag has one name, type, help text and meaning in every subcommand;
 only its default may differ by command. Adding a setting is one field; every subcommand taking its section
 gets the flag. Flags that were renamed fail with a one-line hint (:data:`RENAMED`).
@@ -23,8 +23,8 @@ from simdiff.config.recipe import (
     SelectionSettings,
     recipe_from_dict,
 )
+from simdiff.config.settings import Options
 from simdiff.core.errors import SimdiffError
-from simdiff.criteria import Options
 
 SECTION_MARK = "_section_"
 RENAMED = {
@@ -131,13 +131,13 @@ def add_selection_options(parser: argparse.ArgumentParser, **kwargs) -> None:
 
 def add_search_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     """How --alpha auto and --criterion best-of choose on held-out calibration windows (simdiff.selection.search)."""
-    from simdiff.selection.search import SearchSettings
+    from simdiff.config.settings import SearchSettings
 
     add_fields(parser, SearchSettings, "held-out selection (--alpha auto, --criterion best-of)", **kwargs)
 
 
 def add_evaluation_options(parser: argparse.ArgumentParser, **kwargs) -> None:
-    from simdiff.evaluate.suite import EvalSettings
+    from simdiff.config.settings import EvalSettings
 
     add_fields(parser, EvalSettings, "evaluation", **kwargs)
 

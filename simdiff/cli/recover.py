@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from simdiff.cli.options import add_fields, add_model_options, add_output_options, section_from
+from simdiff.config.recover import RecoverConfig
+from simdiff.config.settings import Evaluation
 from simdiff.core.errors import SimdiffError
-from simdiff.recover.api import Evaluation
-from simdiff.recover.config import RecoverConfig
 
 
 def add_recover_command(subparsers) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, names, number_or_auto, option
+from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, field_flags, names, number_or_auto, option
 from simdiff.core.errors import SimdiffError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # simdiff.model.load.DTYPES maps them to torch dtypes
@@ -124,3 +124,37 @@ class EvalSettings:
         if not self.ppl and not self.tasks:
             raise SimdiffError("nothing to evaluate: give --ppl wikitext2 and/or --tasks piqa")
         return self
+
+
+@dataclass
+class BenchSettings:
+    """Shapes and repeat counts of a benchmark."""
+
+    batch_size: int = option(4, "prefill batch size", flag="--prefill-batch-size")
+    seq_len: int = option(256, "prefill tokens per sequence", flag="--prefill-seq-len")
+    prompt_len: int = option(32, "decode prompt length")
+    new_tokens: int = option(32, "timed decode steps")
+    decode_batch: int = option(16, "batch N of the second decode figure (batch 1 is always measured)")
+    warmup: int = option(1, "untimed runs before timing")
+    repeats: int = option(5, "timed runs (the median is reported)")
+    compile: bool = option(False, "decode with a static KV cache and torch.compile (CUDA graphs on GPUs)")
+    compile_backend: str = option("inductor", "torch.compile backend (with --compile)")
+
+    def check(self) -> None:
+        for flag in field_flags(BenchSettings):
+            if flag.field in ("batch_size", "seq_len", "prompt_len", "new_tokens", "decode_batch", "repeats") \
+                    and getattr(self, flag.field) < 1:
+                raise SimdiffError(f"{flag.flag} must be >= 1, got {getattr(self, flag.field)}")
+        if self.warmup < 0:
+            raise SimdiffError(f"--warmup must be >= 0, got {self.warmup}")
+
+
+@dataclass
+class Evaluation:
+    """WikiText-2 test perplexity settings for the before/after comparison."""
+
+    max_tokens: int = option(16384, "score only the first N tokens of each evaluation text")
+    seq_len: int | None = option(None, "tokens per perplexity window, BOS included", flag="--eval-seq-len",
+                                 shown="the training window")
+    batch_size: int = option(4, "perplexity windows per forward pass", flag="--eval-batch-size")
+    data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)

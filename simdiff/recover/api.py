@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from simdiff.collect.nll import NLL
-from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
+from simdiff.config.recover import RecoverConfig
+from simdiff.config.settings import Evaluation
 from simdiff.core.errors import SimdiffError
 from simdiff.core.outputs import OutputDir, check_not_protected, check_output_dir, claim_output_dir
 from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
@@ -20,7 +21,6 @@ from simdiff.data.text import NAMED_DATASETS, read_text_file, text_digest, text_
 from simdiff.model.checks import check_seq_len
 from simdiff.model.load import load_model, resolve_model_path
 from simdiff.recover.checkpoint import check_checkpoint_files, read_trainer, resolve_checkpoint
-from simdiff.recover.config import RecoverConfig
 from simdiff.recover.data import TRAIN_SPLIT, training_text
 from simdiff.recover.lora import attach_lora, count_parameters, merge
 from simdiff.recover.train import TrainResult, distributed_nll, make_accelerator, train_lora
@@ -32,17 +32,6 @@ log = logging.getLogger(__name__)
 PLOT_FILE = "recovery_loss.png"
 EVAL_SOURCE = "wikitext2"
 EVAL_SPLIT = "test"
-
-
-@dataclass
-class Evaluation:
-    """WikiText-2 test perplexity settings for the before/after comparison."""
-
-    max_tokens: int = option(16384, "score only the first N tokens of each evaluation text")
-    seq_len: int | None = option(None, "tokens per perplexity window, BOS included", flag="--eval-seq-len",
-                                 shown="the training window")
-    batch_size: int = option(4, "perplexity windows per forward pass", flag="--eval-batch-size")
-    data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
 
 
 @dataclass

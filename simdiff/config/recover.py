@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
+from simdiff.config.settings import SEED_HELP
 from simdiff.core.errors import SimdiffError
-from simdiff.criteria.registry import SEED_HELP
 
 ALL_LINEAR = "all-linear"
 
