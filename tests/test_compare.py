@@ -77,8 +77,8 @@ def test_compare_writes_all_outputs_one_row_per_candidate(tmp_path, monkeypatch,
 
     monkeypatch.setattr(simdiff.selection.evidence, "collect_layer_statistics", counting)
     loads = []
-    real_load = simdiff.model.load_model
-    monkeypatch.setattr(simdiff.model, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    real_load = simdiff.model.load.load_model  # what load_from_settings calls
+    monkeypatch.setattr(simdiff.model.load, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     folder = save_tiny("llama", tmp_path / "tiny")
     out = tmp_path / "cmp"
     criteria = "simdiff,block_influence,angular_block,mssd,ppl_skip,reverse,random"

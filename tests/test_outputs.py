@@ -75,7 +75,7 @@ def no_model_work(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output path was validated")
 
-    monkeypatch.setattr("simdiff.model.load_model", refuse)  # every command loads through it (ModelSettings.load)
+    monkeypatch.setattr("simdiff.model.load.load_model", refuse)  # every command loads through it (load_from_settings)
 
 
 # -- defect 1: what appears at --out during a run is never deleted; concurrent runs -------------------------
