@@ -35,3 +35,16 @@ def test_package_import_is_lazy_but_complete() -> None:
 
     assert {"prune", "score", "Recipe", "remove_layers"} <= set(dir(simdiff))
     assert callable(simdiff.prune) and simdiff.Recipe.__name__ == "Recipe"
+
+
+def test_prune_says_what_it_will_do_before_torch_loads(tmp_path) -> None:
+    probe = ("import logging, sys\nseen = []\nclass Probe(logging.Handler):\n"
+             "    def emit(self, record):\n        seen.append((record.getMessage(), 'torch' in sys.modules))\n"
+             "logging.getLogger('simdiff').addHandler(Probe())\nfrom simdiff.cli.main import main\n"
+             "main(sys.argv[1:])\nprint(repr(seen[0]), file=sys.stderr)")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", probe, "prune", str(tmp_path / "no-such-model"), "--num-layers", "2",
+                           "--out", str(out)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    message, torch_loaded = eval(done.stderr.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    assert message == f"pruning {tmp_path / 'no-such-model'}: removing 2 layers by simdiff, saving to {out}"
+    assert not torch_loaded

@@ -102,11 +102,21 @@ def add_prune_command(subparsers) -> None:
     add_calibration_options(parser)
     add_criterion_options(parser)
     add_search_options(parser)
-    parser.set_defaults(run=run_prune)
+    parser.set_defaults(run=run_prune, describe=describe_prune)
 
 
 def run_prune(args: argparse.Namespace) -> None:
     print_prune(recipe_from_args(args))
+
+
+def describe_prune(args: argparse.Namespace) -> str:
+    """The first line of ``simdiff prune``: what it will do (logged before torch loads)."""
+    recipe = recipe_from_args(args)
+    sel = recipe.selection
+    how = f"layers {sel.layers}" if sel.layers is not None else (
+        f"{(sel.num_layers or sel.ratio or ['?'])[0]}{' of the layers' if sel.ratio else ' layers'} by "
+        f"{sel.criterion}")
+    return f"pruning {recipe.model.name}: removing {how}, saving to {recipe.out}"
 
 
 def print_prune(recipe) -> None:
@@ -186,7 +196,11 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     for noisy in ("transformers", "accelerate", "urllib3", "filelock", "matplotlib", "httpx", "gguf"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     set_progress(not quiet)
-    from transformers.utils import logging as hf_logging  # its own bars (model loading)
+
+
+def configure_transformers(quiet: bool) -> None:
+    """transformers' own progress bars (model loading) follow -q; imports transformers, so after the first line."""
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar() if quiet else hf_logging.enable_progress_bar()
 
@@ -200,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(args.verbose, args.quiet)
     try:
+        if getattr(args, "describe", None) is not None:
+            log.info(args.describe(args))  # what it will do, before torch loads
+        configure_transformers(args.quiet)
         args.run(args)
     except SimdiffError as exc:
         print(f"simdiff: error: {one_line(str(exc))}", file=sys.stderr)
