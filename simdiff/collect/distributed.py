@@ -98,7 +98,7 @@ def shard_batches(batches: Sequence, world: World) -> list:
     """This rank's batches: batch i goes to rank i mod world size."""
     if len(batches) < world.size:
         raise SimdiffError(f"the calibration gives {len(batches)} batches for {world.size} processes; use more "
-                           "--samples or a smaller --batch-size (at least one batch per process)")
+                           "--samples or a smaller --calib-batch-size (at least one batch per process)")
     return list(batches[world.rank::world.size])
 
 

@@ -34,7 +34,8 @@ class Options:
 
     alpha: float | str = option(0.75, "SimDiff weight of the similarity term (1 - alpha goes to the difference "
                                       "terms); 'auto' evaluates every distinct selection along alpha in [0, 1] on "
-                                      "held-out calibration windows (--objective) and keeps the best",
+                                      "held-out calibration windows (--objective) and keeps the default's set unless a "
+                                      "candidate beats it by --margin standard errors",
                                 parse=number_or_auto)
     beta: float = option(1.0, "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)")
     normalize: str = option("rank", "how each SimDiff metric is normalised across layers", choices=NORMALIZER_NAMES)

@@ -107,7 +107,7 @@ def protocol_of(record: dict) -> dict:
     """What must match for two evaluations to be compared: windows, tokens, limit, shots, task versions."""
     settings = record.get("settings", {})
     return {
-        "eval window (--seq-len)": settings.get("seq_len"),
+        "eval window (--eval-seq-len)": settings.get("seq_len"),
         "--max-tokens": settings.get("max_tokens"),
         "--limit": settings.get("limit"),
         "--num-fewshot": settings.get("num_fewshot"),
