@@ -17,19 +17,18 @@ from simdiff.data.text import text_variant
 from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import load_from_settings
+from simdiff.selection.choose import choose, make_searcher, search_pool
 from simdiff.selection.evidence import (
     ScoreResult,
     Selection,
     block_sizes_for,
     check_data_parallel_support,
-    choose_iterative,
-    choose_one_shot,
     gather_evidence,
     importance,
     needs_of,
 )
 from simdiff.selection.rank import check_removable, resolve_count
-from simdiff.selection.search import BEST_OF, Searcher, reject_auto, search_kind, searched_options
+from simdiff.selection.search import BEST_OF, reject_auto, search_kind
 from simdiff.store.lineage import compose_rounds, input_metadata
 from simdiff.store.save import provenance, save_model
 from simdiff.surgery.layers import remove_layers, validate_layer_indices
@@ -86,12 +85,9 @@ def select_for_model(model, tokenizer, criterion: str, count: int, calibration: 
     evidence = gather_evidence(model, calib_batches, needs_of(reported), block_sizes_for(reported, [count]),
                                offload_device=offload_device)
     result = ScoreResult(evidence, options, {name: importance(name, evidence, options) for name in reported})
-    if iterative:
-        selection = choose_iterative(model, calib_batches, criterion, count, options, keep_first, keep_last,
-                                     initial=evidence)
-    else:
-        selection = choose_one_shot(criterion, evidence, count, options, keep_first, keep_last)
-    return selection, result
+    choice = choose(criterion, count, options, evidence, keep_first=keep_first, keep_last=keep_last,
+                    iterative=iterative, model=model, batches=calib_batches)
+    return choice.selection, result
 
 
 def prune(recipe: Recipe | str, out: str | Path | None = None, **settings) -> PruneResult:
@@ -135,7 +131,7 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         if spec_model.offload is not None:
             raise SimdiffError(f"{criterion if kind == BEST_OF else '--alpha auto'} needs the model in memory; "
                                "drop --offload")
-    pool = search.pool if kind == BEST_OF else ("simdiff",)
+    pool = search_pool({kind}, search)
     check_device(spec_model.device)
     scored = [*FREE_CRITERIA, *(pool if kind is not None else [criterion])]
     check_data_parallel_support(set() if sel.layers is not None else needs_of(scored), spec_model.device_map)
@@ -159,10 +155,10 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
                                                  offload_device=offload_device)
         else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.selection.search)
             reported = sorted(set(scored), key=list(CRITERIA).index)
-            searcher = Searcher(model, tokenizer, calibration, search, [count], reported, sel.keep_first,
-                                sel.keep_last)
-            searched = searcher.search(kind, count, searched_options(options))
-            selection, options = searcher.selection(searched, searched_options(options))
+            searcher = make_searcher(model, tokenizer, calibration, search, [count], {kind}, sel.keep_first,
+                                     sel.keep_last, reported=reported)
+            choice = choose(criterion, count, options, searcher=searcher)
+            searched, selection, options = choice.search, choice.selection, choice.options
             scores = ScoreResult(searcher.evidence, options,
                                  {name: importance(name, searcher.evidence, options) for name in reported})
         log.info("%s removes layers %s of %d", criterion, selection.removed, total)

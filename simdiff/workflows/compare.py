@@ -28,9 +28,10 @@ from simdiff.data.text import text_variant
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
 from simdiff.model.checks import check_seq_len
 from simdiff.model.layers import bypass_layers, find_decoder_layers
-from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence, importance, needs_of
+from simdiff.selection.choose import choose, make_searcher
+from simdiff.selection.evidence import block_sizes_for, gather_evidence, importance, needs_of
 from simdiff.selection.rank import check_removable
-from simdiff.selection.search import Searcher, SearchSettings, search_kind, searched_options
+from simdiff.selection.search import Searcher, SearchSettings, search_kind
 from simdiff.selection.spec import BEST_OF, OPTION_TYPES, CandidateSpec, parse_candidates  # noqa: F401  (re-exported)
 from simdiff.store.save import provenance
 
@@ -110,12 +111,9 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
 
 def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int]) -> Searcher | None:
     """The held-out searcher, when a candidate needs one (simdiff:alpha=auto or best-of)."""
-    kinds = {search_kind(s.criterion, s.options(setup.options)) for s in setup.specs} - {None}
-    if not kinds:
-        return None
-    pool = setup.search.pool if BEST_OF in kinds else ("simdiff",)
-    return Searcher(model, tokenizer, setup.calibration, setup.search, counts, pool, setup.keep_first,
-                    setup.keep_last)
+    kinds = {search_kind(s.criterion, s.options(setup.options)) for s in setup.specs}
+    return make_searcher(model, tokenizer, setup.calibration, setup.search, counts, kinds, setup.keep_first,
+                         setup.keep_last)
 
 
 def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: CandidateSpec, count: int,
@@ -123,15 +121,14 @@ def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: Cand
     start = time.perf_counter()
     options = spec.options(setup.options)
     row: dict = {"label": spec.label, "criterion": spec.criterion, "count": count}
-    kind = search_kind(spec.criterion, options)
+    choice = choose(spec.criterion, count, options, evidence, searcher, setup.keep_first, setup.keep_last)
+    selection, kind = choice.selection, choice.kind
     if kind is not None:
-        search = searcher.search(kind, count, searched_options(options))
-        selection, options = searcher.selection(search, searched_options(options))
-        row["alpha_search" if kind == "alpha" else "best_of"] = search.to_dict()
+        options = choice.options
+        row["alpha_search" if kind == "alpha" else "best_of"] = choice.search.to_dict()
         if kind == "alpha":
             profiles.setdefault(spec.label, importance("simdiff", searcher.evidence, options))
     else:
-        selection = choose_one_shot(spec.criterion, evidence, count, options, setup.keep_first, setup.keep_last)
         profiles.setdefault(spec.label, importance(spec.criterion, evidence, options))
     row["options"] = vars(options)
     key = tuple(selection.removed)
