@@ -43,7 +43,8 @@ from simdiff.core.progress import set_progress
 from simdiff.criteria import LAYER_STATS, Options
 from simdiff.data import batches as make_batches
 from simdiff.model.layers import find_decoder_layers
-from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence
+from simdiff.selection.choose import choose
+from simdiff.selection.evidence import block_sizes_for, gather_evidence
 from simdiff.store.save import save_model
 from simdiff.store.verify import safetensors_files, same_bytes, written_tensors
 from simdiff.surgery.layers import remove_layers
@@ -115,7 +116,7 @@ def scoring_step(model, p: dict, device: torch.device) -> tuple[list[int], dict]
                 "time_ratio": figures["scoring_s"] / figures["plain_s"],
                 "peak_memory_ratio": figures["scoring_peak_bytes"] / figures["plain_peak_bytes"],
                 "memory_method": peak.method}
-    selection = choose_one_shot("simdiff", evidence["last"], p["remove"], Options())
+    selection = choose("simdiff", p["remove"], Options(), evidence["last"]).selection
     return selection.removed, figures
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from simdiff.config.recipe import load_recipe
 from simdiff.data import calibration_batches
 from simdiff.model import load_model
-from simdiff.selection.evidence import block_sizes_for, choose_one_shot, gather_evidence, needs_of
+from simdiff.selection.choose import choose
+from simdiff.selection.evidence import block_sizes_for, gather_evidence, needs_of
 from simdiff.workflows.compare import CandidateSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def main() -> None:
     for name in CRITERIA:
         options = CandidateSpec.parse(name).options(recipe.options)
         for count in counts:
-            removed = choose_one_shot(name, evidence, count, options).removed
+            removed = choose(name, count, options, evidence).selection.removed
             same += removed == documented[(name, count)]
             verdict = "same" if removed == documented[(name, count)] else "DIFFERENT"
             print(f"{name:16s} {count}: {removed} documented {documented[(name, count)]} {verdict}")
