@@ -88,8 +88,8 @@ def base_type(value_type: Any) -> tuple[Any, bool]:
 
 def number_or_auto(text: str) -> float | str:
     """A number, or ``auto`` (tuned per model and layer count, see simdiff.selection.search)."""
-    if str(text).strip().lower() == "auto":
-        return "auto"
+    if is_auto(str(text)):
+        return AUTO
     try:
         return float(text)
     except ValueError:
@@ -118,3 +118,11 @@ def comma_list(parse: Callable[[str], Any], what: str) -> Callable[[str], list]:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
     parse_list.__name__ = f"list of {what}"
     return parse_list
+
+
+AUTO = "auto"
+
+
+def is_auto(alpha: object) -> bool:
+    """``auto`` (any case, spaces around): the one test for it (--alpha, recipes, criterion specs)."""
+    return isinstance(alpha, str) and alpha.strip().lower() == AUTO

@@ -8,18 +8,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from simdiff.config.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, field_flags, names, number_or_auto, option
+from simdiff.config.flags import (  # noqa: F401  (AUTO, is_auto re-exported)
+    AUTO,
+    DATA_DIR_HELP,
+    DATA_DIR_SHOWN,
+    field_flags,
+    is_auto,
+    names,
+    number_or_auto,
+    option,
+)
 from simdiff.core.errors import SimdiffError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # simdiff.model.load.DTYPES maps them to torch dtypes
 NORMALIZER_NAMES = ("minmax", "zscore", "rank")  # simdiff.criteria.normalize.NORMALIZERS implements them
-
-
-AUTO = "auto"
-
-
-def is_auto(alpha: object) -> bool:
-    return isinstance(alpha, str) and alpha.strip().lower() == AUTO
 
 
 DIFF_SCALES = ("absolute", "relative")
@@ -47,7 +49,7 @@ class Options:
         """Refuse out-of-range values when the options are made, before any calibration pass."""
         for name in ("alpha", "beta"):
             value = getattr(self, name)
-            if name == "alpha" and isinstance(value, str) and value.strip().lower() == "auto":
+            if name == "alpha" and is_auto(value):
                 continue  # tuned later by simdiff.selection.search
             if isinstance(value, str) or not 0.0 <= value <= 1.0:
                 raise SimdiffError(f"--{name} must lie in [0, 1]{' or be auto' if name == 'alpha' else ''}, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from simdiff.config.flags import names
+from simdiff.config.flags import AUTO, names
 from simdiff.config.settings import Options, is_auto
 from simdiff.core.errors import SimdiffError
 from simdiff.criteria.registry import get_criterion
@@ -38,7 +38,7 @@ class CandidateSpec:
                 raise SimdiffError(f"bad criterion option {part!r} in {text!r}; write name:key=value with key one "
                                    f"of {', '.join(OPTION_TYPES)} (e.g. simdiff:alpha=auto)")
             if key == "alpha" and is_auto(value):
-                overrides.append((key, "auto"))
+                overrides.append((key, AUTO))
                 continue
             try:
                 overrides.append((key, OPTION_TYPES[key](value)))
