@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from simdiff.config.settings import DIFF_SCALES, SEED_HELP, Options  # noqa: F401  (re-exported)
+from simdiff.core.errors import SimdiffError, did_you_mean
 
 if TYPE_CHECKING:  # the record type only: criteria never import collect (import-linter contract)
     from simdiff.collect.stats import LayerStatistics
-from simdiff.core.errors import SimdiffError, did_you_mean
 
 # What a criterion can need; the pipeline runs one collector per kind, once, for all criteria.
 LAYER_STATS = "layer_stats"  # one streaming hook pass (cosine, MSSD, MASD, angular blocks)
