@@ -24,7 +24,7 @@ def median_seconds(args: list[str]) -> float:
     times = []
     for _ in range(RUNS):
         start = time.perf_counter()
-        subprocess.run([sys.executable, *args], check=True, capture_output=True, env=env)
+        subprocess.run([sys.executable, *args], check=True, capture_output=True, env=env, cwd=REPO)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
