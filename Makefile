@@ -33,3 +33,4 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check simdiff tests benchmarks
+	$(VENV)/bin/lint-imports

@@ -6,7 +6,7 @@
 Needs llama-cpp-python, which is not a simdiff dependency (it builds from source in about 8 minutes):
 ``CMAKE_ARGS="-DGGML_CUDA=OFF" pip install llama-cpp-python``.
 
-The GGUF file is pruned with ``simdiff.export.gguf.prune_gguf`` (kept tensors byte-identical). Then, for the
+The GGUF file is pruned with ``simdiff.surgery.gguf.prune_gguf`` (kept tensors byte-identical). Then, for the
 dense and the pruned file: llama.cpp's perplexity over the first ``--tokens`` tokens of the WikiText-2 test
 split (one window, llama.cpp's own tokenization), transformers' perplexity of the dequantized GGUF on the
 same token ids, the fraction of positions where both predict the same next token, and llama.cpp's greedy
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simdiff.cli_options import add_data_dir_option, layer_list
+from simdiff.config.flags import DATA_DIR_HELP, layer_list
 from simdiff.data import load_text
-from simdiff.export.gguf import prune_gguf
 from simdiff.model.load import builtin_gguf_file
-from simdiff.save import provenance
+from simdiff.store.save import provenance
+from simdiff.surgery.gguf import prune_gguf
 
 SIMDIFF_8_OF_30 = "3,12,13,14,16,17,25,26"  # SimDiff's 8-layer selection on smollm2-135m (docs/results.md)
 
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     parser.add_argument("--prompt", default="The capital of France is")
-    add_data_dir_option(parser)
+    parser.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     args = parser.parse_args()
 
     dense_file = Path(args.gguf) if args.gguf else builtin_gguf_file("smollm2-135m")

@@ -34,20 +34,21 @@ from pathlib import Path
 
 import torch
 
-from simdiff.api import FREE_CRITERIA
 from simdiff.bench.measure import timed
 from simdiff.bench.memory import track_peak
 from simdiff.bench.models import random_model
 from simdiff.bench.run import BenchSettings, compare, decode_figures, describe_models, prefill_figures
 from simdiff.collect.hooks import run_decoder
+from simdiff.core.progress import set_progress
 from simdiff.criteria import LAYER_STATS, Options
 from simdiff.data import batches as make_batches
 from simdiff.model.layers import find_decoder_layers
-from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence
-from simdiff.progress import set_progress
-from simdiff.save import save_model
-from simdiff.surgery import remove_layers
-from simdiff.verify import safetensors_files, same_bytes, written_tensors
+from simdiff.selection.choose import choose
+from simdiff.selection.evidence import block_sizes_for, gather_evidence
+from simdiff.store.save import save_model
+from simdiff.store.verify import safetensors_files, same_bytes, written_tensors
+from simdiff.surgery.layers import remove_layers
+from simdiff.workflows.api import FREE_CRITERIA
 
 log = logging.getLogger("gpu_check")
 
@@ -115,7 +116,7 @@ def scoring_step(model, p: dict, device: torch.device) -> tuple[list[int], dict]
                 "time_ratio": figures["scoring_s"] / figures["plain_s"],
                 "peak_memory_ratio": figures["scoring_peak_bytes"] / figures["plain_peak_bytes"],
                 "memory_method": peak.method}
-    selection = choose_one_shot("simdiff", evidence["last"], p["remove"], Options())
+    selection = choose("simdiff", p["remove"], Options(), evidence["last"]).selection
     return selection.removed, figures
 
 
@@ -181,9 +182,9 @@ def speed_step(dense, pruned, p: dict) -> dict:
 
 def apply_step(dense, removed: list[int], pruned_dir: Path, workdir: Path) -> dict | str:
     """``simdiff apply`` of the same layers on the dense checkpoint, compared with the in-memory prune's save."""
-    if importlib.util.find_spec("simdiff.apply") is None:
+    if importlib.util.find_spec("simdiff.surgery.apply") is None:
         return "not available"
-    from simdiff.cli import main as simdiff_main
+    from simdiff.cli.main import main as simdiff_main
 
     dense_dir, applied = workdir / "dense", workdir / "applied"
     dense.save_pretrained(dense_dir)

@@ -3,7 +3,7 @@
     python benchmarks/kv_cache_ties.py --model smollm2-135m --dtype bfloat16
     python benchmarks/kv_cache_ties.py --model smollm2-135m --dtype float32
 
-The save check (simdiff.verify.check_cached_generation) accepts a different greedy token between the two
+The save check (simdiff.store.verify.check_cached_generation) accepts a different greedy token between the two
 paths only at a rounding tie; this measures the largest logit difference between the paths at the same
 positions, over eps x the largest logit, and the noise of the top-2 margin (the uncached path's two best tokens,
 difference of their margins on the two paths) in units in the last place of the dtype at the best logit, which
@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
-from simdiff.bench.measure import cache_kwarg
+from simdiff.core.progress import set_progress
 from simdiff.model import load_model
-from simdiff.progress import set_progress
-from simdiff.verify import prompt_ids, rounding_unit
+from simdiff.model.checks import cache_kwarg
+from simdiff.store.verify import prompt_ids, rounding_unit
 
 
 @torch.no_grad()

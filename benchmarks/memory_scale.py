@@ -35,7 +35,7 @@ TARGETS = {"prune": 1.15, "apply": 1.3}
 # of this program's own address space; ru_maxrss would carry over the parent's RSS at fork across exec).
 CHILD = """
 import json, sys
-from simdiff.cli import main
+from simdiff.cli.main import main
 code = main(sys.argv[1:])
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"code": code, "peak": int(hwm.split()[1]) * 1024}))

@@ -35,15 +35,16 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from simdiff.api import Calibration
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Options
 from simdiff.data import batches, calibration_windows
 from simdiff.evaluate.suite import EvalSettings, Evaluator
 from simdiff.model import load_model
-from simdiff.pipeline import block_sizes_for, choose_iterative, choose_one_shot, gather_evidence
-from simdiff.save import provenance
-from simdiff.surgery import bypass_layers
-from simdiff.tune import BEST_OF, Searcher, SearchSettings
+from simdiff.model.layers import bypass_layers
+from simdiff.selection.choose import choose, make_searcher
+from simdiff.selection.evidence import block_sizes_for, gather_evidence
+from simdiff.selection.search import BEST_OF, SearchSettings
+from simdiff.store.save import provenance
+from simdiff.workflows.api import Calibration
 
 ONE_SHOT = ("simdiff", "block_influence", "angular_block", "taylor", "ppl_skip")
 log = logging.getLogger("pruning_curve")
@@ -120,7 +121,7 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
         criterion = method.split(":")[0]
         for count in counts:
             doc["selections"].append({"method": method, "count": count,
-                                      "removed": choose_one_shot(criterion, evidence, count, options).removed})
+                                      "removed": choose(criterion, count, options, evidence).selection.removed})
 
     windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seq_len,
                                   calibration.seed, calibration.data_dir)
@@ -162,7 +163,7 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
         settings = SearchSettings(objective=objective)
         settings = replace(settings, margin=settings.margin if margin is None else margin)
         start = time.perf_counter()
-        searcher = Searcher(model, tokenizer, calibration, settings, counts, settings.pool)
+        searcher = make_searcher(model, tokenizer, calibration, settings, counts, {BEST_OF})  # the pool
         if args.one_pass and objective == "kl":
             doc["costs"]["evidence scoring windows"] = searcher.calibration_seconds
             for method in plain:
@@ -187,7 +188,8 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
             save()
         if "ppl_skip:iterative" in methods:
             start = time.perf_counter()
-            steps = choose_iterative(model, skip_batches, "ppl_skip", max(counts), options, initial=evidence).steps
+            steps = choose("ppl_skip", max(counts), options, evidence, iterative=True, model=model,
+                           batches=skip_batches).selection.steps
             order = [step["removed"] for step in steps]
             for count in counts:
                 doc["selections"].append({"method": "ppl_skip:iterative", "count": count,

@@ -13,10 +13,12 @@ import json
 import time
 from pathlib import Path
 
-from simdiff.compare import CandidateSpec
+from simdiff.config.recipe import load_recipe
+from simdiff.data import calibration_batches
 from simdiff.model import load_model
-from simdiff.pipeline import block_sizes_for, choose_one_shot, gather_evidence, needs_of
-from simdiff.recipe import load_recipe
+from simdiff.selection.choose import choose
+from simdiff.selection.evidence import block_sizes_for, gather_evidence, needs_of
+from simdiff.workflows.compare import CandidateSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = ["simdiff", "block_influence", "angular_block", "ppl_skip", "taylor", "reverse", "random"]
@@ -29,14 +31,14 @@ def main() -> None:
     counts = sorted({count for _, count in documented})
     model, tokenizer = load_model(recipe.model.name)
     start = time.perf_counter()
-    evidence = gather_evidence(model, recipe.calibration.batches(tokenizer), needs_of(CRITERIA),
+    evidence = gather_evidence(model, calibration_batches(recipe.calibration, tokenizer), needs_of(CRITERIA),
                                block_sizes_for(CRITERIA, counts))
     print(f"evidence collected in {time.perf_counter() - start:.0f} s")
     same = 0
     for name in CRITERIA:
         options = CandidateSpec.parse(name).options(recipe.options)
         for count in counts:
-            removed = choose_one_shot(name, evidence, count, options).removed
+            removed = choose(name, count, options, evidence).selection.removed
             same += removed == documented[(name, count)]
             verdict = "same" if removed == documented[(name, count)] else "DIFFERENT"
             print(f"{name:16s} {count}: {removed} documented {documented[(name, count)]} {verdict}")

@@ -3,7 +3,7 @@
     python benchmarks/save_memory.py --model smollm2-135m --remove 8
 
 Peak resident-set growth (VmHWM reset per phase, see simdiff.bench.memory) of ``save_pretrained`` (with
-simdiff's shard size) and of the save check (simdiff.verify), against the model's bytes and its largest
+simdiff's shard size) and of the save check (simdiff.store.verify), against the model's bytes and its largest
 tensor: the check streams the written tensors one at a time, so its growth should be about one tensor.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from simdiff.bench.memory import track_peak
 from simdiff.bench.weights import weight_bytes
+from simdiff.core.progress import set_progress
 from simdiff.model import load_model
 from simdiff.model.layers import find_decoder_layers
-from simdiff.progress import set_progress
-from simdiff.save import SHARD_SIZE
-from simdiff.surgery import remove_layers
-from simdiff.verify import verify_saved
+from simdiff.store.save import SHARD_SIZE
+from simdiff.store.verify import verify_saved
+from simdiff.surgery.layers import remove_layers
 
 
 def main() -> None:

@@ -18,17 +18,18 @@ import statistics
 
 import torch
 
-from simdiff.api import FREE_CRITERIA, Calibration
 from simdiff.bench.measure import timed
 from simdiff.bench.memory import track_peak
 from simdiff.collect.hooks import run_decoder
+from simdiff.core.progress import set_progress
 from simdiff.criteria import Options
+from simdiff.data import calibration_batches
 from simdiff.model import load_model
 from simdiff.model.layers import find_decoder_layers
-from simdiff.pipeline import block_sizes_for, score_layers
-from simdiff.progress import set_progress
-from simdiff.save import provenance
-from simdiff.select import resolve_count
+from simdiff.selection.evidence import block_sizes_for, score_layers
+from simdiff.selection.rank import resolve_count
+from simdiff.store.save import provenance
+from simdiff.workflows.api import FREE_CRITERIA, Calibration
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     device = torch.device(args.device)
-    batches = Calibration(samples=args.samples, seq_len=args.calib_seq_len, batch_size=args.calib_batch_size).batches(tokenizer)
+    batches = calibration_batches(Calibration(samples=args.samples, seq_len=args.calib_seq_len, batch_size=args.calib_batch_size), tokenizer)
     count = resolve_count(len(find_decoder_layers(model)), None, args.ratio)
     criteria = list(FREE_CRITERIA)
     sizes = block_sizes_for(criteria, [count])

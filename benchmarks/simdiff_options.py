@@ -29,11 +29,11 @@ from simdiff.data import (
 )
 from simdiff.evaluate.perplexity import nll_over
 from simdiff.model import load_model
-from simdiff.pipeline import gather_evidence
+from simdiff.model.layers import bypass_layers
 from simdiff.report.tables import markdown_table
-from simdiff.save import provenance
-from simdiff.select import select_layers
-from simdiff.surgery import bypass_layers
+from simdiff.selection.evidence import gather_evidence
+from simdiff.selection.rank import select_layers
+from simdiff.store.save import provenance
 
 
 def main() -> None:

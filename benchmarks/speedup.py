@@ -3,7 +3,7 @@
     python benchmarks/speedup.py --model smollm2-135m --ratio 0.25 --repeats 5
 
 The pruned model is a copy with ``round(ratio * layers)`` decoder layers removed for real
-(``simdiff.surgery.remove_layers``); which layers does not change the architecture's speed, so the block
+(``simdiff.surgery.layers.remove_layers``); which layers does not change the architecture's speed, so the block
 before the last layer is taken and no calibration pass is needed. Prefill (full forward, LM head over all
 positions) and KV-cache decode at batch 1 and batch N are timed with repeats interleaved between the two
 models (median). Target: prefill >= 0.95 of the ceiling. The ratios are printed last.
@@ -16,14 +16,14 @@ import json
 
 import torch
 
-from simdiff.bench.cli import format_bench
 from simdiff.bench.models import pruned_copy
 from simdiff.bench.run import BenchSettings, bench_models
+from simdiff.cli.bench import format_bench
+from simdiff.core.progress import set_progress
 from simdiff.model import load_model
 from simdiff.model.layers import find_decoder_layers
-from simdiff.progress import set_progress
-from simdiff.save import provenance
-from simdiff.select import resolve_count
+from simdiff.selection.rank import resolve_count
+from simdiff.store.save import provenance
 
 
 def main() -> None:

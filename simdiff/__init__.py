@@ -1,32 +1,45 @@
-"""simdiff: depth pruning of causal language models with the SimDiff criterion and its baselines."""
+"""simdiff: depth pruning of causal language models with the SimDiff criterion and its baselines.
 
-from simdiff.api import Calibration, PruneResult, prune, score
-from simdiff.criteria import CRITERIA, Options, get_criterion
-from simdiff.errors import SimdiffError
-from simdiff.model import find_decoder_layers, load_model
-from simdiff.recipe import Recipe, load_recipe
-from simdiff.save import save_model
-from simdiff.select import select_block, select_layers
-from simdiff.surgery import bypass_layers, remove_layers
+The public names below are imported on first use (PEP 562), so ``import simdiff`` and ``simdiff --version``
+load no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CRITERIA",
-    "Calibration",
-    "Options",
-    "PruneResult",
-    "Recipe",
-    "SimdiffError",
-    "bypass_layers",
-    "find_decoder_layers",
-    "get_criterion",
-    "load_model",
-    "load_recipe",
-    "prune",
-    "remove_layers",
-    "save_model",
-    "score",
-    "select_block",
-    "select_layers",
-]
+_PUBLIC = {  # name -> the module that defines it
+    "CRITERIA": "simdiff.criteria",
+    "Calibration": "simdiff.workflows.api",
+    "Options": "simdiff.criteria",
+    "PruneResult": "simdiff.workflows.api",
+    "Recipe": "simdiff.config.recipe",
+    "SimdiffError": "simdiff.core.errors",
+    "bypass_layers": "simdiff.model.layers",
+    "find_decoder_layers": "simdiff.model",
+    "get_criterion": "simdiff.criteria",
+    "load_model": "simdiff.model",
+    "load_recipe": "simdiff.config.recipe",
+    "prune": "simdiff.workflows.api",
+    "remove_layers": "simdiff.surgery.layers",
+    "save_model": "simdiff.store.save",
+    "score": "simdiff.workflows.api",
+    "select_block": "simdiff.selection.rank",
+    "select_layers": "simdiff.selection.rank",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # once
+        return value
+    raise AttributeError(f"module 'simdiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

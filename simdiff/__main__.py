@@ -1,5 +1,5 @@
 import sys
 
-from simdiff.cli import main
+from simdiff.cli.main import main
 
 sys.exit(main())

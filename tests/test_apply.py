@@ -11,10 +11,11 @@ from safetensors import safe_open
 from tiny import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from simdiff.cli import main
+from simdiff.cli.main import main
 from simdiff.model.checks import SAFETENSORS_INDEX
-from simdiff.save import METADATA_FILE
-from simdiff.surgery import bypass_layers, remove_layers
+from simdiff.model.layers import bypass_layers
+from simdiff.store.save import METADATA_FILE
+from simdiff.surgery.layers import remove_layers
 
 REMOVED = [1, 3, 4]
 

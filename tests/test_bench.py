@@ -13,7 +13,7 @@ from simdiff.bench import BenchSettings, bench_models, ceiling, track_peak, weig
 from simdiff.bench.measure import Decoder
 from simdiff.bench.models import layers_to_remove, pruned_copy
 from simdiff.bench.run import describe_models, prefill_figures
-from simdiff.cli import main
+from simdiff.cli.main import main
 
 TINY = BenchSettings(batch_size=2, seq_len=8, prompt_len=4, new_tokens=3, decode_batch=2, warmup=0, repeats=1)
 

@@ -8,8 +8,8 @@ import json
 from huggingface_hub import ModelCard
 from tiny import data_dir, save_tiny
 
-from simdiff.cli import main
-from simdiff.report.card import write_model_card
+from simdiff.cli.main import main
+from simdiff.store.card import write_model_card
 
 CALIB = ["--samples", "4", "--calib-seq-len", "32", "--calib-batch-size", "2"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from tiny import save_tiny, tiny_tokenizer, write_calibration_text
 
-from simdiff.cli import main
-from simdiff.save import METADATA_FILE
+from simdiff.cli.main import main
+from simdiff.store.save import METADATA_FILE
 
 CALIB = ["--samples", "4", "--calib-seq-len", "32", "--calib-batch-size", "2"]
 

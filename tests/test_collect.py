@@ -9,11 +9,11 @@ from tiny import tiny_model
 
 from simdiff.collect.hooks import collect_layer_statistics
 from simdiff.collect.stats import LayerStatistics
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria import LAYER_STATS
 from simdiff.data.windows import Batch, batches, pad_sequences
-from simdiff.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
-from simdiff.pipeline import gather_evidence
+from simdiff.selection.evidence import gather_evidence
 
 SUMS = ("cos", "sq", "abs", "rel_sq", "rel_abs")
 
@@ -146,7 +146,7 @@ def mean_nll(model, calib) -> float:
 
 def test_skip_loss_increase_matches_bypassed_losses() -> None:
     from simdiff.collect.model_passes import skip_loss_increase
-    from simdiff.surgery import bypass_layers
+    from simdiff.model.layers import bypass_layers
 
     model = tiny_model("llama", 4)
     calib = batches(windows(4, 8), 2)

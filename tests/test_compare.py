@@ -10,13 +10,13 @@ import pytest
 from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
 
 import simdiff.model
-import simdiff.pipeline
-from simdiff.api import Calibration
-from simdiff.cli import main
-from simdiff.compare import CandidateSpec, CompareSetup, compare, parse_candidates
+import simdiff.selection.evidence
+from simdiff.cli.main import main
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria import Options
-from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings
+from simdiff.workflows.api import Calibration
+from simdiff.workflows.compare import CandidateSpec, CompareSetup, compare, parse_candidates
 
 CALIB = ["--samples", "8", "--calib-seq-len", "64", "--calib-batch-size", "4"]
 EVAL = ["--eval-seq-len", "64", "--max-tokens", "640", "--eval-batch-size", "5"]
@@ -69,16 +69,16 @@ def test_candidate_specs_parse_and_reject():
 
 def test_compare_writes_all_outputs_one_row_per_candidate(tmp_path, monkeypatch, slices):
     calls = []
-    real_collect = simdiff.pipeline.collect_layer_statistics
+    real_collect = simdiff.selection.evidence.collect_layer_statistics
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real_collect(*args, **kwargs)
 
-    monkeypatch.setattr(simdiff.pipeline, "collect_layer_statistics", counting)
+    monkeypatch.setattr(simdiff.selection.evidence, "collect_layer_statistics", counting)
     loads = []
-    real_load = simdiff.model.load_model
-    monkeypatch.setattr(simdiff.model, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    real_load = simdiff.model.load.load_model  # what load_from_settings calls
+    monkeypatch.setattr(simdiff.model.load, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     folder = save_tiny("llama", tmp_path / "tiny")
     out = tmp_path / "cmp"
     criteria = "simdiff,block_influence,angular_block,mssd,ppl_skip,reverse,random"

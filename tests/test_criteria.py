@@ -10,8 +10,8 @@ import torch
 
 from simdiff.collect.hooks import StatisticsRecorder
 from simdiff.collect.stats import LayerStatistics
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria import CRITERIA, Evidence, Options, get_criterion, normalize
-from simdiff.errors import SimdiffError
 
 # One batch of N=3 tokens, D=2 dims, for one layer: input X and output Y.
 X = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])

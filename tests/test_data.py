@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny import _tokenizer_json, tiny_tokenizer
 
+from simdiff.core.errors import SimdiffError
 from simdiff.data import (
     batches,
     bos_token_id,
@@ -19,7 +20,6 @@ from simdiff.data import (
     tokenize_text,
 )
 from simdiff.data.text import text_variant
-from simdiff.errors import SimdiffError
 
 IDS = torch.arange(100, 200)
 

@@ -28,10 +28,10 @@ from transformers import AutoModelForCausalLM
 
 from simdiff.collect.hooks import StatisticsRecorder, collect_layer_statistics
 from simdiff.data.windows import Batch
-from simdiff.model.layers import find_decoder_layers
+from simdiff.model.layers import bypass_layers, find_decoder_layers
 from simdiff.model.load import model_device
-from simdiff.save import save_model
-from simdiff.surgery import bypass_layers, remove_layers
+from simdiff.store.save import save_model
+from simdiff.surgery.layers import remove_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

@@ -13,8 +13,8 @@ import pytest
 from tiny import tiny_workspace
 
 import simdiff
-from simdiff.cli import main
-from simdiff.save import METADATA_FILE
+from simdiff.cli.main import main
+from simdiff.store.save import METADATA_FILE
 
 CALIB = ["--samples", "8", "--calib-seq-len", "24", "--calib-batch-size", "2", "--seed", "3"]  # 4 batches
 SCORE = ["--criterion", "simdiff,block_influence,angular_block,mssd,masd,ppl_skip", "--block-size", "2"]
@@ -23,7 +23,7 @@ PRUNE = ["--num-layers", "2", "--criterion", "ppl_skip", "--iterative"]  # SLEB:
 LAUNCHED = """
 import os, sys
 import simdiff.collect.hooks as hooks
-from simdiff.cli import main
+from simdiff.cli.main import main
 
 calls = []
 run_decoder = hooks.run_decoder
@@ -112,8 +112,8 @@ def test_data_parallel_refuses_what_it_cannot_split(workspace, monkeypatch, caps
 # Runs `simdiff run` under torchrun, recording which ranks evaluate (and the model each one evaluates).
 LAUNCHED_RUN = """
 import os, sys
-import simdiff.evaluate.cli as evaluation
-from simdiff.cli import main
+import simdiff.cli.evaluate as evaluation
+from simdiff.cli.main import main
 
 evaluate_against = evaluation.evaluate_against
 
@@ -170,7 +170,7 @@ def test_comparison_under_a_launcher_is_refused_by_every_rank_before_work(worksp
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("simdiff.model.load_model", refuse)
+    monkeypatch.setattr("simdiff.model.load.load_model", refuse)
     recipe = [str(Path(__file__).resolve().parents[1] / "docs" / "recipes" / "compare-results.yaml"), "--model"]
     for rank in ("0", "1"):
         monkeypatch.setenv("WORLD_SIZE", "2")

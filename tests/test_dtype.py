@@ -15,11 +15,11 @@ from tiny import (
     write_calibration_text,
 )
 
-from simdiff.cli import main
+from simdiff.cli.main import main
 from simdiff.collect.hooks import StatisticsRecorder, collect_layer_statistics
 from simdiff.data import batches
 from simdiff.model.load import load_model
-from simdiff.verify import safetensors_files
+from simdiff.store.verify import safetensors_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
 
-from simdiff.cli import main
+from simdiff.cli.main import main
 from simdiff.data import bos_token_id, load_text, tokenize_text
 from simdiff.evaluate.perplexity import PerplexityProtocol, evaluate_perplexity
 from simdiff.evaluate.suite import mean_accuracy, percent_retained
@@ -94,7 +94,7 @@ def _reference_piqa(model, tok, rows: list[dict]) -> tuple[float, float]:
 def test_lm_eval_local_piqa_matches_a_hand_computed_accuracy(monkeypatch):
     from simdiff.evaluate.harness import TaskRunner, local_task_names
     from simdiff.evaluate.tasks.piqa_local.utils import piqa_rows
-    from simdiff.surgery import bypass_layers
+    from simdiff.model.layers import bypass_layers
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -110,7 +110,7 @@ def test_lm_eval_local_piqa_matches_a_hand_computed_accuracy(monkeypatch):
 
 
 def test_unknown_task_is_a_user_error():
-    from simdiff.errors import SimdiffError
+    from simdiff.core.errors import SimdiffError
     from simdiff.evaluate.harness import TaskRunner
 
     with pytest.raises(SimdiffError, match="piqaa"):
@@ -274,7 +274,7 @@ def test_eval_command_rejects_nothing_to_do(tmp_path, capsys):
 
 
 def test_demo_says_when_two_perplexities_are_within_noise():
-    from simdiff.evaluate.cli import noise_note
+    from simdiff.cli.evaluate import noise_note
 
     def row(label, removed, nll):
         return {"label": label, "removed_layers": removed, "perplexity": {"t": {"window_nll": nll}}}

@@ -9,9 +9,9 @@ import torch
 from tiny import FAMILIES, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from simdiff.model.layers import find_decoder_layers, num_layers_in_config
-from simdiff.save import METADATA_FILE, save_model
-from simdiff.surgery import bypass_layers, remove_layers
+from simdiff.model.layers import bypass_layers, find_decoder_layers, num_layers_in_config
+from simdiff.store.save import METADATA_FILE, save_model
+from simdiff.surgery.layers import remove_layers
 
 NUM_LAYERS = 6
 # Removing layer 0 moves every later layer down, so index remapping (mlp_only_layers [1] -> [0]) and

@@ -1,6 +1,6 @@
 """Kill a tiny-model prune with SIGKILL at each step of its save, then check what a crash may leave.
 
-``SIMDIFF_FAULT_AT=<step>`` (simdiff.outputs.fault_point) makes the process kill itself at that step. After
+``SIMDIFF_FAULT_AT=<step>`` (simdiff.core.outputs.fault_point) makes the process kill itself at that step. After
 each kill: ``--out`` is absent or a complete checkpoint that loads with ``AutoModelForCausalLM``, an earlier
 output being replaced is never lost, the input is byte-identical, and the same command run again succeeds
 and leaves no ``.out.tmp-*``, ``.out.old-*`` or lock file behind.
@@ -22,8 +22,8 @@ from test_outputs import leftovers, tree_hash
 from tiny import REPO, save_tiny, write_calibration_text
 from transformers import AutoModelForCausalLM
 
-from simdiff.cli import main
-from simdiff.outputs import claim_output_dir
+from simdiff.cli.main import main
+from simdiff.core.outputs import claim_output_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,10 +12,10 @@ import torch
 from gguf.quants import quantize
 from transformers import AutoModelForCausalLM
 
-from simdiff.cli import main
-from simdiff.errors import SimdiffError
-from simdiff.export.gguf import BLOCK_TENSOR, prune_gguf
-from simdiff.surgery import remove_layers
+from simdiff.cli.main import main
+from simdiff.core.errors import SimdiffError
+from simdiff.surgery.gguf import BLOCK_TENSOR, prune_gguf
+from simdiff.surgery.layers import remove_layers
 
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
@@ -288,7 +288,7 @@ def test_smollm2_prune_export_gguf(tmp_path, capsys) -> None:
 
 
 def test_an_unknown_array_of_one_entry_per_block_is_refused_unless_named(tmp_path) -> None:
-    """Arrays are sliced by name (simdiff.surgery.GGUF_KEYS, shared with the safetensors path), not by length: an
+    """Arrays are sliced by name (simdiff.surgery.layers.GGUF_KEYS, shared with the safetensors path), not by length: an
     unknown array of block_count entries is refused before anything is written, and sliced once named."""
     src = write_tiny_gguf(tmp_path / "tiny.gguf", extra={"llama.label_weights": ([1.0, 2, 3, 4, 5, 6], V.ARRAY,
                                                                                  V.FLOAT32)})

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from simdiff.data import load_text
-from simdiff.export.gguf import prune_gguf
 from simdiff.model.load import builtin_gguf_file
+from simdiff.surgery.gguf import prune_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

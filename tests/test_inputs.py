@@ -24,7 +24,7 @@ from tiny import (
 )
 from transformers import AutoModelForCausalLM
 
-from simdiff.cli import main
+from simdiff.cli.main import main
 from simdiff.collect.stats import LayerStatistics
 
 WEIGHTS = "model.safetensors"
@@ -156,7 +156,7 @@ def test_good_checkpoints_pass_the_checks(checkpoints):
 
 def test_loading_info_check_refuses_what_transformers_only_warns_about(checkpoints):
     """Hub models are checked after download from transformers' loading report (defect 4 there too)."""
-    from simdiff.errors import SimdiffError
+    from simdiff.core.errors import SimdiffError
     from simdiff.model.checks import check_loading_info
 
     _, loading = AutoModelForCausalLM.from_pretrained(checkpoints["config more layers"], output_loading_info=True)
@@ -203,13 +203,13 @@ BAD_OPTIONS = {
 def test_bad_option_is_refused_before_the_calibration_pass(case, checkpoints, texts, tmp_path, capsys,
                                                           monkeypatch):
     """Detected before any statistics are collected (the pass would raise instead of reporting)."""
-    import simdiff.pipeline
+    import simdiff.selection.evidence
 
     def no_pass(*args, **kwargs):
         raise AssertionError("the calibration pass started")
 
-    monkeypatch.setattr(simdiff.pipeline, "gather_evidence", no_pass)
-    monkeypatch.setattr("simdiff.api.gather_evidence", no_pass)
+    monkeypatch.setattr(simdiff.selection.evidence, "gather_evidence", no_pass)
+    monkeypatch.setattr("simdiff.workflows.api.gather_evidence", no_pass)
     extra, pattern = BAD_OPTIONS[case]
     extra = [str(texts[a[1:-1]]) if a.startswith("{") else a for a in extra]
     args = ["-q", "prune", str(checkpoints["good"]), "--num-layers", "1", "--calib", str(texts["calib"]),
@@ -291,12 +291,12 @@ def test_tasks_offline_say_how_to_provide_the_data(checkpoints, capsys, monkeypa
     (None, "no such file"),
 ])
 def test_bad_baseline_json_before_evaluation(content, pattern, checkpoints, tmp_path, capsys, monkeypatch):
-    import simdiff.evaluate.cli
+    import simdiff.cli.evaluate
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("evaluation started")
 
-    monkeypatch.setattr(simdiff.evaluate.cli, "evaluate_model", no_evaluation)
+    monkeypatch.setattr(simdiff.cli.evaluate, "evaluate_model", no_evaluation)
     baseline = tmp_path / "dense.json"
     if content is not None:
         baseline.write_text(content)
@@ -310,7 +310,7 @@ def test_bad_baseline_json_before_evaluation(content, pattern, checkpoints, tmp_
     ("corrupt state.pt", r"state\.pt is damaged"),
 ])
 def test_resume_from_damaged_checkpoint_names_the_file(damage, pattern, checkpoints, texts, tmp_path, capsys):
-    from simdiff.recover.config import RecoverConfig
+    from simdiff.config.recover import RecoverConfig
 
     step = tmp_path / "ckpt" / "step-0000001"
     step.mkdir(parents=True)
@@ -335,7 +335,7 @@ def test_resume_from_damaged_checkpoint_names_the_file(damage, pattern, checkpoi
     (torch.bfloat16, "--dtype float32 instead of bfloat16", "already ran"),
 ])
 def test_non_finite_advice_depends_on_the_dtype(dtype, advice, not_said):
-    from simdiff.errors import SimdiffError
+    from simdiff.core.errors import SimdiffError
 
     stats = LayerStatistics(2)
     x = torch.ones(3, 2)
@@ -349,7 +349,7 @@ def test_internal_error_is_one_line_with_the_verbose_hint(checkpoints, capsys, m
     def broken(*args, **kwargs):
         raise RuntimeError("first line\nsecond line")
 
-    monkeypatch.setattr("simdiff.api.score", broken)
+    monkeypatch.setattr("simdiff.workflows.api.score", broken)
     assert main(["-q", "score", str(checkpoints["good"]), *CALIB]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "simdiff: error: RuntimeError: first line second line (run with -v for the traceback)"

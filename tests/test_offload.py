@@ -10,11 +10,11 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_workspace
 
-from simdiff.cli import main
+from simdiff.cli.main import main
 from simdiff.collect.hooks import collect_layer_statistics
 from simdiff.collect.offload import LiveTensorBytes, collect_layer_statistics_offloaded, module_bytes
+from simdiff.core.errors import SimdiffError
 from simdiff.data import batches
-from simdiff.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -76,7 +76,7 @@ def test_accounted_need_covers_the_tensors_the_pass_really_holds(family, seq_len
 
 
 def test_layerwise_with_bypassed_layers_matches_in_memory():
-    from simdiff.surgery import bypass_layers
+    from simdiff.model.layers import bypass_layers
 
     model = tiny_model("qwen3", num_layers=6)
     data = calibration_batches()
@@ -201,7 +201,7 @@ def test_cli_max_device_memory_reaches_the_layerwise_budget(checkpoint, capsys, 
 
     budgets = []
     real = offload.collect_layer_statistics_offloaded
-    monkeypatch.setattr("simdiff.pipeline.collect_layer_statistics_offloaded",
+    monkeypatch.setattr("simdiff.selection.evidence.collect_layer_statistics_offloaded",
                         lambda *a, **k: budgets.append(k.get("max_device_bytes")) or real(*a, **k))
     common = [str(checkpoint["model"]), "--calib", str(checkpoint["calib"]), *CALIB, "--offload", "layerwise"]
     out = checkpoint["root"] / "budget"

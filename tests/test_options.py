@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from simdiff.cli import build_parser, configure_logging, main
-from simdiff.cli_options import recipe_from_args
+from simdiff.cli.main import build_parser, configure_transformers, main
+from simdiff.cli.options import recipe_from_args
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -85,9 +85,9 @@ def test_quiet_silences_transformers_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     try:
-        configure_logging(verbose=False, quiet=True)
+        configure_transformers(quiet=True)
         assert not hf_logging.is_progress_bar_enabled()
-        configure_logging(verbose=False, quiet=False)
+        configure_transformers(quiet=False)
         assert hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()

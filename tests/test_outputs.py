@@ -1,4 +1,4 @@
-"""The output contract (simdiff/outputs.py): regression tests for issue 8's write-side defects 1, 2, 3, 5, 9, 10.
+"""The output contract (simdiff/core/outputs.py): regression tests for issue 8's write-side defects 1, 2, 3, 5, 9, 10.
 
 Each test drives the command line or the Python API the way a user would and asserts that no data is lost:
 inputs byte-identical, user folders untouched, one clear line (exit 2) for what is refused.
@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from tiny import save_tiny, write_calibration_text
 
 import simdiff
-from simdiff.cli import main
-from simdiff.errors import SimdiffError
+from simdiff.cli.main import main
+from simdiff.core.errors import SimdiffError
 
 CALIB = ["--samples", "4", "--calib-seq-len", "32", "--calib-batch-size", "2"]
 
@@ -76,20 +76,20 @@ def no_model_work(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output path was validated")
 
-    monkeypatch.setattr("simdiff.model.load_model", refuse)  # every command loads through it (ModelSettings.load)
+    monkeypatch.setattr("simdiff.model.load.load_model", refuse)  # every command loads through it (load_from_settings)
 
 
 # -- defect 1: what appears at --out during a run is never deleted; concurrent runs -------------------------
 def test_folder_created_during_the_run_is_kept(model, calib, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_remove = simdiff.api.remove_layers
+    real_remove = simdiff.workflows.api.remove_layers
 
     def user_creates_out(*args, **kwargs):
         out.mkdir()
         (out / "mine.txt").write_text("the user's file")
         return real_remove(*args, **kwargs)
 
-    monkeypatch.setattr("simdiff.api.remove_layers", user_creates_out)
+    monkeypatch.setattr("simdiff.workflows.api.remove_layers", user_creates_out)
     with pytest.raises(SimdiffError, match="appeared while simdiff was running|created or changed by someone"):
         api_prune(model, out, calib)
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "the user's file"
@@ -99,18 +99,18 @@ def test_folder_created_during_the_run_is_kept(model, calib, tmp_path, monkeypat
 def test_second_run_to_the_same_out_is_refused_while_the_first_runs(model, calib, tmp_path, monkeypatch):
     """A second prune starting while the first is running (same --out) fails at once; the first one's result stands."""
     out = tmp_path / "out"
-    real_remove = simdiff.api.remove_layers
+    real_remove = simdiff.workflows.api.remove_layers
     second: dict = {}
 
     def start_second_run(*args, **kwargs):
-        monkeypatch.setattr("simdiff.api.remove_layers", real_remove)
+        monkeypatch.setattr("simdiff.workflows.api.remove_layers", real_remove)
         try:
             second["result"] = api_prune(model, out, calib, criterion="reverse")
         except SimdiffError as exc:
             second["error"] = str(exc)
         return real_remove(*args, **kwargs)
 
-    monkeypatch.setattr("simdiff.api.remove_layers", start_second_run)
+    monkeypatch.setattr("simdiff.workflows.api.remove_layers", start_second_run)
     first = api_prune(model, out, calib, criterion="random", options=simdiff.Options(seed=3))
     assert "result" not in second, "both runs reported success: the second was silently replaced"
     assert f"another simdiff run (pid {os.getpid()}) is writing" in second["error"]
@@ -120,12 +120,12 @@ def test_second_run_to_the_same_out_is_refused_while_the_first_runs(model, calib
 
 def test_claim_without_flock_falls_back_to_the_pid_in_the_lock_file(tmp_path, monkeypatch):
     """Some NFS/Lustre mounts refuse flock: the claim then relies on the pid it writes into the lock file."""
-    from simdiff.outputs import claim_output_dir
+    from simdiff.core.outputs import claim_output_dir
 
     def no_flock(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr("simdiff.outputs.fcntl.flock", no_flock)
+    monkeypatch.setattr("simdiff.core.outputs.fcntl.flock", no_flock)
     out = tmp_path / "out"
     busy = f"another simdiff run \\(pid {os.getpid()}\\) is writing"
     with claim_output_dir(out), pytest.raises(SimdiffError, match=busy):
@@ -210,13 +210,13 @@ def test_existing_result_file_is_not_replaced_without_overwrite(command, model, 
 
 def test_result_file_created_during_the_run_is_kept(model, calib, tmp_path, capsys, monkeypatch):
     target = tmp_path / "scores.json"
-    real_score = simdiff.api.score
+    real_score = simdiff.workflows.api.score
 
     def user_writes_the_file(*args, **kwargs):
         target.write_text("the user's file")
         return real_score(*args, **kwargs)
 
-    monkeypatch.setattr("simdiff.api.score", user_writes_the_file)
+    monkeypatch.setattr("simdiff.workflows.api.score", user_writes_the_file)
     message = run_bad(capsys, score_args(model, calib, "--json", str(target)))
     assert str(target) in message and re.search("already exists|appeared while simdiff was running", message)
     assert target.read_text() == "the user's file" and leftovers(tmp_path) == []
@@ -434,12 +434,12 @@ def no_flock(monkeypatch) -> None:
     def refuse(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr("simdiff.outputs.fcntl.flock", refuse)
+    monkeypatch.setattr("simdiff.core.outputs.fcntl.flock", refuse)
 
 
 def test_lock_fallback_never_takes_over_another_hosts_lock(tmp_path, monkeypatch):
     """On NFS/Lustre without flock a run on another node looked dead (os.kill here) and its lock was taken."""
-    from simdiff.outputs import claim_output_dir
+    from simdiff.core.outputs import claim_output_dir
 
     no_flock(monkeypatch)
     out, lock = tmp_path / "out", tmp_path / ".out.simdiff-lock"
@@ -479,7 +479,7 @@ def test_gguf_export_is_added_under_the_claim_and_its_failure_exits_3(model, cal
     from test_gguf import write_tiny_gguf
 
     source = write_tiny_gguf(tmp_path / "tiny.gguf", blocks=6)  # stands in for the built-in model's GGUF file
-    monkeypatch.setattr("simdiff.export.cli.check_export", lambda name, export, sliced=None: source if export else None)
+    monkeypatch.setattr("simdiff.cli.export.check_export", lambda name, export, sliced=None: source if export else None)
     out = tmp_path / "out"
     assert main(prune_args(model, out, calib, "--export", "gguf")) == 0
     assert manifest(out)["pruned.gguf"] == (out / "pruned.gguf").stat().st_size > 0
@@ -489,7 +489,7 @@ def test_gguf_export_is_added_under_the_claim_and_its_failure_exits_3(model, cal
         Path(path).write_bytes(b"\0" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("simdiff.export.gguf.write_gguf", disk_full_half_way)
+    monkeypatch.setattr("simdiff.surgery.gguf.write_gguf", disk_full_half_way)
     failed = tmp_path / "failed"
     code = main(prune_args(model, failed, calib, "--export", "gguf"))
     err = capsys.readouterr().err
@@ -521,7 +521,7 @@ def test_run_evaluation_is_added_under_the_claim_and_its_failure_exits_3(model, 
     def evaluation_breaks(*args, **kwargs):
         raise RuntimeError("lm-eval broke")
 
-    monkeypatch.setattr("simdiff.evaluate.cli.evaluate_against", evaluation_breaks)
+    monkeypatch.setattr("simdiff.cli.evaluate.evaluate_against", evaluation_breaks)
     code = main(run_evaluate_args(model, calib, out, "--overwrite"))
     err = capsys.readouterr().err
     assert code == 3, err

@@ -15,7 +15,7 @@ from simdiff.criteria import get_criterion
 from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
 from simdiff.data.windows import batches
 from simdiff.evaluate.perplexity import nll_over
-from simdiff.save import METADATA_FILE
+from simdiff.store.save import METADATA_FILE
 
 MODEL = "smollm2-135m"
 EVAL_TOKENS = 4096

@@ -11,11 +11,11 @@ import pytest
 from tiny import tiny_workspace
 
 import simdiff
-from simdiff.cli import build_parser, main
-from simdiff.cli_options import recipe_from_args
-from simdiff.errors import SimdiffError
-from simdiff.recipe import Calibration, load_recipe, recipe_from_dict, recipe_from_settings
-from simdiff.save import METADATA_FILE
+from simdiff.cli.main import build_parser, main
+from simdiff.cli.options import recipe_from_args
+from simdiff.config.recipe import Calibration, load_recipe, recipe_from_dict, recipe_from_settings
+from simdiff.core.errors import SimdiffError
+from simdiff.store.save import METADATA_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "docs" / "recipes").glob("*.yaml"))

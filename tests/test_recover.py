@@ -10,8 +10,8 @@ import torch
 from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from simdiff.cli import main
-from simdiff.errors import SimdiffError
+from simdiff.cli.main import main
+from simdiff.core.errors import SimdiffError
 from simdiff.recover import RecoverConfig, attach_lora, merge, train_lora
 from simdiff.recover.data import training_text
 

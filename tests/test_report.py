@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from simdiff.compare import removal_counts
 from simdiff.report.comparison import comparison_markdown, perplexity_figure, plot_perplexity_vs_removed
 from simdiff.report.plots import layer_rank_figure, plot_layer_ranks, removal_ranks
+from simdiff.workflows.compare import removal_counts
 
 
 def _row(label: str, count: int, removed: list[int], ppl: float, acc: float | None = None,

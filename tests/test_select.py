@@ -7,11 +7,11 @@ import pytest
 import torch
 from tiny import tiny_model
 
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria import Evidence, Options
 from simdiff.data.windows import batches
-from simdiff.errors import SimdiffError
-from simdiff.pipeline import choose_iterative, choose_one_shot, gather_evidence, importance
-from simdiff.select import protected_mask, resolve_count, select_block, select_layers
+from simdiff.selection.evidence import choose_iterative, choose_one_shot, gather_evidence, importance
+from simdiff.selection.rank import protected_mask, resolve_count, select_block, select_layers
 
 
 @pytest.mark.parametrize("total,ratio,expected", [(30, 0.25, 8), (30, 0.1, 3), (6, 0.5, 3), (8, 0.3, 2),
@@ -100,7 +100,7 @@ def _block_influence_by_hand(model, windows: torch.Tensor, bypassed: list[int]) 
 
     hidden_states[l] is the input of layer l; the last entry is after the final norm, so the last layer is
     not covered (NaN)."""
-    from simdiff.surgery import bypass_layers
+    from simdiff.model.layers import bypass_layers
 
     with bypass_layers(model, bypassed):
         states = model(windows, output_hidden_states=True).hidden_states
@@ -143,14 +143,14 @@ def test_the_cost_of_scoring_is_stated_before_it_starts(caplog) -> None:
 
     model = tiny_model("llama", 5)
     calib = batches(torch.randint(4, 256, (2, 8), generator=torch.Generator().manual_seed(0)), 2)
-    with caplog.at_level(logging.INFO, logger="simdiff.pipeline"):
+    with caplog.at_level(logging.INFO, logger="simdiff.selection.evidence"):
         gather_evidence(model, calib, {"layer_stats", "skip_loss", "taylor"})
     first = caplog.records[0].getMessage()
     assert "6 loss passes (ppl_skip" in first and "forward+backward" in first and "2 calibration windows" in first
 
 
 def test_iterative_reuses_initial_evidence_for_its_first_step(monkeypatch) -> None:
-    import simdiff.pipeline as pipeline
+    import simdiff.selection.evidence as pipeline
 
     model = tiny_model("llama")
     calib = batches(torch.randint(4, 256, (2, 8), generator=torch.Generator().manual_seed(0)), 2)

@@ -11,15 +11,11 @@ from tiny import tiny_config, tiny_model, tiny_tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from simdiff.errors import SimdiffError
-from simdiff.model.layers import find_decoder_layers
-from simdiff.save import save_model
-from simdiff.surgery import (
-    bypass_layers,
-    check_config_consistent,
-    remove_layers,
-    update_config_for_kept_layers,
-)
+from simdiff.core.errors import SimdiffError
+from simdiff.model.checks import check_config_consistent
+from simdiff.model.layers import bypass_layers, find_decoder_layers
+from simdiff.store.save import save_model
+from simdiff.surgery.layers import remove_layers, update_config_for_kept_layers
 
 
 def ids(length: int = 10) -> torch.Tensor:

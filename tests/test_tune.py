@@ -1,4 +1,4 @@
-"""Held-out selection (simdiff.tune): the exact alpha path, disjoint windows, the KL/ppl objectives, best-of."""
+"""Held-out selection (simdiff.selection.search): the exact alpha path, disjoint windows, the KL/ppl objectives, best-of."""
 
 from __future__ import annotations
 
@@ -11,16 +11,14 @@ import pytest
 import torch
 from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
 
-from simdiff.api import Calibration
-from simdiff.cli import main
+from simdiff.cli.main import main
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria import LAYER_STATS, Evidence, Options
 from simdiff.data import batches
-from simdiff.errors import SimdiffError
 from simdiff.evaluate.perplexity import nll_over
-from simdiff.pipeline import choose_one_shot, gather_evidence
-from simdiff.save import METADATA_FILE
-from simdiff.surgery import bypass_layers
-from simdiff.tune import (
+from simdiff.model.layers import bypass_layers
+from simdiff.selection.evidence import choose_one_shot, gather_evidence
+from simdiff.selection.search import (
     HeldoutObjective,
     Searcher,
     SearchSettings,
@@ -29,6 +27,8 @@ from simdiff.tune import (
     split_calibration,
     split_token_stream,
 )
+from simdiff.store.save import METADATA_FILE
+from simdiff.workflows.api import Calibration
 
 CALIB = ["--samples", "8", "--calib-seq-len", "64", "--calib-batch-size", "4", "--heldout-samples", "6"]
 
@@ -68,7 +68,7 @@ def test_alpha_path_finds_every_set_a_fine_grid_finds(seed, normalize, keep):
 
 
 def test_cap_keeps_the_default_set_and_an_even_spread():
-    from simdiff.tune import Candidate
+    from simdiff.selection.search import Candidate
 
     alphas = [0.75, 0.0, 0.1, 0.2, 0.3, 0.5, 0.9, 1.0]
     candidates = [Candidate([i], [f"a{i}"], alpha) for i, alpha in enumerate(alphas)]
@@ -228,7 +228,7 @@ def _searcher_with_windows(per_window: dict[tuple[int, ...], list[float]], margi
 
 
 def test_margin_rule_on_hand_made_window_values():
-    from simdiff.tune import Candidate
+    from simdiff.selection.search import Candidate
 
     default, close, far = (1, 2), (1, 3), (2, 3)
     windows = {default: [1.0, 2.0, 3.0, 4.0],

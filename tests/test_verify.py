@@ -1,4 +1,4 @@
-"""The save check (simdiff.verify): each check refuses a save with one thing corrupted, and passes valid saves."""
+"""The save check (simdiff.store.verify): each check refuses a save with one thing corrupted, and passes valid saves."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 from tiny import tiny_config, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 from simdiff.model.layers import find_decoder_layers
-from simdiff.save import save_model
-from simdiff.surgery import remove_layers
-from simdiff.verify import check_cached_generation, prompt_ids, safetensors_files, verify_saved
+from simdiff.store.save import save_model
+from simdiff.store.verify import check_cached_generation, prompt_ids, safetensors_files, verify_saved
+from simdiff.surgery.layers import remove_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

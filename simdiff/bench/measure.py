@@ -10,7 +10,6 @@ than by Python and kernel-launch overhead.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import statistics
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from simdiff.model.checks import cache_kwarg  # noqa: F401  (re-exported)
 from simdiff.model.load import model_device
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,6 @@ def random_tokens(model: nn.Module, batch: int, length: int, seed: int = 0) -> t
 def prefill(model: nn.Module, ids: torch.Tensor) -> None:
     """One full forward pass (every position's logits), no KV cache."""
     model(input_ids=ids, use_cache=False)
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """The forward argument taking the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass

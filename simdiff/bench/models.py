@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError, did_you_mean
+from simdiff.core.errors import SimdiffError, did_you_mean
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import parse_dtype
-from simdiff.surgery import remove_layers
+from simdiff.surgery.layers import remove_layers
 
 log = logging.getLogger(__name__)
 

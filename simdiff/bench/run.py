@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -12,34 +12,11 @@ from torch import nn
 from simdiff.bench.measure import Decoder, median, prefill, random_tokens, synchronize, timed
 from simdiff.bench.memory import track_peak
 from simdiff.bench.weights import WeightCounts, ceiling, weight_bytes, weight_counts
-from simdiff.errors import SimdiffError
-from simdiff.flags import field_flags, option
+from simdiff.config.settings import BenchSettings
+from simdiff.core.errors import SimdiffError
 from simdiff.model.load import model_device
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BenchSettings:
-    """Shapes and repeat counts of a benchmark."""
-
-    batch_size: int = option(4, "prefill batch size", flag="--prefill-batch-size")
-    seq_len: int = option(256, "prefill tokens per sequence", flag="--prefill-seq-len")
-    prompt_len: int = option(32, "decode prompt length")
-    new_tokens: int = option(32, "timed decode steps")
-    decode_batch: int = option(16, "batch N of the second decode figure (batch 1 is always measured)")
-    warmup: int = option(1, "untimed runs before timing")
-    repeats: int = option(5, "timed runs (the median is reported)")
-    compile: bool = option(False, "decode with a static KV cache and torch.compile (CUDA graphs on GPUs)")
-    compile_backend: str = option("inductor", "torch.compile backend (with --compile)")
-
-    def check(self) -> None:
-        for flag in field_flags(BenchSettings):
-            if flag.field in ("batch_size", "seq_len", "prompt_len", "new_tokens", "decode_batch", "repeats") \
-                    and getattr(self, flag.field) < 1:
-                raise SimdiffError(f"{flag.flag} must be >= 1, got {getattr(self, flag.field)}")
-        if self.warmup < 0:
-            raise SimdiffError(f"--warmup must be >= 0, got {self.warmup}")
 
 
 def _interleaved(runs: dict[str, Callable[[], float]], settings: BenchSettings) -> dict[str, float]:

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from simdiff.collect.stats import LayerStatistics, token_vectors
+from simdiff.core.progress import progress
 from simdiff.data.windows import Batch
 from simdiff.model.layers import find_decoder_layers
 from simdiff.model.load import model_device
-from simdiff.progress import progress
 
 
 def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -8,12 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from simdiff.collect.distributed import all_reduce_nll
+from simdiff.collect.nll import batch_nll, nll_over
+from simdiff.core.progress import progress
 from simdiff.data.windows import Batch
-from simdiff.distributed import all_reduce_nll
-from simdiff.evaluate.perplexity import batch_nll, nll_over
-from simdiff.model.layers import find_decoder_layers
-from simdiff.progress import progress
-from simdiff.surgery import bypass_layers
+from simdiff.model.layers import bypass_layers, find_decoder_layers
 
 
 def skip_loss_increase(model: nn.Module, batches: Sequence[Batch], already_removed: Sequence[int] = (),

@@ -27,12 +27,11 @@ from torch.utils._pytree import tree_flatten
 
 from simdiff.collect.hooks import StatisticsRecorder, layer_output
 from simdiff.collect.stats import LayerStatistics
+from simdiff.core.errors import SimdiffError
+from simdiff.core.progress import progress
 from simdiff.data.windows import Batch
-from simdiff.errors import SimdiffError
-from simdiff.model.layers import find_decoder_layers
+from simdiff.model.layers import SkippedLayer, find_decoder_layers
 from simdiff.model.load import model_device
-from simdiff.progress import progress
-from simdiff.surgery import SkippedLayer
 
 log = logging.getLogger(__name__)
 

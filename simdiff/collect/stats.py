@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 EPS = 1e-12
 PER_LAYER_SUMS = ("cos", "sq", "abs", "rel_sq", "rel_abs")

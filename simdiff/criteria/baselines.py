@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria.registry import SKIP_LOSS, TAYLOR, Evidence, Options, register, require
-from simdiff.errors import SimdiffError
 
 
 def require_finite(values: np.ndarray, name: str) -> np.ndarray:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simdiff.errors import SimdiffError
+from simdiff.config.settings import NORMALIZER_NAMES
+from simdiff.core.errors import SimdiffError
 
 
 def minmax(values: np.ndarray) -> np.ndarray:
@@ -34,6 +35,8 @@ def rank(values: np.ndarray) -> np.ndarray:
 
 
 NORMALIZERS = {"minmax": minmax, "zscore": zscore, "rank": rank}
+
+assert tuple(NORMALIZERS) == NORMALIZER_NAMES, "simdiff.config.settings.NORMALIZER_NAMES lists these"
 
 
 def normalize(values: np.ndarray, method: str) -> np.ndarray:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simdiff.collect.stats import LayerStatistics
-from simdiff.criteria.normalize import NORMALIZERS
-from simdiff.errors import SimdiffError, did_you_mean
-from simdiff.flags import number_or_auto, option
+from simdiff.config.settings import DIFF_SCALES, SEED_HELP, Options  # noqa: F401  (re-exported)
+from simdiff.core.errors import SimdiffError, did_you_mean
+
+if TYPE_CHECKING:  # the record type only: criteria never import collect (import-linter contract)
+    from simdiff.collect.stats import LayerStatistics
 
 # What a criterion can need; the pipeline runs one collector per kind, once, for all criteria.
 LAYER_STATS = "layer_stats"  # one streaming hook pass (cosine, MSSD, MASD, angular blocks)
@@ -29,37 +31,6 @@ class Evidence:
     layer_stats: LayerStatistics | None = None
     skip_loss_increase: np.ndarray | None = None
     taylor: np.ndarray | None = None
-
-
-DIFF_SCALES = ("absolute", "relative")
-SEED_HELP = "seed of every random choice: calibration windows, the random criterion, training order and dropout"
-
-
-@dataclass
-class Options:
-    """Criterion options (the SimDiff knobs and the seed of ``random``)."""
-
-    alpha: float | str = option(0.75, "SimDiff weight of the similarity term (1 - alpha goes to the difference "
-                                      "terms); 'auto' evaluates every distinct selection along alpha in [0, 1] on "
-                                      "held-out calibration windows (--objective) and keeps the best",
-                                parse=number_or_auto)
-    beta: float = option(1.0, "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)")
-    normalize: str = option("rank", "how each SimDiff metric is normalised across layers", choices=NORMALIZERS)
-    diff_scale: str = option("relative", "MSSD/MASD of y - x in the model's scale, or relative to each token's "
-                                         "input RMS", choices=DIFF_SCALES)
-    seed: int = option(0, SEED_HELP)
-
-    def __post_init__(self) -> None:
-        """Refuse out-of-range values when the options are made, before any calibration pass."""
-        for name in ("alpha", "beta"):
-            value = getattr(self, name)
-            if name == "alpha" and isinstance(value, str) and value.strip().lower() == "auto":
-                continue  # tuned later by simdiff.tune
-            if isinstance(value, str) or not 0.0 <= value <= 1.0:
-                raise SimdiffError(f"--{name} must lie in [0, 1]{' or be auto' if name == 'alpha' else ''}, "
-                                   f"got {value}")
-        if self.seed < 0:
-            raise SimdiffError(f"--seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)

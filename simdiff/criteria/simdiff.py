@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from simdiff.core.errors import SimdiffError
 from simdiff.criteria.normalize import normalize
 from simdiff.criteria.registry import DIFF_SCALES, LAYER_STATS, Evidence, Options, register, require
-from simdiff.errors import SimdiffError
 
 
 def check_options(options: Options) -> None:

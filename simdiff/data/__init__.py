@@ -34,3 +34,10 @@ __all__ = [
     "sample_windows",
     "tokenize_text",
 ]
+
+
+def calibration_batches(calibration, tokenizer) -> list[Batch]:
+    """The calibration windows :class:`~simdiff.config.recipe.Calibration` describes, batched."""
+    windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seq_len,
+                                  calibration.seed, calibration.data_dir)
+    return batches(windows, calibration.batch_size, calibration.skip_first_token)

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from simdiff.errors import SimdiffError, one_line
+from simdiff.core.errors import SimdiffError, one_line
 
 log = logging.getLogger(__name__)
 

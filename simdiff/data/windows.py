@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 
 @dataclass

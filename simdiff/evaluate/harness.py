@@ -17,8 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
+from simdiff.core.errors import SimdiffError, did_you_mean, one_line
 from simdiff.data.text import data_dir as resolve_data_dir
-from simdiff.errors import SimdiffError, did_you_mean, one_line
 from simdiff.model.hub import datasets_offline
 
 log = logging.getLogger(__name__)

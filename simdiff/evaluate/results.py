@@ -19,7 +19,7 @@ import re
 import time
 from pathlib import Path
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 PERPLEXITY_VERSION = 1.0
 PERPLEXITY_METRIC = "token_perplexity"
@@ -108,7 +108,7 @@ def protocol_of(record: dict) -> dict:
     """What must match for two evaluations to be compared: windows, tokens, limit, shots, task versions."""
     settings = record.get("settings", {})
     return {
-        "eval window (--seq-len)": settings.get("seq_len"),
+        "eval window (--eval-seq-len)": settings.get("seq_len"),
         "--max-tokens": settings.get("max_tokens"),
         "--limit": settings.get("limit"),
         "--num-fewshot": settings.get("num_fewshot"),
@@ -177,7 +177,7 @@ def write_samples(results_path: Path, samples: dict[str, list], tasks: dict[str,
     """
     from lm_eval.loggers import EvaluationTracker
 
-    from simdiff.outputs import atomic_file, scratch_folder
+    from simdiff.core.outputs import atomic_file, scratch_folder
 
     names = {scores.get("lm_eval_task", task): task for task, scores in tasks.items()}
     written = []

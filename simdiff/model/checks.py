@@ -8,6 +8,8 @@ than the embedding) is refused with one line instead of loading half-random weig
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
 import re
@@ -17,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError
-from simdiff.model.layers import find_decoder_layers
+from simdiff.core.errors import SimdiffError
+from simdiff.model.config_keys import CONFIG_KEYS, SLICE_FLAG
+from simdiff.model.layers import find_decoder_layers, num_layers_in_config
 
 log = logging.getLogger(__name__)
 
@@ -239,3 +242,73 @@ def check_device(device: str | None) -> None:
             raise SimdiffError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise SimdiffError(f"--device {device} asked for, but MPS is not available here; use --device cpu")
+
+
+def _structure(model: nn.Module) -> dict[str, tuple]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+# Module attributes not compared by the per-layer settings check: the run's (training mode), and layer_idx, which
+# removal renumbers and simdiff.store.verify.check_layer_indices checks with its own message.
+NOT_COMPARED = frozenset({"training", "gradient_checkpointing", "layer_idx"})
+
+
+def layer_settings(layer: nn.Module) -> dict[str, object]:
+    """The plain settings (int, float, str, bool, None) of every module inside one decoder layer, by dotted name:
+    attention kind, sliding window, RoPE use, head counts, ... (what a per-layer config entry decides)."""
+    out = {}
+    for name, module in layer.named_modules():
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or attr in NOT_COMPARED:
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                out[f"{name}.{attr}" if name else attr] = value
+    return out
+
+
+def _check_per_layer_lengths(config, count: int, source: str) -> None:
+    for key, value in vars(config).items():
+        if not isinstance(value, (list, tuple)):
+            continue
+        if (key in CONFIG_KEYS.positional or key.endswith("layer_types")) and len(value) != count:
+            raise SimdiffError(f"{source}: {key} has {len(value)} entries for {count} layers")
+        if key in CONFIG_KEYS.indices and any(not 0 <= i < count for i in value if isinstance(i, int)):
+            raise SimdiffError(f"{source}: {key} = {list(value)} names layers outside 0..{count - 1}")
+
+
+def check_config_consistent(model: nn.Module, config=None, source: str = "the pruned config") -> None:
+    """Raise unless ``type(model)(config)`` builds exactly ``model``: the same parameters, per-layer lists of the
+    layer count, and in every decoder layer the same settings (:func:`layer_settings`: attention kind, sliding
+    window, ... which parameter shapes do not show).
+
+    ``config`` defaults to ``model.config``; ``source`` names it in the error (e.g. a written config.json).
+    """
+    config = model.config if config is None else config
+    count = num_layers_in_config(config)
+    _check_per_layer_lengths(config, count, source)
+    with torch.device("meta"):
+        rebuilt = type(model)(copy.deepcopy(config))
+    expected, actual = _structure(rebuilt), _structure(model)
+    if expected != actual:
+        missing = sorted(set(actual) ^ set(expected))[:3]
+        shapes = [k for k in set(actual) & set(expected) if actual[k] != expected[k]][:3]
+        raise SimdiffError(
+            f"{source} (model_type {config.model_type!r}) would not rebuild the pruned model "
+            f"(differing parameters: {missing or shapes}); this architecture needs a config rule in "
+            "simdiff.model.config_keys (CONFIG_KEYS / LEADING_LAYER_COUNTS)"
+        )
+    for j, (want, have) in enumerate(zip(find_decoder_layers(rebuilt).modules, find_decoder_layers(model).modules)):
+        want_settings, have_settings = layer_settings(want), layer_settings(have)
+        differing = [k for k in sorted(set(want_settings) | set(have_settings))
+                     if want_settings.get(k, "absent") != have_settings.get(k, "absent")]
+        if differing:
+            key = differing[0]
+            raise SimdiffError(
+                f"{source} (model_type {config.model_type!r}) builds decoder layer {j} with {key} = "
+                f"{want_settings.get(key, 'absent')!r}, the pruned model's is {have_settings.get(key, 'absent')!r}; "
+                f"a per-layer config entry was not sliced right (name it with {SLICE_FLAG} if it is one)")
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument taking the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -11,7 +11,7 @@ import os
 import socket
 from urllib.parse import urlsplit
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 log = logging.getLogger(__name__)
 

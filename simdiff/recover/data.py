@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from simdiff.core.errors import SimdiffError
 from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
-from simdiff.errors import SimdiffError
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import warnings
 import torch
 from torch import nn
 
-from simdiff.errors import SimdiffError
-from simdiff.recover.config import RecoverConfig
+from simdiff.config.recover import RecoverConfig
+from simdiff.core.errors import SimdiffError
 
 log = logging.getLogger(__name__)
 

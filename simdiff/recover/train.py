@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simdiff.collect.nll import NLL, nll_over
+from simdiff.config.recover import RecoverConfig
+from simdiff.core.progress import progress
 from simdiff.data import batches
-from simdiff.evaluate.perplexity import NLL, nll_over
-from simdiff.progress import progress
 from simdiff.recover.checkpoint import load_checkpoint, save_checkpoint
-from simdiff.recover.config import RecoverConfig
 from simdiff.recover.data import TrainingText
 from simdiff.recover.lora import adapter_state, load_adapter_state
 

@@ -1,0 +1,1 @@
+"""The ``simdiff`` command line: every subcommand's parser and printing."""

@@ -1,0 +1,1 @@
+"""The recipe schema and field metadata: plain dataclasses, no torch at import."""

@@ -1,0 +1,1 @@
+"""Base modules every stage may use: errors, progress bars, the output contract."""

@@ -1,1 +1,0 @@
-"""Checkpoint formats other than transformers' safetensors folders (GGUF for llama.cpp and ollama)."""

@@ -1,0 +1,1 @@
+"""Choosing layers: criterion specs, ranking, one-shot/iterative evidence, held-out search."""

@@ -1,0 +1,394 @@
+"""Choosing layers on held-out calibration text: SimDiff's exact alpha path (``--alpha auto``) and best-of.
+
+**Disjoint windows.** The calibration token stream is split before any window is drawn: its last
+``heldout_samples`` windows' worth of tokens become contiguous, non-overlapping held-out windows, and the
+scoring windows are sampled (seeded) from the tokens before them. No scoring window can reach a held-out
+token. The evaluation text (test split) is never read here.
+
+**Exact alpha path.** SimDiff's importance is ``alpha * S + (1 - alpha) * D`` per layer, with S and D the
+normalised similarity and difference terms, which do not depend on alpha. So the removed set can change
+only where two layers' lines cross. Every crossing in (0, 1) is computed; the selection is taken at 0, 1,
+the default alpha, every crossing and every midpoint between consecutive points, which visits every set
+the path selects. Each distinct set is scored once on the held-out objective. Above ``max_candidates``
+distinct sets, the set of the default alpha and an even spread over the rest (ordered by alpha) are kept,
+and the number dropped is recorded.
+
+**Best-of.** Pools the alpha path's sets with the one-shot selections of other criteria (by default the
+one-pass ``block_influence``, ``angular_block``, ``mssd``, ``masd``; ``ppl_skip``/``taylor`` when asked for),
+scores each distinct set once and keeps the best (see Margin). With ``margin=0`` it is therefore never
+worse on the held-out objective than any pooled criterion.
+
+**Objectives.** ``kl``: mean over held-out tokens of KL(dense || candidate) of the next-token
+distributions. Batches are the outer loop and candidates the inner one: the dense log-probabilities of one
+batch are computed once and every new candidate is compared with them (its layers bypassed in place), so
+the cost is one dense pass plus one pass per candidate and memory holds one batch of [B, T, vocab]
+log-probabilities (about three such tensors at a time; lower ``--calib-batch-size`` for a huge vocabulary), never
+the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass per candidate.
+
+**Margin.** The default alpha's set (listed first) is kept unless another candidate beats it by more than
+``margin`` standard errors of the paired, window-by-window difference of the held-out objective (default 2;
+0 makes the lowest score win). Close sets rank differently on different texts, so leaving the default
+needs evidence, not a difference within noise. Among the candidates that pass, the lowest score wins.
+**Ties** (equal held-out score) go to the candidate listed first: alpha-path sets ordered by the distance
+of their alpha to the default alpha, then the other pooled criteria in pool order. The saved selection is
+exactly the winner: nothing is re-scored afterwards. Every candidate records ``vs_default``, its paired
+difference from the default's set and the standard error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from simdiff.collect.nll import standard_error, window_nlls
+from simdiff.config.settings import AUTO, DEFAULT_POOL, OBJECTIVES, SearchSettings, is_auto  # noqa: F401  (re-exported)
+from simdiff.core.errors import SimdiffError
+from simdiff.core.progress import progress
+from simdiff.criteria import Evidence, Options
+from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, sample_windows, tokenize_text
+from simdiff.data.windows import Batch
+from simdiff.model.layers import bypass_layers
+from simdiff.model.load import model_device
+from simdiff.selection.evidence import (
+    Selection,
+    block_sizes_for,
+    choose_one_shot,
+    evidence_passes,
+    gather_evidence,
+    importance,
+    needs_of,
+)
+from simdiff.selection.rank import select_layers
+from simdiff.selection.spec import BEST_OF  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = Options().alpha
+
+
+# -- disjoint scoring / held-out windows --------------------------------------------------------------------
+def split_token_stream(ids: torch.Tensor, samples: int, seq_len: int, seed: int, bos: int | None,
+                       heldout_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scoring windows sampled from the head of ``ids``; held-out windows tiling its tail (disjoint)."""
+    if heldout_samples < 1:
+        raise SimdiffError(f"--heldout-samples must be >= 1, got {heldout_samples}")
+    body = seq_len - (bos is not None)
+    held_tokens = heldout_samples * body
+    if len(ids) < held_tokens + body + 1:
+        raise SimdiffError(f"calibration text too short: {len(ids)} tokens, but {heldout_samples} held-out windows "
+                           f"need {held_tokens} and scoring needs {body + 1} more; lower --heldout-samples or "
+                           "--calib-seq-len, or use a longer text")
+    scoring = sample_windows(ids[:-held_tokens], samples, seq_len, seed, bos)
+    heldout = contiguous_windows(ids[-held_tokens:], seq_len, bos)
+    return scoring, heldout
+
+
+def split_calibration(tokenizer, calibration) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_token_stream` on a :class:`simdiff.workflows.api.Calibration`'s text (validation split)."""
+    ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
+    return split_token_stream(ids, calibration.samples, calibration.seq_len, calibration.seed,
+                              bos_token_id(tokenizer), calibration.heldout_samples)
+
+
+# -- candidates ----------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """One distinct removed set, who proposed it, and its held-out score (lower is better)."""
+
+    removed: list[int]
+    sources: list[str]
+    alpha: float | None = None
+    alpha_range: list[float] | None = None
+    score: float = math.nan
+    vs_default: list[float] | None = None  # [mean, standard error] of the paired difference with the default's set
+
+
+def alpha_breakpoints(similarity: np.ndarray, difference: np.ndarray) -> list[float]:
+    """Every alpha in (0, 1) where two layers' importances alpha*S + (1-alpha)*D are equal."""
+    slope = similarity - difference
+    i, j = np.triu_indices(len(slope), k=1)
+    denom = slope[i] - slope[j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = (difference[j] - difference[i]) / denom
+    cross = cross[(denom != 0) & np.isfinite(cross) & (cross > 0) & (cross < 1)]
+    return sorted(set(cross.tolist()))
+
+
+def alpha_path(evidence: Evidence, count: int, options: Options, keep_first: int = 0, keep_last: int = 0,
+               default_alpha: float = DEFAULT_ALPHA) -> list[Candidate]:
+    """Every distinct set SimDiff removes as alpha runs over [0, 1], ordered by |alpha - default_alpha|.
+
+    Each set's ``alpha`` is its probed alpha closest to ``default_alpha`` (the smaller one on a tie), and
+    ``alpha_range`` the smallest and largest probed alpha that select it.
+    """
+    similarity = importance("simdiff", evidence, replace(options, alpha=1.0))
+    difference = importance("simdiff", evidence, replace(options, alpha=0.0))
+    points = sorted({0.0, 1.0, float(default_alpha), *alpha_breakpoints(similarity, difference)})
+    probes = points + [(a + b) / 2 for a, b in zip(points, points[1:])]
+    found: dict[tuple[int, ...], list[float]] = {}
+    for alpha in probes:
+        scores = alpha * similarity + (1 - alpha) * difference  # the simdiff criterion's own expression
+        found.setdefault(tuple(select_layers(scores, count, keep_first, keep_last)), []).append(alpha)
+    candidates = []
+    for removed, alphas in found.items():
+        best = min(alphas, key=lambda a: (abs(a - default_alpha), a))
+        candidates.append(Candidate(list(removed), [f"simdiff alpha={best:.4f}"], best, [min(alphas), max(alphas)]))
+    return sorted(candidates, key=lambda c: (abs(c.alpha - default_alpha), c.alpha))
+
+
+def cap_candidates(candidates: list[Candidate], cap: int) -> tuple[list[Candidate], int]:
+    """At most ``cap`` candidates: the first (the default alpha's set) and an even spread over the rest by alpha."""
+    if len(candidates) <= cap:
+        return candidates, 0
+    first, rest = candidates[0], sorted(candidates[1:], key=lambda c: c.alpha)
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(rest) - 1, cap - 1)})
+    kept = [first, *sorted((rest[i] for i in picks), key=lambda c: (abs(c.alpha - first.alpha), c.alpha))]
+    return kept, len(candidates) - len(kept)
+
+
+def merge_duplicates(candidates: list[Candidate]) -> list[Candidate]:
+    """One candidate per removed set (the first listed keeps its place; later sources are added to it)."""
+    merged: dict[tuple[int, ...], Candidate] = {}
+    for c in candidates:
+        key = tuple(c.removed)
+        if key in merged:
+            merged[key].sources.extend(c.sources)
+        else:
+            merged[key] = c
+    return list(merged.values())
+
+
+# -- the held-out objective ------------------------------------------------------------------------------------
+class HeldoutObjective:
+    """Scores removed sets on held-out windows (lower is better); each distinct set is evaluated once.
+
+    Per-window values are kept too (mean KL, or mean NLL, per predicted token of each window), so two sets
+    can be compared paired, window by window (:meth:`paired`).
+    """
+
+    def __init__(self, model: nn.Module, heldout: Sequence[Batch], kind: str = "kl") -> None:
+        if kind not in OBJECTIVES:
+            raise SimdiffError(f"unknown --objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.model, self.heldout, self.kind = model, list(heldout), kind
+        self.cache: dict[tuple[int, ...], np.ndarray] = {}  # set -> per-window summed KL or NLL
+        self.window_tokens: np.ndarray | None = None
+        self.passes = 0
+        self.seconds = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(b.attention_mask.sum()) for b in self.heldout)
+
+    def scores(self, sets: Sequence[Sequence[int]]) -> list[float]:
+        """Held-out score of each set (cached), evaluating the new ones batch by batch."""
+        new = [list(k) for k in dict.fromkeys(tuple(s) for s in sets) if k not in self.cache]
+        if new:
+            start = time.perf_counter()
+            totals, self.window_tokens = self._kl(new) if self.kind == "kl" else self._nll(new)
+            for removed, per_window in zip(new, totals):
+                self.cache[tuple(removed)] = per_window
+            self.passes += len(new) + (self.kind == "kl")
+            self.seconds += time.perf_counter() - start
+        return [self._aggregate(self.cache[tuple(s)]) for s in sets]
+
+    def _aggregate(self, per_window: np.ndarray) -> float:
+        mean = float(per_window.sum() / self.window_tokens.sum())
+        if not math.isfinite(mean):
+            return math.inf
+        return mean if self.kind == "kl" else math.exp(mean)
+
+    def window_means(self, removed: Sequence[int]) -> np.ndarray:
+        """Mean KL (``kl``) or mean NLL (``ppl``) per predicted token of each held-out window, for a scored set."""
+        return self.cache[tuple(removed)] / np.maximum(self.window_tokens, 1)
+
+    def paired(self, removed: Sequence[int], reference: Sequence[int]) -> tuple[float, float]:
+        """Mean over held-out windows of (``removed`` − ``reference``) per-token values, and its standard error
+        (both sets scored); negative means ``removed`` is better."""
+        with np.errstate(invalid="ignore"):  # inf - inf where both sets broke: NaN, reported as such
+            diffs = self.window_means(removed) - self.window_means(reference)
+        if len(diffs) < 2 or not np.isfinite(diffs).all():
+            return float(diffs.mean()) if len(diffs) else 0.0, math.inf
+        return float(diffs.mean()), standard_error(diffs.tolist())
+
+    @torch.no_grad()
+    def _nll(self, sets: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray]:
+        nll, tokens = [[] for _ in sets], []
+        for batch in progress(self.heldout, desc=f"held-out ppl of {len(sets)} candidates"):
+            for k, removed in enumerate(sets):
+                with bypass_layers(self.model, removed):
+                    totals, counts = window_nlls(self.model, [batch], desc=None)
+                nll[k] += totals
+            tokens += counts
+        return [np.asarray(v, dtype=np.float64) for v in nll], np.asarray(tokens, dtype=np.float64)
+
+    @torch.no_grad()
+    def _kl(self, sets: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray]:
+        kl, tokens = [[] for _ in sets], []
+        for batch in progress(self.heldout, desc=f"held-out KL of {len(sets)} candidates"):
+            batch = batch.to(model_device(self.model))
+            mask = batch.attention_mask.bool()
+            dense = torch.log_softmax(self._logits(batch), dim=-1)
+            tokens += mask.sum(1).tolist()
+            for k, removed in enumerate(sets):
+                with bypass_layers(self.model, removed):
+                    candidate = torch.log_softmax(self._logits(batch), dim=-1)
+                per_token = nn.functional.kl_div(candidate, dense, log_target=True, reduction="none").sum(-1)
+                kl[k] += per_token.double().masked_fill(~mask, 0.0).sum(1).tolist()
+        return [np.asarray(v, dtype=np.float64) for v in kl], np.asarray(tokens, dtype=np.float64)
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
+
+    def describe(self) -> str:
+        if self.kind == "kl":
+            return "mean KL(dense || candidate) of next-token distributions over held-out tokens (nats)"
+        return "held-out calibration perplexity with the candidate's layers bypassed"
+
+
+# -- searches --------------------------------------------------------------------------------------------------
+@dataclass
+class Search:
+    """The outcome of a held-out selection: the winner (saved exactly as is), every candidate, and the cost."""
+
+    kind: str  # "alpha" (--alpha auto) or "best-of"
+    count: int
+    winner: Candidate
+    candidates: list[Candidate]
+    objective: str
+    objective_description: str
+    dropped_by_cap: int
+    cap: int
+    heldout_passes: int
+    heldout_seconds: float
+    costs: dict = field(default_factory=dict)
+
+    @property
+    def removed(self) -> list[int]:
+        return self.winner.removed
+
+    @property
+    def alpha(self) -> float | None:
+        return self.winner.alpha
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "count": self.count, "removed": self.winner.removed, "alpha": self.winner.alpha,
+                "winner_sources": self.winner.sources, "heldout_score": self.winner.score,
+                "objective": self.objective, "objective_description": self.objective_description,
+                "distinct_candidates": len(self.candidates), "dropped_by_cap": self.dropped_by_cap,
+                "max_candidates": self.cap, "heldout_passes": self.heldout_passes,
+                "heldout_seconds": self.heldout_seconds, **self.costs,
+                "candidates": [vars(c) for c in self.candidates]}
+
+
+class Searcher:
+    """One scoring pass on the scoring windows, then held-out searches for any count (scores cached by set)."""
+
+    def __init__(self, model: nn.Module, tokenizer, calibration, settings: SearchSettings, counts: Sequence[int],
+                 criteria: Sequence[str] = ("simdiff",), keep_first: int = 0, keep_last: int = 0) -> None:
+        settings.check()
+        self.model, self.settings, self.keep = model, settings, (keep_first, keep_last)
+        scoring, heldout = split_calibration(tokenizer, calibration)
+        self.windows = {"scoring_windows": int(scoring.shape[0]), "heldout_windows": int(heldout.shape[0])}
+        self.objective = HeldoutObjective(model, batches(heldout, calibration.batch_size), settings.objective)
+        criteria = list(dict.fromkeys(["simdiff", *criteria]))
+        start = time.perf_counter()
+        self.evidence = gather_evidence(model, batches(scoring, calibration.batch_size, calibration.skip_first_token),
+                                        needs_of(criteria), block_sizes_for(criteria, counts))
+        self.calibration_seconds = time.perf_counter() - start
+        self.criteria = criteria
+
+    def search(self, kind: str, count: int, options: Options) -> Search:
+        """``kind="alpha"``: the alpha path only; ``kind="best-of"``: the path pooled with the other criteria."""
+        path, dropped = cap_candidates(alpha_path(self.evidence, count, options, *self.keep),
+                                       self.settings.max_candidates)
+        pooled = list(path)
+        if kind == BEST_OF:
+            for name in self.settings.pool:
+                if name != "simdiff":
+                    pooled.append(Candidate(choose_one_shot(name, self.evidence, count, options, *self.keep).removed,
+                                            [name]))
+        candidates = merge_duplicates(pooled)
+        passes, seconds = self.objective.passes, self.objective.seconds
+        for candidate, value in zip(candidates, self.objective.scores([c.removed for c in candidates])):
+            candidate.score = value
+            log.info("%s removes %s: held-out %s %.5f", " / ".join(candidate.sources), candidate.removed,
+                     self.settings.objective, value)
+        winner = self._winner(candidates)
+        log.info("%s for %d layers: %s wins (held-out %s %.5f, %d distinct candidates)", kind, count,
+                 " / ".join(winner.sources), self.settings.objective, winner.score, len(candidates))
+        costs = {**self.windows, "heldout_tokens": self.objective.tokens,
+                 "calibration_passes": evidence_passes(needs_of(self.criteria), self.evidence.num_layers),
+                 "calibration_seconds": self.calibration_seconds}
+        return Search(kind, count, winner, candidates, self.settings.objective, self.objective.describe(), dropped,
+                      self.settings.max_candidates, self.objective.passes - passes,
+                      self.objective.seconds - seconds, costs)
+
+    def _winner(self, candidates: list[Candidate]) -> Candidate:
+        """The lowest held-out score among the default alpha's set (listed first) and the candidates that beat
+        it by more than ``margin`` paired standard errors (all of them when its own score is not finite); ties
+        to the one listed first."""
+        reference = candidates[0]
+        for candidate in candidates:
+            candidate.vs_default = list(self.objective.paired(candidate.removed, reference.removed))
+        margin = self.settings.margin
+        eligible = [c for c in candidates if c is reference or margin <= 0 or not math.isfinite(reference.score)
+                    or c.vs_default[0] < -margin * c.vs_default[1]]
+        order = {id(c): i for i, c in enumerate(candidates)}
+
+        def rank(c: Candidate) -> tuple[float, int]:
+            return _finite_or_inf(c.score), order[id(c)]
+
+        best, winner = min(candidates, key=rank), min(eligible, key=rank)
+        if winner is not best:
+            log.info("%s removes %s with a lower held-out score, but only by %.4g ± %.4g (paired SE), within "
+                     "--margin %g standard errors of the default alpha's set; chose %s", " / ".join(best.sources),
+                     best.removed, -best.vs_default[0], best.vs_default[1], margin, winner.removed)
+        return winner
+
+    def selection(self, search: Search, options: Options) -> tuple[Selection, Options]:
+        """The winner as a :class:`Selection` (exactly its removed set) and the options it implies."""
+        if search.alpha is not None:
+            options = replace(options, alpha=search.alpha)
+        if search.kind == "alpha":
+            steps = [{"importance": importance("simdiff", self.evidence, options).tolist(), "search": "alpha"}]
+            return Selection("simdiff", list(search.removed), steps), options
+        return Selection(BEST_OF, list(search.removed), [{"search": BEST_OF, "winner": search.winner.sources}]), options
+
+
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
+def reject_auto(options: Options | None, what: str = "scoring") -> None:
+    """Raise a clear error where alpha must be a number (auto needs a layer count to tune for)."""
+    if options is not None and is_auto(options.alpha):
+        raise SimdiffError(f"--alpha auto needs a number of layers to remove, which {what} does not have; "
+                           "use it with prune/compare (--num-layers or --ratio) or give --alpha a number in [0, 1]")
+
+
+def search_kind(criterion: str, options: Options, iterative: bool = False) -> str | None:
+    """``"alpha"`` (simdiff with --alpha auto), ``"best-of"``, or None (a plain one-pass selection)."""
+    if criterion == BEST_OF:
+        kind = BEST_OF
+    elif is_auto(options.alpha):
+        if criterion != "simdiff":
+            raise SimdiffError(f"--alpha auto tunes the simdiff criterion; {criterion!r} has no alpha (drop --alpha)")
+        kind = "alpha"
+    else:
+        return None
+    if iterative:
+        raise SimdiffError(f"{'--alpha auto' if kind == 'alpha' else '--criterion best-of'} works with one-shot "
+                           "selection; drop --iterative")
+    return kind
+
+
+def searched_options(options: Options) -> Options:
+    """``options`` with a numeric alpha (the default) where it was ``auto``: the path sweeps alpha itself."""
+    return replace(options, alpha=DEFAULT_ALPHA) if is_auto(options.alpha) else options

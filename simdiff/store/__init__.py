@@ -1,0 +1,1 @@
+"""Saving a pruned model: save, verify, lineage, model card (through the output contract)."""

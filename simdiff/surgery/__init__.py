@@ -1,0 +1,1 @@
+"""Removing layers: in memory, on disk (apply) and in GGUF files."""

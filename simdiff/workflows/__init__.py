@@ -1,0 +1,1 @@
+"""Orchestration of prune, score and compare (library entry points)."""
