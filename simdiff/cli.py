@@ -55,7 +55,7 @@ def run_score(args: argparse.Namespace) -> None:
     from simdiff.save import provenance
 
     specs = parse_candidates(args.criterion)  # names and variants such as simdiff:beta=0.5, checked
-    recipe = recipe_from_args(args)  # validated before loading
+    recipe = recipe_from_args(args).check_settings()  # validated before loading
     spec = recipe.model
     check_device(spec.device)
     check_data_parallel_support(needs_of([s.criterion for s in specs]), spec.device_map)

@@ -41,7 +41,8 @@ class Options:
 
     alpha: float | str = option(0.75, "SimDiff weight of the similarity term (1 - alpha goes to the difference "
                                       "terms); 'auto' evaluates every distinct selection along alpha in [0, 1] on "
-                                      "held-out calibration windows (--objective) and keeps the best",
+                                      "held-out calibration windows (--objective) and keeps the best; with "
+                                      "--criterion best-of, its set is the --margin reference",
                                 parse=number_or_auto)
     beta: float = option(1.0, "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)")
     normalize: str = option("rank", "how each SimDiff metric is normalised across layers", choices=NORMALIZERS)
