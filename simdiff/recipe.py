@@ -16,6 +16,7 @@ from typing import Any
 
 from simdiff.criteria.registry import Options
 from simdiff.data import batches, calibration_windows
+from simdiff.data.text import NAMED_DATASETS, text_files
 from simdiff.data.windows import Batch
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings
@@ -178,7 +179,30 @@ class Recipe:
         self.search.check()
         if self.evaluation is not None:
             self.evaluation.check()
+        calibrated = [self.calibration.source] if self.selection.layers is None else []  # --layers: no calibration
+        for source in [*calibrated, *(self.evaluation.ppl if self.evaluation is not None else [])]:
+            if source not in NAMED_DATASETS:
+                text_files(source)  # the file or folder exists and holds .txt/.jsonl text
+        name, revision = self.model.name, self.model.revision
+        if revision and name and Path(name).expanduser().is_dir():
+            raise SimdiffError(f"--revision {revision!r} applies to hub ids; {name!r} is a local directory")
+        self.check_offload()
         return self
+
+    def check_offload(self) -> None:
+        """Layer-wise offload collects hidden-state statistics in one pass: no re-scoring, no other evidence."""
+        from simdiff.compare import parse_candidates
+        from simdiff.criteria import CRITERIA, LAYER_STATS
+
+        if self.model.offload is None or self.selection.layers is not None:
+            return
+        if self.selection.iterative:
+            raise SimdiffError("--offload layerwise supports one-shot selection only; drop --iterative or --offload")
+        for spec in parse_candidates(self.selection.criterion):
+            extra = CRITERIA[spec.criterion].needs - {LAYER_STATS} if spec.criterion in CRITERIA else set()
+            if extra:
+                raise SimdiffError(f"--offload layerwise collects hidden-state statistics only; {spec.criterion} "
+                                   f"needs {', '.join(sorted(extra))}, with the model in memory (drop --offload)")
 
     def check(self) -> Recipe:
         """The one validation of a run, before any model is loaded (``prune``, ``compare``, ``run`` and the API):

@@ -13,6 +13,7 @@ import pytest
 from test_cli import run_bad
 
 import simdiff
+from simdiff.cli import main
 from simdiff.errors import SimdiffError
 from simdiff.recipe import Calibration, Recipe, recipe_from_settings
 
@@ -66,8 +67,19 @@ def test_api_prune_of_a_recipe_edited_after_construction(tmp_path) -> None:
      "unknown criterion 'simdif'"),
     (["compare", MODEL, "--num-layers", "2", "--heldout-samples", "1"], "--heldout-samples must be >= 2"),
     (["score", MODEL, "--heldout-samples", "1"], "--heldout-samples must be >= 2"),
+    # found by benchmarks/reliability_battery.py: refused only after loading the model
+    (["prune", MODEL, "--num-layers", "2", "--offload", "layerwise", "--iterative"],
+     "--offload layerwise supports one-shot selection only"),
+    (["prune", MODEL, "--num-layers", "2", "--offload", "layerwise", "--criterion", "taylor"],
+     "taylor needs taylor, with the model in memory"),
+    (["prune", MODEL, "--num-layers", "2", "--calib", "/nonexistent/calib.txt"], "'/nonexistent/calib.txt' not found"),
+    (["compare", MODEL, "--num-layers", "2", "--ppl", "/nonexistent/eval.txt"], "'/nonexistent/eval.txt' not found"),
+    (["prune", "{tmp}", "--num-layers", "2", "--revision", "main"], "applies to hub ids"),
+    (["score", MODEL, "--criterion", "simdiff:alpha=auto"], "--alpha auto needs a number of layers"),
+    (["score", MODEL, "--block-size", "0"], "--block-size must be >= 1, got 0"),
 ])
 def test_cli_validates_settings_before_loading(tmp_path, capsys, args, message) -> None:
+    args = [str(tmp_path) if a == "{tmp}" else a for a in args]
     assert message in run_bad(capsys, ["-q", *args, *(["--out", str(tmp_path / "o")] if args[0] != "score" else [])])
     assert not (tmp_path / "o").exists()
 
@@ -90,3 +102,18 @@ def test_calibration_refuses_one_heldout_window() -> None:
     with pytest.raises(SimdiffError, match="paired standard error"):
         Calibration(heldout_samples=1)
     assert Calibration(heldout_samples=2).heldout_samples == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", MODEL, "--num-layers", "2", "--objective", "bogus"], "argument --objective: invalid choice: 'bogus'"),
+    (["prune", MODEL, "--layers", ""], "expected comma-separated layer indices"),
+    (["prune", MODEL, "--num-layers", "2", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["apply"], "the following arguments are required: model"),
+])
+def test_argparse_errors_are_one_line(capsys, args, message) -> None:
+    """argparse's own errors: one line naming the flag and pointing at --help (no usage block), exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("simdiff: error:"), err
+    assert message in err[0] and "--help" in err[0], err
