@@ -482,8 +482,10 @@ def check(case: Case, root: Path, number: int, before_inputs: dict, before_left:
         problems.append("nothing was killed" if NOT_KILLED in err else "the killed run exited 0")
     if out is not None:
         existed = before_out is not None
-        if case.expect == "ok" and not (out.exists() and complete(out)):
-            problems.append("output missing or incomplete")
+        if case.expect == "ok" and not out.exists():
+            problems.append("output missing")
+        elif case.expect == "ok" and not complete(out):
+            problems.append("half-written output (incomplete)")
         elif case.expect != "ok" and existed and tree_hashes_of(out) != before_out:
             problems.append("an existing output was changed by a failed run")
         elif case.expect != "ok" and not existed and out.exists():
@@ -542,7 +544,7 @@ def summary(results: list[Result]) -> tuple[str, bool]:
     kinds = {k: sum(r.case.kind == k for r in results) for k in ("cli", "api", "run", "torchrun", "kill")}
     line = (f"{len(results)} cases ({', '.join(f'{v} {k}' for k, v in kinds.items())}): "
             f"{count('traceback')} tracebacks, {count('data lost') + count('existing output was changed')} data lost, "
-            f"{count('half-written') + count('incomplete')} half-written outputs, "
+            f"{count('half-written')} half-written outputs, {count('output missing')} outputs missing, "
             f"{count('refusal not one line')} refusals not one line + exit 2, "
             f"{count('after loading')} refused after loading, {count('leftovers')} with leftovers, "
             f"{len(failed)} failing ({len(marked)} marked as expected to change with other branches)")

@@ -174,7 +174,7 @@ class Recipe:
                 raise SimdiffError(f"recipe field {name} must be a {cls.__name__}, got {type(value).__name__}")
         recipe_from_dict(self.to_dict())
         self.calibration.check()
-        self.options.__post_init__()
+        self.options.check()
         self.selection.check()
         self.search.check()
         if self.evaluation is not None:

@@ -52,6 +52,9 @@ class Options:
 
     def __post_init__(self) -> None:
         """Refuse out-of-range values when the options are made, before any calibration pass."""
+        self.check()
+
+    def check(self) -> Options:
         for name in ("alpha", "beta"):
             value = getattr(self, name)
             if name == "alpha" and isinstance(value, str) and value.strip().lower() == "auto":
@@ -61,6 +64,7 @@ class Options:
                                    f"got {value}")
         if self.seed < 0:
             raise SimdiffError(f"--seed must be >= 0, got {self.seed}")
+        return self
 
 
 @dataclass(frozen=True)
