@@ -244,3 +244,94 @@ def test_unknown_layer_count_list_is_refused_before_loading_and_sliced_when_name
         assert config_of(tmp_path / command)["label_weights"] == [1, 3, 4, 6]
     assert json.loads((tmp_path / "prune" / METADATA_FILE).read_text())["recipe"]["selection"][
         "slice_config_keys"] == ["label_weights"]
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "tinycustom"
+'''
+CUSTOM_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+'''
+
+
+def custom_code_checkpoint(source: Path, folder: Path) -> Path:
+    """``source`` as a model with its own Python code (``auto_map``), a LLaMA underneath."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG, encoding="utf-8")
+    (folder / "modeling_tiny.py").write_text(CUSTOM_MODEL, encoding="utf-8")
+    config = config_of(folder)
+    config.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tiny.TinyConfig",
+                            "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_apply_trust_remote_code(bf16_checkpoint, tmp_path, capsys, monkeypatch) -> None:
+    """A model with ``auto_map``: one line naming --trust-remote-code without it, the same surgery with it."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    custom = custom_code_checkpoint(bf16_checkpoint, tmp_path / "custom")
+    capsys.readouterr()
+    assert main(["-q", "apply", str(custom), "--layers", "1,3", "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--trust-remote-code" in err[0], err
+    assert not (tmp_path / "refused").exists()
+    apply(custom, tmp_path / "disk", "--layers", "1,3", "--trust-remote-code")
+    apply(bf16_checkpoint, tmp_path / "plain", "--layers", "1,3")
+    assert tensors_of(tmp_path / "disk") == tensors_of(tmp_path / "plain")
+    assert (tmp_path / "disk" / "modeling_tiny.py").is_file()
+    assert config_of(tmp_path / "disk")["num_hidden_layers"] == 4
+
+
+def test_apply_reads_back_what_it_wrote(bf16_checkpoint, tmp_path, capsys, monkeypatch) -> None:
+    """A shard written wrong (here: one flipped byte, as a faulty disk would) is caught by reading every tensor
+    back; nothing is committed and the input is untouched."""
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def corrupting_save(tensors, path, metadata=None):
+        name = sorted(tensors)[-1]
+        bad = tensors[name].clone()
+        bad.view(-1).view(torch.uint8)[0] ^= 1
+        real_save({**tensors, name: bad}, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", corrupting_save)
+    before = tensors_of(bf16_checkpoint)
+    capsys.readouterr()
+    assert main(["-q", "apply", str(bf16_checkpoint), "--layers", "2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "when read back" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert tensors_of(bf16_checkpoint) == before
+
+
+def test_multi_round_recipe_on_the_original_model_applies_every_round(bf16_checkpoint, tmp_path) -> None:
+    """A two-round simdiff.json (6 -> 5 -> 4) applied to the 6-layer original removes both rounds' layers (original
+    numbering); applied to the first round's output it replays the last round."""
+    first = in_memory_removal(bf16_checkpoint, tmp_path / "first", [1])
+    apply(first, tmp_path / "second", "--layers", "2")  # the original layer 3
+    apply(bf16_checkpoint, tmp_path / "composed", "--recipe", str(tmp_path / "second"))
+    apply(bf16_checkpoint, tmp_path / "direct", "--layers", "1,3")
+    assert tensors_of(tmp_path / "composed") == tensors_of(tmp_path / "direct")
+    metadata = json.loads((tmp_path / "composed" / METADATA_FILE).read_text(encoding="utf-8"))
+    assert metadata["removed_layers"] == [1, 3] and metadata["num_layers_before"] == 6
+
+
+def test_recipe_of_another_depth_names_both_depths(bf16_checkpoint, tmp_path, capsys) -> None:
+    first = in_memory_removal(bf16_checkpoint, tmp_path / "first", [1])
+    apply(first, tmp_path / "second", "--layers", "2")
+    third = tmp_path / "third-input"
+    apply(bf16_checkpoint, third, "--layers", "0,1,2")  # 3 layers: neither 5 (last input) nor 6 (original)
+    capsys.readouterr()
+    assert main(["-q", "apply", str(third), "--recipe", str(tmp_path / "second"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "records 5 layers (its last round's input; the original model had 6), the model has 3" in err, err

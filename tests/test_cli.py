@@ -58,7 +58,7 @@ BAD_INPUTS = {
     "unknown criterion": (["--num-layers", "2", "--criterion", "simdif"], None,
                           "unknown criterion 'simdif'.*Did you mean 'simdiff'"),
     "ratio removes all": (["--ratio", "0.99"], None, "remove 6 layers but the model has 6; keep at least one"),
-    "zero layers": (["--num-layers", "0"], None, "remove 0 layers .*remove at least 1"),
+    "zero layers": (["--num-layers", "0"], None, "remove 0 layers.*remove at least 1"),
     "negative": (["--num-layers", "-2"], None, "remove -2 layers"),
     "more than exist": (["--num-layers", "9"], None, "remove 9 layers but the model has 6"),
     "text too short": (["--num-layers", "2", "--calib", "{short}"], None, "text too short.*--calib-seq-len"),

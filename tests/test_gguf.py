@@ -229,7 +229,7 @@ def test_apply_cli_refusals(tiny_file, tmp_path, capsys) -> None:
     recipe = tmp_path / "simdiff.json"
     recipe.write_text(json.dumps({"removed_layers": [1], "num_layers_before": 30}))
     out = str(tmp_path / "out.gguf")
-    assert "made on a model of 30 layers" in apply_error(capsys, [str(tiny_file), "--recipe", str(recipe), "--out", out])
+    assert "records 30 layers, the model has 6" in apply_error(capsys, [str(tiny_file), "--recipe", str(recipe), "--out", out])
     assert "out of range" in apply_error(capsys, [str(tiny_file), "--layers", "1,6", "--out", out])
     assert "overlaps the input" in apply_error(
         capsys, [str(tiny_file), "--layers", "1", "--out", str(tiny_file), "--overwrite"])
@@ -298,3 +298,33 @@ def test_an_unknown_array_of_one_entry_per_block_is_refused_unless_named(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
     prune_gguf(src, [1, 4], tmp_path / "out.gguf", sliced=["label_weights"])  # named without its arch prefix
     assert gguf.GGUFReader(tmp_path / "out.gguf").get_field("llama.label_weights").contents() == [1, 3, 4, 6]
+@pytest.mark.parametrize("model_type, accepted", [("llama", True), ("mistral", True), ("qwen2", False),
+                                                  ("gpt2", False)])
+def test_apply_recipe_checks_the_architecture(tiny_file, tmp_path, capsys, model_type, accepted) -> None:
+    """A recipe made on another architecture with the same depth is refused (Mistral is llama in GGUF)."""
+    recipe = tmp_path / "simdiff.json"
+    recipe.write_text(json.dumps({"removed_layers": [1], "num_layers_before": 6, "model_type": model_type}))
+    out = tmp_path / "out.gguf"
+    if accepted:
+        code, _, err = run_cli(capsys, ["apply", str(tiny_file), "--recipe", str(recipe), "--out", str(out)])
+        assert code == 0 and out.is_file(), err
+    else:
+        message = apply_error(capsys, [str(tiny_file), "--recipe", str(recipe), "--out", str(out)])
+        assert f"model_type '{model_type}', the GGUF file's architecture is 'llama'" in message
+        assert not out.exists()
+
+
+def test_apply_multi_round_recipe_to_the_original_file(tiny_file, tmp_path, capsys) -> None:
+    """A two-round recipe (6 -> 5 -> 4: the input's layer 1, then the next input's layer 2 = original 3) on the
+    6-block file removes both rounds' blocks; on a 5-block file it removes the last round's."""
+    recipe = tmp_path / "simdiff.json"
+    recipe.write_text(json.dumps({"removed_layers": [1, 3], "num_layers_before": 5, "num_layers_original": 6,
+                                  "history": [{"removed_layers": [1]}, {"removed_layers": [2]}]}))
+    code, _, err = run_cli(capsys, ["apply", str(tiny_file), "--recipe", str(recipe), "--out", str(tmp_path / "a.gguf")])
+    assert code == 0, err
+    code, _, err = run_cli(capsys, ["apply", str(tiny_file), "--layers", "1,3", "--out", str(tmp_path / "b.gguf")])
+    assert code == 0, err
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    five = write_tiny_gguf(tmp_path / "five.gguf", blocks=5)
+    code, out, err = run_cli(capsys, ["apply", str(five), "--recipe", str(recipe), "--out", str(tmp_path / "c.gguf")])
+    assert code == 0 and "removed blocks [2]" in out, err

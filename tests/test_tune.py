@@ -249,3 +249,33 @@ def test_margin_rule_on_hand_made_window_values():
     assert pick(9, [default, close, far]) == [1, 2]
     windows[default] = [1.0, float("inf"), 3.0, 4.0]  # a broken default set cannot hold its place
     assert pick(2, [default, close]) == [1, 3]
+
+
+def test_best_of_without_simdiff_in_the_pool_pools_no_alpha_path(calib_slice):
+    """--pool without simdiff: only the named criteria compete, and the first one's set is the margin reference."""
+    model, tok = tiny_model("llama", 8), tiny_tokenizer()
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
+    pool = ["block_influence", "mssd", "masd"]
+    search = Searcher(model, tok, calibration, SearchSettings(pool=pool), [3], pool).search("best-of", 3, Options())
+    sources = [s for c in search.candidates for s in c.sources]
+    assert not any(s.startswith("simdiff") for s in sources), sources
+    assert search.candidates[0].sources[0] == "block_influence" and search.candidates[0].vs_default == [0.0, 0.0]
+    scoring, _ = split_calibration(tok, calibration)
+    evidence = gather_evidence(model, batches(scoring, 4), {LAYER_STATS}, [1, 3])
+    assert search.candidates[0].removed == choose_one_shot("block_influence", evidence, 3, Options()).removed
+
+
+def test_best_of_takes_a_numeric_alpha_as_the_margin_reference(calib_slice):
+    """--criterion best-of --alpha 0.05: the set simdiff selects at alpha 0.05 is the one kept unless beaten."""
+    model, tok = tiny_model("llama", 8), tiny_tokenizer()
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
+    pool = SearchSettings().pool
+    searcher = Searcher(model, tok, calibration, SearchSettings(margin=1e9), [3], pool)
+    options = Options(alpha=0.05, normalize="minmax", diff_scale="absolute")
+    search = searcher.search("best-of", 3, options)
+    reference = search.candidates[0]
+    assert reference.alpha == 0.05 and reference.vs_default == [0.0, 0.0]
+    assert reference.removed == choose_one_shot("simdiff", searcher.evidence, 3, options).removed
+    at_default = choose_one_shot("simdiff", searcher.evidence, 3, replace(options, alpha=0.75)).removed
+    assert reference.removed != at_default  # on this model the two alphas select different sets
+    assert search.removed == reference.removed  # 1e9 standard errors: nothing replaces it

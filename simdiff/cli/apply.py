@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from simdiff.cli.options import add_output_options, add_selection_options
+from simdiff.cli.options import add_model_options, add_output_options, add_selection_options
 from simdiff.core.errors import SimdiffError
 
 
@@ -14,8 +14,10 @@ def add_apply_command(subparsers) -> None:
     parser.add_argument("model", help="checkpoint directory (safetensors), built-in name (smollm2-135m), "
                                       "or a .gguf file (docs/gguf.md)")
     add_selection_options(parser, only=["layers", "slice_config_keys"])
-    parser.add_argument("--recipe", help="the simdiff.json of a prune (or its folder): apply its selection "
-                                         "(default: none; give it or --layers)")
+    parser.add_argument("--recipe", help="the simdiff.json of a prune (or its folder): apply its selection; a "
+                                         "multi-round recipe on the original model applies every round's removal "
+                                         "at once, in the original numbering (default: none; give it or --layers)")
+    add_model_options(parser, only=["trust_remote_code"])
     add_output_options(parser)
     parser.set_defaults(run=run_apply)
 
@@ -33,7 +35,7 @@ def run_apply(args: argparse.Namespace) -> None:
         return
     recipe = load_removal_record(args.recipe) if args.recipe else None
     result = apply_to_path(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe,
-                           sliced=args.slice_config_key)
+                           trust_remote_code=args.trust_remote_code, sliced=args.slice_config_key)
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.removed} ({before} -> {after} layers) on disk")
     print(f"saved to {result.out} ({len(result.shards)} shard{'s' if len(result.shards) > 1 else ''})")

@@ -57,12 +57,17 @@ def run_score(args: argparse.Namespace) -> None:
     from simdiff.model.load import load_from_settings
     from simdiff.report.tables import format_score_table
     from simdiff.selection.evidence import check_data_parallel_support, needs_of
+    from simdiff.selection.search import reject_auto
     from simdiff.selection.spec import parse_candidates
     from simdiff.store.save import provenance
     from simdiff.workflows.api import score
 
     specs = parse_candidates(args.criterion)  # names and variants such as simdiff:beta=0.5, checked
-    recipe = recipe_from_args(args)  # validated before loading
+    recipe = recipe_from_args(args).check_settings()  # validated before loading
+    for spec in specs:
+        reject_auto(spec.options(recipe.options))
+    if args.block_size is not None and args.block_size < 1:
+        raise SimdiffError(f"--block-size must be >= 1, got {args.block_size}")
     spec = recipe.model
     check_device(spec.device)
     check_data_parallel_support(needs_of([s.criterion for s in specs]), spec.device_map)
@@ -185,10 +190,17 @@ COMMANDS = [add_score_command, add_prune_command, add_run_command, add_recover_c
             add_compare_command, add_demo_command, add_bench_command, add_apply_command]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors (unknown flag, bad choice, missing value) as one line, exit 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"simdiff: error: {one_line(message)}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from simdiff import __version__
 
-    parser = argparse.ArgumentParser(prog="simdiff", description=__doc__, allow_abbrev=False)
+    parser = Parser(prog="simdiff", description=__doc__, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"simdiff {__version__}")
     add_common_flags(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -30,6 +30,7 @@ from simdiff.config.settings import DTYPE_NAMES, EvalSettings, Options, SearchSe
 from simdiff.core.errors import SimdiffError
 
 RECIPE_KEY = "recipe"
+MIN_HELDOUT = 2
 
 
 @dataclass
@@ -80,16 +81,23 @@ class Calibration:
     data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
 
     heldout_samples: int = option(32, "held-out windows (cut from the end of the calibration text, disjoint from the "
-                                      "scoring windows) for --alpha auto and --criterion best-of")
+                                      "scoring windows) for --alpha auto and --criterion best-of; at least 2 (the "
+                                      "--margin test needs a paired standard error)")
     skip_first_token: bool = option(False, "leave position 0 of each window (BOS / attention sink) out of the "
                                            "layer statistics")
 
     def __post_init__(self) -> None:
         """Refuse impossible settings when made, before the model is loaded."""
+        self.check()
+
+    def check(self) -> Calibration:
         for flag, value, least in (("--samples", self.samples, 1), ("--calib-seq-len", self.seq_len, 2),
-                                   ("--calib-batch-size", self.batch_size, 1), ("--seed", self.seed, 0)):
+                                   ("--calib-batch-size", self.batch_size, 1), ("--seed", self.seed, 0),
+                                   ("--heldout-samples", self.heldout_samples, MIN_HELDOUT)):
             if value < least:
-                raise SimdiffError(f"{flag} must be >= {least}, got {value}")
+                why = " (the --margin test's paired standard error needs two windows)" if least == MIN_HELDOUT else ""
+                raise SimdiffError(f"{flag} must be >= {least}{why}, got {value}")
+        return self
 
 
 
@@ -116,6 +124,18 @@ class SelectionSettings:
 
     def counts_given(self) -> list:
         return (self.num_layers or []) + (self.ratio or [])
+
+    def check(self) -> SelectionSettings:
+        """Ranges that need no model: counts >= 1, ratios in (0, 1), protected counts >= 0."""
+        for count in self.num_layers or []:
+            if count < 1:
+                raise SimdiffError(f"--num-layers asks to remove {count} layers; remove at least 1")
+        for ratio in self.ratio or []:
+            if not 0.0 < ratio < 1.0:
+                raise SimdiffError(f"--ratio must lie strictly between 0 and 1, got {ratio}")
+        if self.keep_first < 0 or self.keep_last < 0:
+            raise SimdiffError(f"--keep-first/--keep-last must be >= 0, got {self.keep_first}/{self.keep_last}")
+        return self
 
 
 @dataclass
@@ -148,10 +168,53 @@ class Recipe:
         """Several criteria or counts: a comparison (``simdiff compare``) rather than one prune."""
         return len(self.criteria()) > 1 or len(self.selection.counts_given()) > 1
 
+    def check_settings(self) -> Recipe:
+        """Every field's type and choices (as a recipe file is read) and each section's ranges, however the recipe
+        was made (CLI flags, a recipe file, or the Python API setting fields after construction)."""
+        from simdiff.data.text import NAMED_DATASETS, text_files  # lazily: reads no data, imports no torch
+
+        for name, cls in SECTION_TYPES.items():
+            value = getattr(self, name)
+            if not (isinstance(value, cls) or (value is None and name == "evaluation")):
+                raise SimdiffError(f"recipe field {name} must be a {cls.__name__}, got {type(value).__name__}")
+        recipe_from_dict(self.to_dict())
+        self.calibration.check()
+        self.options.check()
+        self.selection.check()
+        self.search.check()
+        if self.evaluation is not None:
+            self.evaluation.check()
+        calibrated = [self.calibration.source] if self.selection.layers is None else []  # --layers: no calibration
+        for source in [*calibrated, *(self.evaluation.ppl if self.evaluation is not None else [])]:
+            if source not in NAMED_DATASETS:
+                text_files(source)  # the file or folder exists and holds .txt/.jsonl text
+        name, revision = self.model.name, self.model.revision
+        if revision and name and Path(name).expanduser().is_dir():
+            raise SimdiffError(f"--revision {revision!r} applies to hub ids; {name!r} is a local directory")
+        self.check_offload()
+        return self
+
+    def check_offload(self) -> None:
+        """Layer-wise offload collects hidden-state statistics in one pass: no re-scoring, no other evidence."""
+        from simdiff.criteria.registry import CRITERIA, LAYER_STATS  # lazily (no torch)
+        from simdiff.selection.spec import parse_candidates
+
+        if self.model.offload is None or self.selection.layers is not None:
+            return
+        if self.selection.iterative:
+            raise SimdiffError("--offload layerwise supports one-shot selection only; drop --iterative or --offload")
+        for spec in parse_candidates(self.selection.criterion):
+            extra = CRITERIA[spec.criterion].needs - {LAYER_STATS} if spec.criterion in CRITERIA else set()
+            if extra:
+                raise SimdiffError(f"--offload layerwise collects hidden-state statistics only; {spec.criterion} "
+                                   f"needs {', '.join(sorted(extra))}, with the model in memory (drop --offload)")
+
     def check(self) -> Recipe:
-        """Semantic checks that need no model; raises :class:`SimdiffError` naming the field."""
+        """The one validation of a run, before any model is loaded (``prune``, ``compare``, ``run`` and the API):
+        :meth:`check_settings`, then the rules across fields; raises :class:`SimdiffError` naming the field."""
         from simdiff.selection.spec import parse_candidates  # the registry, lazily (no torch)
 
+        self.check_settings()
         if not self.model.name:
             raise SimdiffError("recipe field model.name is empty; name a model directory, hub id or smollm2-135m")
         parse_candidates(self.selection.criterion)

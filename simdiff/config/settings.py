@@ -37,7 +37,8 @@ class Options:
     alpha: float | str = option(0.75, "SimDiff weight of the similarity term (1 - alpha goes to the difference "
                                       "terms); 'auto' evaluates every distinct selection along alpha in [0, 1] on "
                                       "held-out calibration windows (--objective) and keeps the default's set unless a "
-                                      "candidate beats it by --margin standard errors",
+                                      "candidate beats it by --margin standard errors; with --criterion best-of, "
+                                      "its set is the --margin reference",
                                 parse=number_or_auto)
     beta: float = option(1.0, "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)")
     normalize: str = option("rank", "how each SimDiff metric is normalised across layers", choices=NORMALIZER_NAMES)
@@ -47,6 +48,10 @@ class Options:
 
     def __post_init__(self) -> None:
         """Refuse out-of-range values when the options are made, before any calibration pass."""
+        self.check()
+
+    def check(self) -> Options:
+        """Raise :class:`SimdiffError` naming the first out-of-range field; returns ``self``."""
         for name in ("alpha", "beta"):
             value = getattr(self, name)
             if name == "alpha" and is_auto(value):
@@ -56,6 +61,7 @@ class Options:
                                    f"got {value}")
         if self.seed < 0:
             raise SimdiffError(f"--seed must be >= 0, got {self.seed}")
+        return self
 
 
 OBJECTIVES = ("kl", "ppl")
@@ -73,8 +79,10 @@ class SearchSettings:
     max_candidates: int = option(16, "most distinct alpha-path sets evaluated")
     margin: float = option(2.0, "standard errors (paired over held-out windows) by which a candidate must beat the "
                                 "default alpha's set to replace it; 0: the lowest held-out score wins")
-    pool: list[str] = option(help="criteria best-of pools; simdiff stands for its whole alpha path; ppl_skip and "
-                                  "taylor add their passes", parse=names, default_factory=lambda: list(DEFAULT_POOL))
+    pool: list[str] = option(help="criteria best-of pools; simdiff stands for its whole alpha path, and its set at "
+                                  "--alpha is the --margin reference (without simdiff: the first criterion's set); "
+                                  "ppl_skip and taylor add their passes", parse=names,
+                             default_factory=lambda: list(DEFAULT_POOL))
 
     def check(self) -> None:
         if self.objective not in OBJECTIVES:

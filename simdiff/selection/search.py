@@ -25,7 +25,8 @@ the cost is one dense pass plus one pass per candidate and memory holds one batc
 log-probabilities (about three such tensors at a time; lower ``--calib-batch-size`` for a huge vocabulary), never
 the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass per candidate.
 
-**Margin.** The default alpha's set (listed first) is kept unless another candidate beats it by more than
+**Margin.** The default alpha's set (listed first; for best-of, the set of the given ``--alpha``, or without
+``simdiff`` in the pool the first pooled criterion's set) is kept unless another candidate beats it by more than
 ``margin`` standard errors of the paired, window-by-window difference of the held-out objective (default 2;
 0 makes the lowest score win). Close sets rank differently on different texts, so leaving the default
 needs evidence, not a difference within noise. Among the candidates that pass, the lowest score wins.
@@ -305,9 +306,13 @@ class Searcher:
         self.criteria = criteria
 
     def search(self, kind: str, count: int, options: Options) -> Search:
-        """``kind="alpha"``: the alpha path only; ``kind="best-of"``: the path pooled with the other criteria."""
-        path, dropped = cap_candidates(alpha_path(self.evidence, count, options, *self.keep),
-                                       self.settings.max_candidates)
+        """``kind="alpha"``: the alpha path only; ``kind="best-of"``: the pool's criteria, ``simdiff`` standing for
+        its alpha path. The --margin reference (listed first) is the set of ``options.alpha`` (a number: the
+        default for --alpha auto, the given --alpha for best-of), or without simdiff the first criterion's set."""
+        with_path = kind != BEST_OF or "simdiff" in self.settings.pool
+        path, dropped = cap_candidates(alpha_path(self.evidence, count, options, *self.keep,
+                                                  default_alpha=float(options.alpha)),
+                                       self.settings.max_candidates) if with_path else ([], 0)
         pooled = list(path)
         if kind == BEST_OF:
             for name in self.settings.pool:

@@ -28,7 +28,6 @@ from simdiff.model.checks import (
     check_weights_match,
     checkpoint_shapes,
     meta_model,
-    read_config_json,
 )
 from simdiff.model.layers import find_decoder_layers, validate_layer_indices
 from simdiff.store.card import drop_stale_config_name, write_model_card
@@ -53,6 +52,25 @@ class RemovalRecord:
     model_type: str | None = None
     architectures: list[str] | None = None
     criterion: str | None = None
+    # a multi-round recipe: every round's removals in the original model's numbering, and that model's depth
+    removed_original: list[int] | None = None
+    num_layers_original: int | None = None
+
+    def for_depth(self, num_layers: int, model: str) -> list[int]:
+        """The layers to remove from a model of ``num_layers`` layers: the last round's (the model is that
+        round's input) or, for a multi-round recipe on the original model, every round's composed removal."""
+        if num_layers == self.num_layers_before:
+            return self.removed_layers
+        if num_layers == self.num_layers_original:
+            log.info("the recipe records several rounds; %s has the original %d layers, so every round's "
+                     "removal is applied at once: %s", model, num_layers, self.removed_original)
+            return self.removed_original
+        depths = f"{self.num_layers_before} layers"
+        if self.num_layers_original is not None:
+            depths += f" (its last round's input; the original model had {self.num_layers_original})"
+        made_on = f" (made on {self.base_model})" if self.base_model else ""
+        raise SimdiffError(f"the recipe does not match {model}{made_on}: it records {depths}, the model has "
+                           f"{num_layers}")
 
 
 def load_removal_record(path: str | os.PathLike) -> RemovalRecord:
@@ -73,25 +91,28 @@ def load_removal_record(path: str | os.PathLike) -> RemovalRecord:
         raise SimdiffError(f"recipe {str(file)!r} lacks {', '.join(missing)}; pass the simdiff.json written by prune")
     history = document.get("history") or [{}]
     try:
+        before, original = int(document["num_layers_before"]), document.get("num_layers_original")
+        several_rounds = len(history) > 1 and original is not None and int(original) > before
         return RemovalRecord(
             # the last round's layers in its input's numbering (removed_layers: every round, original numbering)
             removed_layers=[int(i) for i in history[-1].get("removed_layers", document["removed_layers"])],
-            num_layers_before=int(document["num_layers_before"]),
+            num_layers_before=before,
             base_model=document.get("base_model"),
             model_type=document.get("model_type"),
             architectures=document.get("architectures"),
             criterion=document.get("criterion"),
+            removed_original=[int(i) for i in document["removed_layers"]] if several_rounds else None,
+            num_layers_original=int(original) if several_rounds else None,
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise SimdiffError(f"recipe {str(file)!r} has malformed layer fields ({exc}); pass the simdiff.json "
                            "written by prune") from None
 
 
-def check_recipe_matches(recipe: RemovalRecord, config, model: str) -> None:
-    """Refuse a recipe made on a model of another depth, type or architecture."""
+def check_recipe_matches(recipe: RemovalRecord, config, model: str) -> list[int]:
+    """The recipe's layers to remove from ``model`` (:meth:`RemovalRecord.for_depth`); refuse a recipe made on a
+    model of another depth, type or architecture."""
     problems = []
-    if recipe.num_layers_before != config.num_hidden_layers:
-        problems.append(f"{recipe.num_layers_before} layers, the model has {config.num_hidden_layers}")
     if recipe.model_type is not None and recipe.model_type != config.model_type:
         problems.append(f"model_type {recipe.model_type!r}, the model is {config.model_type!r}")
     architectures = getattr(config, "architectures", None)
@@ -100,6 +121,7 @@ def check_recipe_matches(recipe: RemovalRecord, config, model: str) -> None:
     if problems:
         made_on = f" (made on {recipe.base_model})" if recipe.base_model else ""
         raise SimdiffError(f"the recipe does not match {model}{made_on}: it records {'; '.join(problems)}")
+    return recipe.for_depth(config.num_hidden_layers, model)
 
 
 # -- the plan: which tensors go where under which name ---------------------------------------------------
@@ -183,36 +205,38 @@ class ApplyResult:
 
 def apply_to_path(model: str | os.PathLike, removed: list[int] | None = None, out: str | os.PathLike = "",
                   overwrite: bool = False, recipe: RemovalRecord | None = None,
-                  sliced: list[str] | tuple[str, ...] = ()) -> ApplyResult:
-    """Remove decoder layers ``removed`` (or the recipe's) from the checkpoint ``model`` on disk into ``out``;
-    ``sliced``: config keys beyond the known per-layer ones holding one entry per layer (``--slice-config-key``)."""
+                  trust_remote_code: bool = False, sliced: list[str] | tuple[str, ...] = ()) -> ApplyResult:
+    """Remove decoder layers ``removed`` (or the recipe's) from the checkpoint ``model`` on disk into ``out``.
+
+    ``trust_remote_code``: the model's own Python code (``auto_map`` in config.json) builds its skeleton.
+    ``sliced``: config keys beyond the known per-layer ones holding one entry per layer (``--slice-config-key``).
+    Every written tensor is read back and compared with its source before the output is committed.
+    """
     if Path(model).suffix.lower() == ".gguf":
         raise SimdiffError(f"{model}: apply_to_path reads safetensors checkpoints; for a GGUF file use "
                            "simdiff.surgery.gguf.prune_gguf (or `simdiff apply FILE.gguf`)")
-    return apply_to_safetensors(str(model), removed, out, overwrite, recipe, sliced)
+    return apply_to_safetensors(str(model), removed, out, overwrite, recipe, trust_remote_code, sliced)
 
 
 def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.PathLike, overwrite: bool,
-                         recipe: RemovalRecord | None, sliced: list[str] | tuple[str, ...] = ()) -> ApplyResult:
-    from transformers import AutoConfig
-
-    from simdiff.model.load import resolve_model_path
+                         recipe: RemovalRecord | None, trust_remote_code: bool = False,
+                         sliced: list[str] | tuple[str, ...] = ()) -> ApplyResult:
+    from simdiff.model.load import _load_config, resolve_model_path
 
     folder = Path(resolve_model_path(model))
     if not folder.is_dir():
         raise SimdiffError(f"{model!r} is not a local checkpoint; apply needs one (download it first, e.g. "
                            f"`hf download {model} --local-dir DIR`)")
     with claim_output_dir(out, overwrite, inputs=[model]) as claim:  # validated and claimed before work
-        read_config_json(folder)
-        config = AutoConfig.from_pretrained(folder)
+        config = _load_config(model, str(folder), {"trust_remote_code": trust_remote_code})
         if recipe is not None:
-            check_recipe_matches(recipe, config, model)
-            removed = recipe.removed_layers if removed is None else removed
+            recipe_layers = check_recipe_matches(recipe, config, model)
+            removed = recipe_layers if removed is None else removed
         if removed is None:
             raise SimdiffError("give the layers to remove: --layers 3,12,13 or --recipe simdiff.json")
         removed = validate_layer_indices(removed, config.num_hidden_layers)
         shard_files = input_shards(folder)
-        pruned = meta_model(config)
+        pruned = meta_model(config, trust_remote_code)
         check_weights_match(pruned, checkpoint_shapes(folder), str(folder))  # the weights are what the config says
         total = len(find_decoder_layers(pruned))
         layer_path = find_decoder_layers(pruned).path
@@ -226,8 +250,35 @@ def apply_to_safetensors(model: str, removed: list[int] | None, out: str | os.Pa
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
             write_model_card(tmp, metadata)
             drop_stale_config_name(tmp)
+            check_written_shards(folder, kept_shards, tmp)
     log.info("wrote %s (%d shards)", claim.path, len(outputs))
     return ApplyResult(claim.path, removed, kept, outputs, metadata)
+
+
+def check_written_shards(folder: Path, kept_shards: list[tuple[str, dict[str, str]]], tmp: Path) -> None:
+    """Read back every tensor written to ``tmp`` (one at a time, :func:`simdiff.store.verify.written_tensors`) and
+    compare it with its source tensor: the planned names only, each once, same dtype, shape and bytes."""
+    from safetensors import safe_open
+
+    from simdiff.store.verify import same_bytes, written_tensors
+
+    source = {new: (src, old) for src, names in kept_shards for old, new in names.items()}
+    seen: set[str] = set()
+    for name, actual in written_tensors(tmp):
+        if name not in source or name in seen:
+            raise SimdiffError(f"the written checkpoint holds {name!r} {'twice' if name in seen else 'unplanned'}; "
+                               "nothing was saved")
+        src, old = source[name]
+        with safe_open(str(folder / src), framework="pt") as reader:
+            want = reader.get_tensor(old)
+        if actual.dtype != want.dtype or actual.shape != want.shape or not same_bytes(actual, want):
+            raise SimdiffError(f"written tensor {name!r} differs from {old!r} of {src} when read back; nothing was "
+                               "saved (check the disk)")
+        seen.add(name)
+    missing = sorted(set(source) - seen)
+    if missing:
+        raise SimdiffError(f"the written checkpoint lacks {len(missing)} planned tensors, e.g. {missing[0]!r}; "
+                           "nothing was saved")
 
 
 def write_shards(folder: Path, kept_shards: list[tuple[str, dict[str, str]]], tmp: Path) -> list[str]:

@@ -205,6 +205,28 @@ def write_gguf(reader, metadata: list[tuple], tensors: list[tuple[str, object]],
     writer.close()
 
 
+# HF model_type -> llama.cpp architecture where they differ beyond "_"/"-" (convert_hf_to_gguf.py writes Mistral
+# and Mixtral as llama; transformers' GGUF loader maps the rest the same way).
+GGUF_ARCHITECTURE_OF = {"mistral": "llama", "mixtral": "llama", "cohere": "commandr", "phi": "phi2",
+                        "gemma3_text": "gemma3", "gemma4_text": "gemma4"}
+
+
+def _arch_key(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def check_recipe_architecture(recipe: RemovalRecord, arch: str, src: Path) -> None:
+    """Refuse a recipe made on a model of another architecture than the GGUF file's ``general.architecture``
+    (a recipe without ``model_type`` is checked on depth only)."""
+    if recipe.model_type is None:
+        return
+    expected = GGUF_ARCHITECTURE_OF.get(recipe.model_type, recipe.model_type)
+    if _arch_key(expected) != _arch_key(arch) and _arch_key(recipe.model_type) != _arch_key(arch):
+        made_on = f" (made on {recipe.base_model})" if recipe.base_model else ""
+        raise SimdiffError(f"the recipe does not match {str(src)!r}{made_on}: it records model_type "
+                           f"{recipe.model_type!r}, the GGUF file's architecture is {arch!r}")
+
+
 def check_gguf_output(out: str | os.PathLike, overwrite: bool, src: str | os.PathLike) -> Path:
     """Validate the output file before any work (simdiff.core.outputs: a .gguf name, never over the input)."""
     return check_output_file(out, overwrite, inputs=(src,), suffixes=GGUF_SUFFIXES, flag="--out")
@@ -235,11 +257,9 @@ def write_pruned_gguf(src: str | os.PathLike, removed: Sequence[int] | None, pat
     reader = open_gguf(src)
     count = check_prunable(reader, sliced)
     if recipe is not None:
-        if recipe.num_layers_before != count:
-            made_on = f" ({recipe.base_model})" if recipe.base_model else ""
-            raise SimdiffError(f"the recipe was made on a model of {recipe.num_layers_before} layers{made_on}; "
-                               f"{str(src)!r} has {count} blocks")
-        removed = recipe.removed_layers if removed is None else removed
+        check_recipe_architecture(recipe, architecture(reader), src)
+        recipe_layers = recipe.for_depth(count, repr(str(src)))
+        removed = recipe_layers if removed is None else removed
     if removed is None:
         raise SimdiffError("give the layers to remove: --layers 3,12,13 or --recipe simdiff.json")
     removed = validate_layer_indices(removed, count)
