@@ -15,8 +15,9 @@ from simdiff.cli.main import main
 from simdiff.core.errors import SimdiffError
 from simdiff.criteria import Options
 from simdiff.evaluate.suite import EvalSettings
+from simdiff.selection.spec import CandidateSpec, parse_candidates
 from simdiff.workflows.api import Calibration
-from simdiff.workflows.compare import CandidateSpec, CompareSetup, compare, parse_candidates
+from simdiff.workflows.compare import CompareSetup, compare
 
 CALIB = ["--samples", "8", "--calib-seq-len", "64", "--calib-batch-size", "4"]
 EVAL = ["--eval-seq-len", "64", "--max-tokens", "640", "--eval-batch-size", "5"]
@@ -65,6 +66,21 @@ def test_candidate_specs_parse_and_reject():
         CandidateSpec.parse("simdif")
     with pytest.raises(SimdiffError, match="distinct"):
         parse_candidates("random,random")
+
+
+@pytest.mark.parametrize("spec", ["mssd:alpha=0.5", "block_influence:diff_scale=absolute", "taylor:seed=3",
+                                  "random:beta=0.5"])
+def test_a_variant_setting_an_option_its_criterion_never_reads_is_refused(spec):
+    """mssd reads no alpha: ``mssd:alpha=0.5`` would be a second name for plain mssd, so it is refused."""
+    with pytest.raises(SimdiffError, match=f"does not use {spec.split(':')[1].split('=')[0]}"):
+        CandidateSpec.parse(spec)
+
+
+@pytest.mark.parametrize("spec, field, value", [("mssd:diff_scale=absolute", "diff_scale", "absolute"),
+                                                ("random:seed=3", "seed", 3), ("simdiff:normalize=zscore",
+                                                                              "normalize", "zscore")])
+def test_a_variant_setting_an_option_its_criterion_reads_is_kept(spec, field, value):
+    assert getattr(CandidateSpec.parse(spec).options(Options()), field) == value
 
 
 def test_compare_writes_all_outputs_one_row_per_candidate(tmp_path, monkeypatch, slices):

@@ -38,6 +38,6 @@ def reverse(evidence: Evidence, options: Options) -> np.ndarray:
     return importance
 
 
-@register("random", "uniformly random order (seeded by --seed)", "control")
+@register("random", "uniformly random order (seeded by --seed)", "control", reads={"seed"})
 def random_order(evidence: Evidence, options: Options) -> np.ndarray:
     return np.random.default_rng(options.seed).random(evidence.num_layers)

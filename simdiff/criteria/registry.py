@@ -41,6 +41,7 @@ class Criterion:
     needs: frozenset[str]
     score: Callable[[Evidence, Options], np.ndarray]
     block_score: Callable[[Evidence, int], np.ndarray] | None = field(default=None)
+    reads: frozenset[str] = frozenset()  # the Options fields the score depends on (a variant may set only these)
 
     @property
     def is_block(self) -> bool:
@@ -51,11 +52,13 @@ CRITERIA: dict[str, Criterion] = {}
 
 
 def register(name: str, description: str, reference: str, needs: set[str] | frozenset[str] = frozenset(),
-             block_score: Callable[[Evidence, int], np.ndarray] | None = None):
-    """Decorator registering ``fn(evidence, options) -> importance`` under ``name``."""
+             block_score: Callable[[Evidence, int], np.ndarray] | None = None,
+             reads: set[str] | frozenset[str] = frozenset()):
+    """Decorator registering ``fn(evidence, options) -> importance`` under ``name``; ``reads``: the
+    :class:`Options` fields ``fn`` uses."""
 
     def wrap(fn: Callable[[Evidence, Options], np.ndarray]):
-        CRITERIA[name] = Criterion(name, description, reference, frozenset(needs), fn, block_score)
+        CRITERIA[name] = Criterion(name, description, reference, frozenset(needs), fn, block_score, frozenset(reads))
         return fn
 
     return wrap

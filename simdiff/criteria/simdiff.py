@@ -33,7 +33,8 @@ def simdiff_importance(one_minus_cos: np.ndarray, mssd: np.ndarray, masd: np.nda
 
 
 @register("simdiff", "SimDiff: normalised (1 - cos) combined with normalised MSSD and MASD of y - x",
-          "SimDiff, arXiv 2604.19520 (2026)", needs={LAYER_STATS})
+          "SimDiff, arXiv 2604.19520 (2026)", needs={LAYER_STATS},
+          reads={"alpha", "beta", "normalize", "diff_scale"})
 def simdiff(evidence: Evidence, options: Options) -> np.ndarray:
     stats = require(evidence, "layer_stats", "simdiff")
     check_options(options)
@@ -43,14 +44,14 @@ def simdiff(evidence: Evidence, options: Options) -> np.ndarray:
 
 
 @register("mssd", "mean squared entry of y - x (outlier-sensitive difference term of SimDiff)",
-          "SimDiff, arXiv 2604.19520 (2026)", needs={LAYER_STATS})
+          "SimDiff, arXiv 2604.19520 (2026)", needs={LAYER_STATS}, reads={"diff_scale"})
 def mssd(evidence: Evidence, options: Options) -> np.ndarray:
     check_options(options)
     return require(evidence, "layer_stats", "mssd").mssd(options.diff_scale)
 
 
 @register("masd", "mean absolute entry of y - x (robust difference term of SimDiff)",
-          "SimDiff, arXiv 2604.19520 (2026)", needs={LAYER_STATS})
+          "SimDiff, arXiv 2604.19520 (2026)", needs={LAYER_STATS}, reads={"diff_scale"})
 def masd(evidence: Evidence, options: Options) -> np.ndarray:
     check_options(options)
     return require(evidence, "layer_stats", "masd").masd(options.diff_scale)

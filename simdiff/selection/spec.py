@@ -28,8 +28,7 @@ class CandidateSpec:
     @classmethod
     def parse(cls, text: str) -> CandidateSpec:
         name, *parts = [p.strip() for p in text.strip().split(":")]
-        if name != BEST_OF:
-            get_criterion(name)
+        reads = set(OPTION_TYPES) if name == BEST_OF else get_criterion(name).reads
         overrides = []
         for part in parts:
             key, sep, value = part.partition("=")
@@ -37,6 +36,11 @@ class CandidateSpec:
             if not sep or key not in OPTION_TYPES:
                 raise SimdiffError(f"bad criterion option {part!r} in {text!r}; write name:key=value with key one "
                                    f"of {', '.join(OPTION_TYPES)} (e.g. simdiff:alpha=auto)")
+            if key not in reads:
+                uses = f"it reads only {', '.join(sorted(reads))}" if reads else "it reads no option"
+                raise SimdiffError(f"{name} does not use {key} ({uses}), so {text!r} would change nothing; drop "
+                                   f":{key}=... or use a criterion that reads it (simdiff reads alpha, beta, "
+                                   "normalize, diff_scale)")
             if key == "alpha" and is_auto(value):
                 overrides.append((key, AUTO))
                 continue
