@@ -63,7 +63,7 @@ def _accuracy(scores: dict | None, dense: dict | None) -> list[str]:
 
 def paired(report: dict | None, rival: dict | None) -> str:
     """Mean per-window NLL difference against ``rival`` on the same windows, ± its standard error."""
-    from simdiff.evaluate.perplexity import standard_error
+    from simdiff.collect.nll import standard_error
 
     if not report or not rival:
         return "–"

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from simdiff.config.flags import DATA_DIR_HELP, layer_list
+from simdiff.core.cache import builtin_gguf_file
 from simdiff.data import load_text
-from simdiff.model.load import builtin_gguf_file
 from simdiff.store.save import provenance
 from simdiff.surgery.gguf import prune_gguf
 

@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from simdiff.config.settings import SearchSettings
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Options
 from simdiff.data import batches, calibration_windows
 from simdiff.evaluate.suite import EvalSettings, Evaluator
@@ -42,7 +43,7 @@ from simdiff.model import load_model
 from simdiff.model.layers import bypass_layers
 from simdiff.selection.choose import choose, make_searcher
 from simdiff.selection.evidence import block_sizes_for, gather_evidence
-from simdiff.selection.search import BEST_OF, SearchSettings
+from simdiff.selection.spec import BEST_OF
 from simdiff.store.save import provenance
 from simdiff.workflows.api import Calibration
 

@@ -18,7 +18,7 @@ from simdiff.data import calibration_batches
 from simdiff.model import load_model
 from simdiff.selection.choose import choose
 from simdiff.selection.evidence import block_sizes_for, gather_evidence, needs_of
-from simdiff.workflows.compare import CandidateSpec
+from simdiff.selection.spec import CandidateSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = ["simdiff", "block_influence", "angular_block", "ppl_skip", "taylor", "reverse", "random"]

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from simdiff.collect.nll import nll_over
 from simdiff.criteria import Evidence, Options, get_criterion
 from simdiff.data import (
     batches,
@@ -27,7 +28,6 @@ from simdiff.data import (
     load_text,
     tokenize_text,
 )
-from simdiff.evaluate.perplexity import nll_over
 from simdiff.model import load_model
 from simdiff.model.layers import bypass_layers
 from simdiff.report.tables import markdown_table

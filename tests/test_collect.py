@@ -139,7 +139,7 @@ def test_bypassed_layers_get_no_statistics() -> None:
 
 
 def mean_nll(model, calib) -> float:
-    from simdiff.evaluate.perplexity import nll_over
+    from simdiff.collect.nll import nll_over
 
     return nll_over(model, calib, desc=None).mean
 
@@ -161,7 +161,7 @@ def test_skip_loss_increase_matches_bypassed_losses() -> None:
 
 def test_taylor_matches_manual_gradients() -> None:
     from simdiff.collect.model_passes import taylor_importance
-    from simdiff.evaluate.perplexity import batch_nll
+    from simdiff.collect.nll import batch_nll
 
     model = tiny_model("llama", 3)
     calib = batches(windows(4, 8), 2)

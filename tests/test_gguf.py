@@ -251,7 +251,7 @@ def test_prune_export_gguf_refuses_a_model_without_a_gguf_file_before_work(tmp_p
 
 # -- the real built-in model --------------------------------------------------------------------------
 def builtin_gguf() -> Path:
-    from simdiff.model.load import builtin_gguf_file
+    from simdiff.core.cache import builtin_gguf_file
 
     return builtin_gguf_file("smollm2-135m")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from simdiff.core.cache import builtin_gguf_file
 from simdiff.data import load_text
-from simdiff.model.load import builtin_gguf_file
 from simdiff.surgery.gguf import prune_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import simdiff
+from simdiff.collect.nll import nll_over
 from simdiff.criteria import get_criterion
 from simdiff.data import bos_token_id, contiguous_windows, load_text, tokenize_text
 from simdiff.data.windows import batches
-from simdiff.evaluate.perplexity import nll_over
 from simdiff.store.save import METADATA_FILE
 
 MODEL = "smollm2-135m"

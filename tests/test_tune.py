@@ -12,16 +12,16 @@ import torch
 from tiny import data_dir, save_tiny, tiny_model, tiny_tokenizer
 
 from simdiff.cli.main import main
+from simdiff.collect.nll import nll_over
+from simdiff.config.settings import SearchSettings
 from simdiff.core.errors import SimdiffError
 from simdiff.criteria import LAYER_STATS, Evidence, Options
 from simdiff.data import batches
-from simdiff.evaluate.perplexity import nll_over
 from simdiff.model.layers import bypass_layers
 from simdiff.selection.evidence import choose_one_shot, gather_evidence
 from simdiff.selection.search import (
     HeldoutObjective,
     Searcher,
-    SearchSettings,
     alpha_path,
     cap_candidates,
     split_calibration,

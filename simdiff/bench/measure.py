@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from simdiff.model.checks import cache_kwarg  # noqa: F401  (re-exported)
+from simdiff.model.checks import cache_kwarg
 from simdiff.model.load import model_device
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from simdiff.config.flags import (  # noqa: F401  (AUTO, is_auto re-exported)
-    AUTO,
+from simdiff.config.flags import (
     DATA_DIR_HELP,
     DATA_DIR_SHOWN,
     field_flags,

@@ -1,5 +1,6 @@
 """Layer-importance criteria: pure functions of per-layer evidence, registered by name."""
 
+from simdiff.config.settings import Options
 from simdiff.criteria import baselines, simdiff, similarity  # noqa: F401  (registration)
 from simdiff.criteria.normalize import NORMALIZERS, normalize
 from simdiff.criteria.registry import (
@@ -9,7 +10,6 @@ from simdiff.criteria.registry import (
     TAYLOR,
     Criterion,
     Evidence,
-    Options,
     get_criterion,
 )
 from simdiff.criteria.simdiff import simdiff_importance

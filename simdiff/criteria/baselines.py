@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from simdiff.config.settings import Options
 from simdiff.core.errors import SimdiffError
-from simdiff.criteria.registry import SKIP_LOSS, TAYLOR, Evidence, Options, register, require
+from simdiff.criteria.registry import SKIP_LOSS, TAYLOR, Evidence, register, require
 
 
 def require_finite(values: np.ndarray, name: str) -> np.ndarray:

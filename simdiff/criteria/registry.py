@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simdiff.config.settings import DIFF_SCALES, SEED_HELP, Options  # noqa: F401  (re-exported)
+from simdiff.config.settings import Options
 from simdiff.core.errors import SimdiffError, did_you_mean
 
 if TYPE_CHECKING:  # the record type only: criteria never import collect (import-linter contract)

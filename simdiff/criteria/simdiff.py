@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from simdiff.config.settings import DIFF_SCALES, Options
 from simdiff.core.errors import SimdiffError
 from simdiff.criteria.normalize import normalize
-from simdiff.criteria.registry import DIFF_SCALES, LAYER_STATS, Evidence, Options, register, require
+from simdiff.criteria.registry import LAYER_STATS, Evidence, register, require
 
 
 def check_options(options: Options) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simdiff.criteria.registry import LAYER_STATS, Evidence, Options, register, require
+from simdiff.config.settings import Options
+from simdiff.criteria.registry import LAYER_STATS, Evidence, register, require
 
 
 @register("block_influence", "ShortGPT Block Influence: 1 - mean cos(input, output)",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from simdiff.collect.nll import NLL, batch_nll, nll_over, standard_error, window_nlls  # noqa: F401  (re-exported)
+from simdiff.collect.nll import NLL, standard_error, window_nlls
 from simdiff.data.text import text_variant
 from simdiff.data.windows import Batch
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 
 from simdiff.config.settings import DTYPE_NAMES
-from simdiff.core.cache import (  # noqa: F401  (re-exported)
+from simdiff.core.cache import (
     BUILTIN_MODELS,
     BuiltinModel,
     _gguf_location,
-    builtin_gguf_file,
     cache_dir,
 )
 from simdiff.core.errors import SimdiffError, did_you_mean, one_line

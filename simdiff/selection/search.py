@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 from simdiff.collect.nll import standard_error, window_nlls
-from simdiff.config.settings import AUTO, DEFAULT_POOL, OBJECTIVES, SearchSettings, is_auto  # noqa: F401  (re-exported)
+from simdiff.config.flags import is_auto
+from simdiff.config.settings import OBJECTIVES, SearchSettings
 from simdiff.core.errors import SimdiffError
 from simdiff.core.progress import progress
 from simdiff.criteria import Evidence, Options
@@ -67,7 +68,7 @@ from simdiff.selection.evidence import (
     needs_of,
 )
 from simdiff.selection.rank import select_layers
-from simdiff.selection.spec import BEST_OF  # noqa: F401  (re-exported)
+from simdiff.selection.spec import BEST_OF
 
 log = logging.getLogger(__name__)
 

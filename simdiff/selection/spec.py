@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from simdiff.config.flags import AUTO, names
-from simdiff.config.settings import Options, is_auto
+from simdiff.config.flags import AUTO, is_auto, names
+from simdiff.config.settings import Options
 from simdiff.core.errors import SimdiffError
 from simdiff.criteria.registry import get_criterion
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from torch import nn
 
 from simdiff.core.outputs import MARKER, Inputs, OutputDir, claimed_dir, fault_point
-from simdiff.core.outputs import atomic_directory as atomic_directory  # re-exported for existing callers
 from simdiff.core.outputs import check_output_dir as check_output_dir
 from simdiff.core.progress import progress
 

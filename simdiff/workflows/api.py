@@ -31,7 +31,8 @@ from simdiff.selection.evidence import (
     needs_of,
 )
 from simdiff.selection.rank import check_removable, resolve_count
-from simdiff.selection.search import BEST_OF, reject_auto, search_kind
+from simdiff.selection.search import reject_auto, search_kind
+from simdiff.selection.spec import BEST_OF
 from simdiff.store.lineage import compose_rounds, input_metadata
 from simdiff.store.save import provenance, save_model
 from simdiff.surgery.layers import remove_layers

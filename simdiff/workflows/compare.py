@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from simdiff.config.settings import SearchSettings
 from simdiff.core.errors import SimdiffError
 from simdiff.core.outputs import MARKER, OutputDir, claimed_dir
 from simdiff.criteria import Options
@@ -31,8 +32,8 @@ from simdiff.model.layers import bypass_layers, find_decoder_layers
 from simdiff.selection.choose import choose, make_searcher
 from simdiff.selection.evidence import block_sizes_for, gather_evidence, importance, needs_of
 from simdiff.selection.rank import check_removable
-from simdiff.selection.search import Searcher, SearchSettings, search_kind
-from simdiff.selection.spec import BEST_OF, OPTION_TYPES, CandidateSpec, parse_candidates  # noqa: F401  (re-exported)
+from simdiff.selection.search import Searcher, search_kind
+from simdiff.selection.spec import BEST_OF, CandidateSpec
 from simdiff.store.save import provenance
 
 log = logging.getLogger(__name__)
