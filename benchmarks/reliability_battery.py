@@ -222,8 +222,7 @@ def cases(root: Path) -> list[Case]:
              message="best-of"),
         Case("score --json OUT/simdiff.json --overwrite (another output's marker)", "cli",
              ["-q", "score", m, *calib, "--json", str(i / "round1" / "simdiff.json"), "--overwrite"],
-             message="simdiff.json", out="../in/round1/simdiff.json",
-             note="issue 15 item 1 (another branch): single-file outputs refuse the name simdiff.json"),
+             message="simdiff.json", out="../in/round1/simdiff.json"),
         # compare / eval / recover / bench
         Case("compare best-of --pool simdif", "cli", ["-q", "compare", m, *calib, "--criterion", "simdiff,best-of",
                                                       "--num-layers", "2", "--pool", "simdif", "--tasks", "",
@@ -296,10 +295,10 @@ def cases(root: Path) -> list[Case]:
                                                "calibration={'samples': 4})", "must be a Calibration"),
         api("api prune unknown setting", "simdiff.prune('{m}', out='{o}', num_layers=2, samplez=4)",
             "unknown setting 'samplez'"),
-        api("api prune recipe plus settings", "r = simdiff.config.recipe.recipe_from_settings('{m}', '{o}', num_layers=2)\n"
+        api("api prune recipe plus settings", "r = simdiff.recipe_from_settings('{m}', '{o}', num_layers=2)\n"
                                               "simdiff.prune(r, ratio=0.5)", "takes no other settings"),
         api("api prune recipe edited after construction",
-            "r = simdiff.config.recipe.recipe_from_settings('{m}', '{o}', num_layers=2)\nr.calibration.samples = 0\n"
+            "r = simdiff.recipe_from_settings('{m}', '{o}', num_layers=2)\nr.calibration.samples = 0\n"
             "simdiff.prune(r)", "--samples must be >= 1"),
         api("api prune without out", "simdiff.prune('{m}', num_layers=2)", "give --out", out=None),
         api("api prune pool typo", "simdiff.prune('{m}', out='{o}', num_layers=2, criterion='best-of', "
@@ -322,11 +321,9 @@ def cases(root: Path) -> list[Case]:
         torchrun("torchrun compare (local ppl)", ["-q", "compare", m, *calib, *cpu, "--criterion", "simdiff,mssd",
                                                   "--num-layers", "2", "--tasks", "", "--ppl", str(i / "eval.txt"),
                                                   "--eval-seq-len", "64", "--max-tokens", "1024",
-                                                  "--out", str(o / "t-compare")], out="t-compare",
-                 note="not in issue 15 items 9-11: every rank runs the whole comparison and claims --out"),
+                                                  "--out", str(o / "t-compare")], expect="refuse"),
         torchrun("torchrun run with evaluation", ["-q", "run", str(i / "recipe-eval-dist.json"), *cpu,
-                                                  "--out", str(o / "t-run")], out="t-run",
-                 note="issue 15 item 4 (another branch): non-zero ranks evaluate and may race rank 0's save"),
+                                                  "--out", str(o / "t-run")], out="t-run"),
         torchrun("torchrun prune refused (--ratio 1.5)", ["-q", "prune", m, *calib, *cpu, "--ratio", "1.5",
                                                           "--out", str(o / "t-bad")], expect="refuse", out="t-bad"),
         Case("torchrun prune, SIGKILL of rank 1 mid-run", "kill",

@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> the module that defines it
     "CRITERIA": "simdiff.criteria",
-    "Calibration": "simdiff.workflows.api",
-    "Options": "simdiff.criteria",
+    "Calibration": "simdiff.config.recipe",
+    "Options": "simdiff.config.settings",
     "PruneResult": "simdiff.workflows.api",
     "Recipe": "simdiff.config.recipe",
     "SimdiffError": "simdiff.core.errors",
@@ -23,6 +23,7 @@ _PUBLIC = {  # name -> the module that defines it
     "load_model": "simdiff.model",
     "load_recipe": "simdiff.config.recipe",
     "prune": "simdiff.workflows.api",
+    "recipe_from_settings": "simdiff.config.recipe",
     "remove_layers": "simdiff.surgery.layers",
     "save_model": "simdiff.store.save",
     "score": "simdiff.workflows.api",
