@@ -11,6 +11,7 @@ from simdiff.criteria import CRITERIA, LAYER_STATS, Evidence, Options, get_crite
 from simdiff.data.text import text_variant
 from simdiff.distributed import check_data_parallel_support, is_main_process, start_data_parallel
 from simdiff.errors import SimdiffError
+from simdiff.heal import HealRecord, check_healable, heal_layers, preflight
 from simdiff.lineage import compose_rounds, input_metadata
 from simdiff.model.checks import check_device, check_seq_len
 from simdiff.model.layers import find_decoder_layers
@@ -133,6 +134,7 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
             raise SimdiffError(f"{criterion if kind == BEST_OF else '--alpha auto'} needs the model in memory; "
                                "drop --offload")
     pool = search.pool if kind == BEST_OF else ("simdiff",)
+    check_heal_settings(sel, spec_model)
     check_device(spec_model.device)
     scored = [*FREE_CRITERIA, *(pool if kind is not None else [criterion])]
     check_data_parallel_support(set() if sel.layers is not None else needs_of(scored), spec_model.device_map)
@@ -147,16 +149,19 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         if sel.layers is not None:
             return prune_given_layers(model, tokenizer, recipe, claim, total)
         count = resolve_count(total, num_layers, ratio)
-        check_removable(total, count, sel.keep_first, sel.keep_last)
+        keep_first = heal_keep_first(sel)
+        check_removable(total, count, keep_first, sel.keep_last)
         check_seq_len(model, calibration.seq_len)
+        if sel.heal != "none":  # refuses an architecture it cannot fold into before the scoring
+            preflight(model, calibration.batches(tokenizer)[:1])
         searched = None
         if kind is None:
             selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                                 sel.iterative, sel.keep_first, sel.keep_last,
+                                                 sel.iterative, keep_first, sel.keep_last,
                                                  offload_device=offload_device)
         else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.tune)
             reported = sorted(set(scored), key=list(CRITERIA).index)
-            searcher = Searcher(model, tokenizer, calibration, search, [count], reported, sel.keep_first,
+            searcher = Searcher(model, tokenizer, calibration, search, [count], reported, keep_first,
                                 sel.keep_last)
             searched = searcher.search(kind, count, searched_options(options))
             selection, options = searcher.selection(searched, searched_options(options))
@@ -165,13 +170,15 @@ def prune_recipe(recipe: Recipe) -> PruneResult:
         log.info("%s removes layers %s of %d", criterion, selection.removed, total)
         if claim is None:  # data parallel: rank 0 saves
             return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
+        healed = heal_for_prune(model, tokenizer, recipe, selection.removed)
         kept = remove_layers(model, selection.removed)
         metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
-                                  iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
+                                  iterative=sel.iterative, keep_first=keep_first, keep_last=sel.keep_last,
                                   dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
                                   removed_count=count, model_type=model.config.model_type,
                                   architectures=model.config.architectures)
         metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
+        add_heal_record(metadata, healed, kept)
         if searched is not None:
             metadata["alpha_search" if kind == "alpha" else "best_of"] = searched.to_dict()
         saved = save_model(model, tokenizer, claim, metadata)
@@ -185,12 +192,51 @@ def prune_given_layers(model, tokenizer, recipe: Recipe, claim: OutputDir | None
     scores = ScoreResult(Evidence(num_layers=total), Options())
     if claim is None:  # data parallel: rank 0 saves
         return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
+    healed = heal_for_prune(model, tokenizer, recipe, selection.removed)
     kept = remove_layers(model, selection.removed)
-    metadata = prune_metadata(recipe.model.name, selection, scores, kept, total, None, None, dtype=recipe.model.dtype,
-                              model_type=model.config.model_type, architectures=model.config.architectures)
+    calibration = recipe.calibration if healed is not None else None
+    metadata = prune_metadata(recipe.model.name, selection, scores, kept, total, calibration, None,
+                              dtype=recipe.model.dtype, model_type=model.config.model_type,
+                              architectures=model.config.architectures)
     metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
+    add_heal_record(metadata, healed, kept)
     saved = save_model(model, tokenizer, claim, metadata)
     return PruneResult(selection, scores, kept, saved, metadata)
+
+
+def check_heal_settings(sel, spec_model) -> None:
+    """Before loading: what ``--heal`` cannot do (a given run starting at layer 0, layer-wise offload)."""
+    if sel.heal == "none":
+        return
+    if spec_model.offload is not None:
+        raise SimdiffError("--heal linear needs the model in memory; drop --offload")
+    if sel.layers is not None:
+        check_healable(sel.layers, sel.heal)
+
+
+def heal_keep_first(sel) -> int:
+    """The protected leading layers: with ``--heal linear`` layer 0 always stays (nothing precedes it)."""
+    return max(sel.keep_first, 1) if sel.heal != "none" else sel.keep_first
+
+
+def heal_for_prune(model, tokenizer, recipe: Recipe, removed: list[int]) -> HealRecord | None:
+    """Fold the healing maps into ``model`` (before the layers are removed), as ``recipe.selection`` says."""
+    sel = recipe.selection
+    if sel.heal == "none":
+        return None
+    check_seq_len(model, recipe.calibration.seq_len)
+    return heal_layers(model, recipe.calibration.batches(tokenizer), removed, sel.heal_ridge)
+
+
+def add_heal_record(metadata: dict, healed: HealRecord | None, kept: list[int]) -> None:
+    """``simdiff.json``'s ``heal`` entry (with each changed layer's index in the saved model)."""
+    if healed is None:
+        metadata["heal"] = {"method": "none"}
+        return
+    record = healed.to_dict()
+    for run in record["runs"]:
+        run["folded_into_saved_index"] = kept.index(run["folded_into"])
+    metadata["heal"] = record
 
 
 def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, kept: list[int], total: int,

@@ -13,7 +13,7 @@ def add_apply_command(subparsers) -> None:
         "apply", help="remove given layers from a checkpoint on disk, shard by shard (no model in memory)")
     parser.add_argument("model", help="checkpoint directory (safetensors), built-in name (smollm2-135m), "
                                       "or a .gguf file (docs/gguf.md)")
-    add_selection_options(parser, only=["layers"])
+    add_selection_options(parser, only=["layers", "heal"])
     parser.add_argument("--recipe", help="the simdiff.json of a prune (or its folder): apply its selection "
                                          "(default: none; give it or --layers)")
     add_output_options(parser)
@@ -24,6 +24,10 @@ def run_apply(args: argparse.Namespace) -> None:
     from simdiff.apply import apply_to_path, load_removal_record
     from simdiff.export.cli import is_gguf, run_apply_gguf
 
+    if args.heal != "none":
+        layers = ",".join(map(str, args.layers)) if args.layers else "..."
+        raise SimdiffError(f"apply removes layers on disk without loading the model, so it cannot heal; use "
+                           f"`simdiff prune {args.model} --layers {layers} --heal {args.heal}`")
     if (args.layers is None) == (args.recipe is None):
         raise SimdiffError("give exactly one of --layers 3,12,13 or --recipe simdiff.json: the layers to remove")
     if args.out is None:

@@ -25,6 +25,7 @@ from simdiff.data import batches, calibration_windows
 from simdiff.data.text import text_variant
 from simdiff.errors import SimdiffError
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
+from simdiff.heal import DEFAULT_RIDGE, healed_bypass, preflight
 from simdiff.model.checks import check_seq_len
 from simdiff.model.layers import find_decoder_layers
 from simdiff.outputs import MARKER, OutputDir, claimed_dir
@@ -100,6 +101,8 @@ class CompareSetup:
     keep_last: int = 0
     metric: str = "acc"
     search: SearchSettings = field(default_factory=SearchSettings)
+    heal: str = "none"
+    heal_ridge: float = DEFAULT_RIDGE
 
 
 def _check_counts(counts: list[int], total: int) -> list[int]:
@@ -122,6 +125,8 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
         check_seq_len(model, setup.evaluation.seq_len, "--eval-seq-len")
     windows = calibration_windows(tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, cal.data_dir)
     calib_batches = batches(windows, cal.batch_size, cal.skip_first_token)
+    if setup.heal != "none":  # an architecture that cannot take a folded map is refused before the scoring
+        preflight(model, calib_batches[:1])
     criteria = list(dict.fromkeys(s.criterion for s in setup.specs if s.criterion != BEST_OF))
     start = time.perf_counter()
     evidence = gather_evidence(model, calib_batches, needs_of(criteria), block_sizes_for(criteria, counts))
@@ -136,7 +141,8 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     profiles: dict[str, np.ndarray] = {}
     for spec in setup.specs:
         for count in counts:
-            rows.append(_candidate(model, evaluator, evidence, searcher, spec, count, setup, dense, done, profiles))
+            rows.append(_candidate(model, evaluator, evidence, searcher, spec, count, setup, dense, done, profiles,
+                                   calib_batches))
     return {
         "model": model_name,
         "num_layers": total,
@@ -146,6 +152,7 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
                         "windows": int(windows.shape[0]), "seconds": calibration_seconds,
                         "passes": sorted(needs_of(criteria))},
         "search": vars(setup.search) if searcher is not None else None,
+        "heal": {"method": setup.heal, "ridge": setup.heal_ridge},
         "evaluation": {**vars(setup.evaluation), "metric_for_retained": setup.metric},
         "options": vars(setup.options),
         "keep_first": setup.keep_first,
@@ -167,7 +174,7 @@ def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int]) -> Searc
 
 
 def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: CandidateSpec, count: int,
-               setup: CompareSetup, dense: dict, done: dict, profiles: dict) -> dict:
+               setup: CompareSetup, dense: dict, done: dict, profiles: dict, calib_batches: list) -> dict:
     start = time.perf_counter()
     options = spec.options(setup.options)
     row: dict = {"label": spec.label, "criterion": spec.criterion, "count": count}
@@ -186,11 +193,20 @@ def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: Cand
     row["removed_layers"] = selection.removed
     if key in done:
         result, row["same_layers_as"] = done[key]["result"], done[key]["label"]
+        if "heal" in done[key]:
+            row["heal"] = done[key]["heal"]
     else:
-        log.info("%s, %d layers: bypassing %s", spec.label, count, selection.removed)
-        with bypass_layers(model, selection.removed):
-            result = evaluator(f"{spec.label} -{count}")
-        done[key] = {"result": result, "label": f"{spec.label} -{count}"}
+        log.info("%s, %d layers: bypassing %s%s", spec.label, count, selection.removed,
+                 " (healed)" if setup.heal != "none" else "")
+        done[key] = {"label": f"{spec.label} -{count}"}
+        if setup.heal == "none":
+            with bypass_layers(model, selection.removed):
+                result = evaluator(f"{spec.label} -{count}")
+        else:
+            with healed_bypass(model, calib_batches, selection.removed, setup.heal_ridge) as healed:
+                result = evaluator(f"{spec.label} -{count}")
+            row["heal"] = done[key]["heal"] = healed.to_dict()
+        done[key]["result"] = result
     row.update(result)
     row["retained"] = percent_retained(dense, result)
     row["mean_" + setup.metric] = mean_accuracy(result, setup.metric)

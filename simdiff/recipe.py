@@ -30,6 +30,7 @@ from simdiff.flags import (
     names,
     option,
 )
+from simdiff.heal import DEFAULT_RIDGE, HEAL_METHODS
 from simdiff.model.load import DTYPES
 from simdiff.tune import SearchSettings
 
@@ -108,6 +109,16 @@ class SelectionSettings:
     iterative: bool = option(False, "re-score after each removal (one layer at a time)")
     keep_first: int = option(0, "never remove the first N layers")
     keep_last: int = option(0, "never remove the last N layers")
+    heal: str = option("none", "linear: replace each removed run of layers by a least-squares linear map of the "
+                               "calibration activations, folded into the MLP output projection of the layer "
+                               "before it (no training, no new parameters; layer 0 is then never removed); "
+                               "none: plain removal", choices=HEAL_METHODS)
+    heal_ridge: float = option(DEFAULT_RIDGE, "--heal linear's ridge, relative to the mean eigenvalue of M^T M "
+                                              "(lambda = ridge * trace(M^T M) / d; 0 = plain least squares)")
+
+    def __post_init__(self) -> None:
+        if self.heal_ridge < 0:
+            raise SimdiffError(f"--heal-ridge must be >= 0, got {self.heal_ridge}")
 
     def counts_given(self) -> list:
         return (self.num_layers or []) + (self.ratio or [])
