@@ -107,7 +107,7 @@ def print_prune(recipe) -> None:
     from simdiff.api import prune
     from simdiff.export.cli import check_export, export_after_prune
 
-    gguf_source = check_export(recipe.model.name, recipe.export)
+    gguf_source = check_export(recipe.model.name, recipe.export, recipe.selection.heal)
     result = prune(recipe)
     if result.out is None:  # a data-parallel rank other than 0
         return
@@ -115,7 +115,7 @@ def print_prune(recipe) -> None:
     chosen_by = result.selection.criterion if recipe.selection.layers else recipe.selection.criterion
     print(f"removed layers {result.selection.removed} ({before} -> {after} layers) with {chosen_by}")
     print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
-    export_after_prune(gguf_source, result.selection.removed, result.out)
+    export_after_prune(gguf_source, result.selection.removed, result.out, result.metadata.get("heal"))
 
 
 # -- simdiff run ---------------------------------------------------------------------------------------

@@ -514,3 +514,64 @@ def healed_bypass(model: nn.Module, batches: Sequence[Batch], removed: Sequence[
     finally:
         for (index, name), tensor in saved.items():
             decoder.modules[index].get_parameter(name).data.copy_(tensor)
+
+
+# -- GGUF export of a healed prune -----------------------------------------------------------------------
+GGUF_CHANGED = r"^blk\.(\d+)\.ffn_down"  # gguf-py's names of the MLP output projections (dense, experts, shared)
+
+
+def can_requantize(tensor_type) -> bool:
+    """Whether gguf-py has its own quantizer for ``tensor_type`` (K- and IQ-quants mostly have none)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, quants
+
+    block = GGML_QUANT_SIZES[tensor_type][0]
+    try:
+        quants.quantize(np.zeros((1, block), dtype=np.float32), tensor_type)
+    except (NotImplementedError, quants.QuantError):
+        return False
+    return True
+
+
+def check_gguf_healable(reader) -> None:
+    """Before any work: ``--export gguf --heal linear`` re-quantizes the changed MLP output projections in
+    their own type, so every ``blk.N.ffn_down*`` tensor's type needs a gguf-py quantizer."""
+    import re
+
+    missing = sorted({t.tensor_type.name for t in reader.tensors
+                      if re.match(GGUF_CHANGED, t.name) and not can_requantize(t.tensor_type)})
+    if missing:
+        raise SimdiffError(f"--export gguf with --heal linear must re-quantize the healed ffn_down tensors, but "
+                           f"gguf-py has no quantizer for {', '.join(missing)}; drop --export gguf (convert the "
+                           "healed safetensors output with llama.cpp) or use --heal none")
+
+
+def healed_gguf_tensors(reader, folder, heal: dict) -> dict[str, object]:
+    """``{GGUF tensor name (the input's block numbering): raw data}`` of every tensor healing changed, read
+    from the saved checkpoint in ``folder`` and quantized to the GGUF tensor's own type by gguf-py."""
+    import numpy as np
+    from gguf import quants
+    from safetensors import safe_open
+
+    by_name = {t.name: t for t in reader.tensors}
+    weights = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as shard:
+            weights.update({k: shard.get_tensor(k) for k in shard.keys()})  # noqa: SIM118
+    out: dict[str, object] = {}
+    for run in heal.get("runs", []):
+        for projection in run["projections"]:
+            suffix = f".{run['folded_into_saved_index']}.{projection}.weight"
+            keys = [k for k in weights if k.endswith(suffix)]
+            name = f"blk.{run['folded_into']}.ffn_down.weight"
+            if len(keys) != 1 or name not in by_name:
+                raise SimdiffError(f"--export gguf: cannot match the healed {projection} of layer "
+                                   f"{run['folded_into']} to a GGUF tensor ({name}); use --heal none")
+            tensor = by_name[name]
+            values = weights[keys[0]].float().numpy().astype(np.float32)
+            data = quants.quantize(values, tensor.tensor_type)
+            if data.shape != tensor.data.shape:
+                raise SimdiffError(f"--export gguf: the healed {keys[0]} {tuple(values.shape)} does not fit the "
+                                   f"GGUF tensor {name} {tuple(tensor.shape)}; use --heal none")
+            out[name] = data
+    return out

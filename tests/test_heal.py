@@ -20,15 +20,15 @@ from simdiff.data.windows import batches
 from simdiff.errors import SimdiffError
 from simdiff.heal import check_healable, find_branch, heal_layers, healed_bypass, removed_runs
 from simdiff.model.layers import find_decoder_layers
-from simdiff.surgery import bypass_layers
+from simdiff.surgery import bypass_layers, remove_layers
 
 FOLDABLE = ["llama", "qwen2", "phi3", "gpt2", "opt", "gpt_neox", "qwen3_moe"]
 REMOVED = [2, 3, 5]  # two runs: [2, 3] folded into layer 1, [5] into layer 4
 
 
-def calib_batches(n: int = 12, seq: int = 24, seed: int = 0) -> list:
+def calib_batches(n: int = 12, seq: int = 24, seed: int = 0, vocab: int = 256) -> list:
     generator = torch.Generator().manual_seed(seed)
-    return batches(torch.randint(3, 256, (n, seq), generator=generator), 4)
+    return batches(torch.randint(3, vocab, (n, seq), generator=generator), 4)
 
 
 def logits(model, batch_list) -> torch.Tensor:
@@ -321,3 +321,56 @@ def test_compare_with_heal_evaluates_healed_sets(workspace, tmp_path) -> None:
         same = [p for p in plain["rows"][1:] if p["removed_layers"] == row["removed_layers"]]
         if same:
             assert row["perplexity"][source]["perplexity"] != same[0]["perplexity"][source]["perplexity"]
+
+
+# -- --export gguf with --heal -----------------------------------------------------------------------------
+def test_gguf_export_requantizes_exactly_the_healed_tensors(tmp_path) -> None:
+    import gguf
+    from safetensors.torch import save_file
+    from test_gguf import load_gguf_model, write_tiny_gguf
+
+    from simdiff.export.gguf import prune_gguf
+    from simdiff.heal import healed_gguf_tensors
+
+    src = write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = load_gguf_model(src)
+    record = heal_layers(model, calib_batches(vocab=64), [2, 3, 5]).to_dict()
+    kept = remove_layers(model, [2, 3, 5])
+    for run in record["runs"]:
+        run["folded_into_saved_index"] = kept.index(run["folded_into"])
+    (tmp_path / "healed").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "healed" / "model.safetensors")
+    reader = gguf.GGUFReader(src)
+    replaced = healed_gguf_tensors(reader, tmp_path / "healed", record)
+    assert sorted(replaced) == ["blk.1.ffn_down.weight", "blk.4.ffn_down.weight"]
+    healed = gguf.GGUFReader(prune_gguf(src, [2, 3, 5], tmp_path / "healed.gguf", replaced=replaced).out)
+    plain = gguf.GGUFReader(prune_gguf(src, [2, 3, 5], tmp_path / "plain.gguf").out)
+    weights = dict(model.named_parameters())
+    differing = []
+    for a, b in zip(healed.tensors, plain.tensors):
+        assert a.name == b.name and a.tensor_type == b.tensor_type
+        if a.data.tobytes() != b.data.tobytes():
+            differing.append(a.name)
+    assert differing == ["blk.1.ffn_down.weight", "blk.2.ffn_down.weight"]  # input blocks 1 and 4, renumbered
+    for name, layer in (("blk.1.ffn_down.weight", 1), ("blk.2.ffn_down.weight", 2)):
+        tensor = next(t for t in healed.tensors if t.name == name)
+        expected = gguf.quants.quantize(weights[f"model.layers.{layer}.mlp.down_proj.weight"].detach().numpy(),
+                                        tensor.tensor_type)
+        assert tensor.data.tobytes() == expected.tobytes()
+
+
+def test_gguf_types_without_a_quantizer_are_refused() -> None:
+    from types import SimpleNamespace
+
+    from gguf import GGMLQuantizationType as T
+
+    from simdiff.heal import can_requantize, check_gguf_healable
+
+    assert can_requantize(T.Q4_1) and can_requantize(T.Q8_0) and can_requantize(T.F16)
+    assert not can_requantize(T.Q4_K) and not can_requantize(T.Q6_K)
+    reader = SimpleNamespace(tensors=[SimpleNamespace(name="blk.0.ffn_down.weight", tensor_type=T.Q8_0),
+                                      SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=T.Q6_K)])
+    check_gguf_healable(reader)  # only the MLP output projections change
+    reader.tensors.append(SimpleNamespace(name="blk.3.ffn_down_exps.weight", tensor_type=T.Q4_K))
+    with pytest.raises(SimdiffError, match="no quantizer for Q4_K"):
+        check_gguf_healable(reader)

@@ -33,7 +33,7 @@ def megabytes(size: int) -> str:
 
 
 # -- simdiff prune ... --export gguf ------------------------------------------------------------------
-def check_export(model: str, export: str | None) -> Path | None:
+def check_export(model: str, export: str | None, heal: str = "none") -> Path | None:
     """Before any work: the GGUF file that ``--export gguf`` prunes (None without ``--export``; the flag is
     the recipe field ``export``, :class:`simdiff.recipe.Recipe`)."""
     from simdiff.export.gguf import check_prunable, open_gguf
@@ -46,16 +46,29 @@ def check_export(model: str, export: str | None) -> Path | None:
         raise SimdiffError(f"--export gguf needs a model that comes as a GGUF file (built-in: "
                            f"{', '.join(BUILTIN_MODELS)}); {model!r} is not one. For a safetensors "
                            "checkpoint, convert the pruned output with llama.cpp's convert_hf_to_gguf.py")
-    check_prunable(open_gguf(source))
+    reader = open_gguf(source)
+    check_prunable(reader)
+    if heal != "none":
+        from simdiff.heal import check_gguf_healable
+
+        check_gguf_healable(reader)
     return source
 
 
-def export_after_prune(source: Path | None, removed: list[int], out: Path) -> None:
-    """Write ``out/pruned.gguf``: ``source`` without the ``removed`` blocks (nothing when ``source`` is None)."""
-    from simdiff.export.gguf import prune_gguf
+def export_after_prune(source: Path | None, removed: list[int], out: Path, heal: dict | None = None) -> None:
+    """Write ``out/pruned.gguf``: ``source`` without the ``removed`` blocks (nothing when ``source`` is None);
+    ``heal`` (simdiff.json's record): the healed tensors are re-quantized from ``out``'s weights."""
+    from simdiff.export.gguf import open_gguf, prune_gguf
 
     if source is None:
         return
-    result = prune_gguf(source, removed, out / GGUF_EXPORT_NAME)
+    replaced = None
+    if heal and heal.get("runs"):
+        from simdiff.heal import healed_gguf_tensors
+
+        replaced = healed_gguf_tensors(open_gguf(source), out, heal)
+    result = prune_gguf(source, removed, out / GGUF_EXPORT_NAME, replaced=replaced)
     print(f"wrote {result.out}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
-          f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical)")
+          f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical"
+          + (f" except the {len(replaced)} healed ffn_down tensors, re-quantized in their own type)" if replaced
+             else ")"))
