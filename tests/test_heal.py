@@ -22,8 +22,22 @@ from simdiff.heal import check_healable, find_branch, heal_layers, healed_bypass
 from simdiff.model.layers import find_decoder_layers
 from simdiff.surgery import bypass_layers, remove_layers
 
-FOLDABLE = ["llama", "qwen2", "phi3", "gpt2", "opt", "gpt_neox", "qwen3_moe"]
+FOLDABLE = ["llama", "qwen2", "phi3", "gpt2", "opt", "gpt_neox", "qwen3_moe", "qwen2_moe"]
 REMOVED = [2, 3, 5]  # two runs: [2, 3] folded into layer 1, [5] into layer 4
+
+
+def model_of(family: str):
+    """A tiny model of ``family``; qwen2_moe (experts and a gated shared expert) is built here."""
+    if family != "qwen2_moe":
+        return tiny_model(family)
+    from tiny import SHARED
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("qwen2_moe", **{**SHARED, "num_experts": 4, "num_experts_per_tok": 2,
+                                                  "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+                                                  "decoder_sparse_step": 1, "mlp_only_layers": []})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
 def calib_batches(n: int = 12, seq: int = 24, seed: int = 0, vocab: int = 256) -> list:
@@ -44,7 +58,7 @@ def branch_module(model, record_run):
 @pytest.mark.parametrize("family", FOLDABLE)
 def test_folded_model_equals_the_unfolded_map(family, one_thread) -> None:
     """Folded weights == the original model with each run bypassed and M -> M T applied by a hook."""
-    original = tiny_model(family)
+    original = model_of(family)
     with torch.no_grad():  # random biases (initialised to zero), so a bias left unfolded shows
         for name, param in original.named_parameters():
             if name.endswith("bias"):
@@ -54,6 +68,8 @@ def test_folded_model_equals_the_unfolded_map(family, one_thread) -> None:
     record = heal_layers(healed, data, REMOVED, ridge=1e-3)
     assert [r.folded_into for r in record.runs] == [1, 4]
     assert all(r.r2_calibration > r.r2_calibration_unhealed for r in record.runs)
+    if family == "qwen2_moe":  # every expert and the shared expert
+        assert record.runs[0].projections == ["mlp.experts.down_proj", "mlp.shared_expert.down_proj"]
     changed = {name for name, p in healed.named_parameters()
                if not torch.equal(p, original.get_parameter(name))}
     assert changed and all(name.split(".")[-1] in ("weight", "bias", "down_proj") for name in changed)
