@@ -53,6 +53,7 @@ class RemovalRecord:
     model_type: str | None = None
     architectures: list[str] | None = None
     criterion: str | None = None
+    heal: str = "none"
 
 
 def load_removal_record(path: str | os.PathLike) -> RemovalRecord:
@@ -81,6 +82,7 @@ def load_removal_record(path: str | os.PathLike) -> RemovalRecord:
             model_type=document.get("model_type"),
             architectures=document.get("architectures"),
             criterion=document.get("criterion"),
+            heal=(document.get("heal") or {}).get("method", "none"),
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise SimdiffError(f"recipe {str(file)!r} has malformed layer fields ({exc}); pass the simdiff.json "

@@ -32,10 +32,14 @@ def run_apply(args: argparse.Namespace) -> None:
         raise SimdiffError("give exactly one of --layers 3,12,13 or --recipe simdiff.json: the layers to remove")
     if args.out is None:
         raise SimdiffError("give --out DIR (or FILE.gguf for a GGUF input): where the pruned checkpoint goes")
+    recipe = load_removal_record(args.recipe) if args.recipe else None
+    if recipe is not None and recipe.heal != "none":
+        raise SimdiffError(f"{args.recipe} is a healed prune (--heal {recipe.heal}): apply only removes layers, "
+                           f"so it cannot reproduce it; run `simdiff run {args.recipe} --out ...` (or apply "
+                           f"--layers {','.join(map(str, recipe.removed_layers))} for the unhealed removal)")
     if is_gguf(args.model):
         run_apply_gguf(args)
         return
-    recipe = load_removal_record(args.recipe) if args.recipe else None
     result = apply_to_path(args.model, args.layers, args.out, overwrite=args.overwrite, recipe=recipe)
     before, after = result.metadata["num_layers_before"], result.metadata["num_layers_after"]
     print(f"removed layers {result.removed} ({before} -> {after} layers) on disk")

@@ -264,6 +264,7 @@ def test_healed_checkpoint_reloads_generates_and_replays(workspace, tmp_path) ->
         cached = healed.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
         uncached = healed.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+    assert main(["apply", str(workspace["model"]), "--recipe", str(healed_out), "--out", str(tmp_path / "x")]) == 2
     replay = tmp_path / "replay"
     assert main(["run", str(healed_out / "simdiff.json"), "--out", str(replay), "-q"]) == 0
     again = AutoModelForCausalLM.from_pretrained(replay)
