@@ -106,10 +106,6 @@ class Branch:
     projections: list[Projection]
 
 
-def _first_tensor(output) -> torch.Tensor:
-    return layer_output(output)
-
-
 def _replace_first(output, tensor: torch.Tensor):
     if isinstance(output, tuple):
         return (tensor, *output[1:])
@@ -126,9 +122,8 @@ def _run_to(model: nn.Module, layer: nn.Module, batch: Batch, hooks: dict[nn.Mod
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     handles.append(layer.register_forward_hook(stop))
     try:
-        run_decoder(model, batch)
-    except _Stop:
-        pass
+        with suppress(_Stop):
+            run_decoder(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -185,10 +180,10 @@ def find_branch(model: nn.Module, index: int, batch: Batch) -> Branch:
 
     def record(module, args, output):
         order.append(module)
-        outputs[module] = _first_tensor(output).detach()
+        outputs[module] = layer_output(output).detach()
 
     def keep_output(module, args, output):
-        captured["out"] = _first_tensor(output).detach()
+        captured["out"] = layer_output(output).detach()
 
     hooks = {child: record for child in children}
     _run_to(model, layer, batch, {**hooks, layer: keep_output})
@@ -201,7 +196,7 @@ def find_branch(model: nn.Module, index: int, batch: Batch) -> Branch:
         seen.append(child)
 
         def double(module, args, output):
-            return _replace_first(output, 2 * _first_tensor(output))
+            return _replace_first(output, 2 * layer_output(output))
 
         _run_to(model, layer, batch, {child: double, layer: keep_output})
         if _additive(base, captured["out"], out.reshape(base.shape)):
@@ -315,7 +310,7 @@ def fold(branch: Branch, transform: torch.Tensor, probe: tuple[tuple, dict, torc
         _fold_one(projection, transform)
     args, kwargs, before = probe
     with torch.no_grad():
-        after = _first_tensor(branch.module(*args, **kwargs)).double()
+        after = layer_output(branch.module(*args, **kwargs)).double()
     expected = before.double() @ transform.to(before.device)
     dtype = getattr(branch.projections[0].module, branch.projections[0].weight).dtype
     tolerance = max(1e-4, 32 * torch.finfo(dtype).eps)
@@ -382,15 +377,15 @@ class _RunCapture:
 
     def hooks(self) -> list:
         def on_branch(module, args, kwargs, output):
-            self.values["m"] = _first_tensor(output).detach()
+            self.values["m"] = layer_output(output).detach()
             if self.probe is None:
                 self.probe = (args, kwargs, self.values["m"])
 
         def on_p(module, args, kwargs, output):
-            self.values["p"] = _first_tensor(output).detach()
+            self.values["p"] = layer_output(output).detach()
 
         def on_b(module, args, kwargs, output):
-            self.values["b"] = _first_tensor(output).detach()
+            self.values["b"] = layer_output(output).detach()
             if self.stop:
                 raise _Stop
 
