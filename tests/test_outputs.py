@@ -479,7 +479,7 @@ def test_gguf_export_is_added_under_the_claim_and_its_failure_exits_3(model, cal
     from test_gguf import write_tiny_gguf
 
     source = write_tiny_gguf(tmp_path / "tiny.gguf", blocks=6)  # stands in for the built-in model's GGUF file
-    monkeypatch.setattr("simdiff.cli.export.check_export", lambda name, export, sliced=None: source if export else None)
+    monkeypatch.setattr("simdiff.cli.export.check_export", lambda name, export, sliced=None, heal="none": source if export else None)
     out = tmp_path / "out"
     assert main(prune_args(model, out, calib, "--export", "gguf")) == 0
     assert manifest(out)["pruned.gguf"] == (out / "pruned.gguf").stat().st_size > 0

@@ -174,7 +174,7 @@ def pruned_evaluation(recipe, settings) -> tuple[str, Callable[[Path], None]]:
 def add_compare_parts(parser: argparse.ArgumentParser, criteria: str, out: str | None = None,
                       evaluation: dict | None = None, calibration: dict | None = None,
                       counts: tuple[str, ...] = ("num_layers", "ratio"), selection: dict | None = None) -> None:
-    add_selection_options(parser, only=["criterion", *counts, "keep_first", "keep_last"],
+    add_selection_options(parser, only=["criterion", *counts, "keep_first", "keep_last", "heal", "heal_ridge"],
                           defaults={"criterion": criteria, **(selection or {})})
     add_output_options(parser, out)
     add_evaluation_options(parser, defaults=evaluation, exclude=("log_samples",))  # eval --json writes samples
@@ -201,6 +201,7 @@ def run_comparison_recipe(recipe) -> dict:
     from simdiff.model.load import load_from_settings
     from simdiff.selection.rank import resolve_count
     from simdiff.selection.spec import parse_candidates
+    from simdiff.workflows.api import heal_keep_first
     from simdiff.workflows.compare import CompareSetup, compare, write_results
 
     _quiet_lm_eval()
@@ -212,6 +213,8 @@ def run_comparison_recipe(recipe) -> dict:
     if recipe.out is None:
         raise SimdiffError("give --out DIR: the folder results.json, results.md and the plots go to")
     sel, spec = recipe.selection, recipe.model
+    if sel.heal != "none" and sel.layers is not None:
+        raise SimdiffError("compare chooses the layers by criterion; --layers with --heal is `simdiff prune`")
     check_output_dir(recipe.out, recipe.overwrite, [spec.name])
     specs = parse_candidates(sel.criterion)
     settings = recipe.evaluation.check()
@@ -219,8 +222,8 @@ def run_comparison_recipe(recipe) -> dict:
         model, tokenizer = load_from_settings(spec)
         total = len(find_decoder_layers(model))
         counts = list(sel.num_layers) if sel.num_layers else [resolve_count(total, ratio=r) for r in sel.ratio or []]
-        setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, sel.keep_first,
-                             sel.keep_last, settings.metric, recipe.search)
+        setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, heal_keep_first(sel),
+                             sel.keep_last, settings.metric, recipe.search, sel.heal, sel.heal_ridge)
         document = compare(model, tokenizer, setup, spec.name)
         document["recipe"] = replace(recipe, overwrite=False).to_dict()
         out = write_results(document, claim)

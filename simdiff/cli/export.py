@@ -35,7 +35,8 @@ def megabytes(size: int) -> str:
 
 
 # -- simdiff prune ... --export gguf ------------------------------------------------------------------
-def check_export(model: str, export: str | None, sliced: list[str] | None = None) -> Path | None:
+def check_export(model: str, export: str | None, sliced: list[str] | None = None,
+                 heal: str = "none") -> Path | None:
     """Before any work: the GGUF file that ``--export gguf`` prunes (None without ``--export``; the flag is
     the recipe field ``export``, :class:`simdiff.config.recipe.Recipe`)."""
     from simdiff.core.cache import BUILTIN_MODELS, builtin_gguf_file
@@ -48,18 +49,32 @@ def check_export(model: str, export: str | None, sliced: list[str] | None = None
         raise SimdiffError(f"--export gguf needs a model that comes as a GGUF file (built-in: "
                            f"{', '.join(BUILTIN_MODELS)}); {model!r} is not one. For a safetensors "
                            "checkpoint, convert the pruned output with llama.cpp's convert_hf_to_gguf.py")
-    check_prunable(open_gguf(source), sliced or ())
+    reader = open_gguf(source)
+    check_prunable(reader, sliced or ())
+    if heal != "none":
+        from simdiff.surgery.heal import check_gguf_healable
+
+        check_gguf_healable(reader)
     return source
 
 
-def gguf_export(source: Path, removed: list[int], sliced: list[str] | None = None) -> tuple[str, Callable[[Path], None]]:
+def gguf_export(source: Path, removed: list[int], saved: Path, sliced: list[str] | None = None,
+                heal: dict | None = None) -> tuple[str, Callable[[Path], None]]:
     """The extra file ``pruned.gguf`` of ``prune --export gguf``: ``source`` without the ``removed`` blocks
-    (:func:`simdiff.core.outputs.add_extras` puts it into the saved folder)."""
-    from simdiff.surgery.gguf import write_pruned_gguf
+    (:func:`simdiff.core.outputs.add_extras` puts it into the saved folder). ``heal`` (simdiff.json's record):
+    the healed tensors are re-quantized in their own type from the weights saved in ``saved``."""
+    from simdiff.surgery.gguf import open_gguf, write_pruned_gguf
 
     def write(path: Path) -> None:
-        result = write_pruned_gguf(source, removed, path, sliced=sliced or ())
+        replaced = None
+        if heal and heal.get("runs"):
+            from simdiff.surgery.heal import healed_gguf_tensors
+
+            replaced = healed_gguf_tensors(open_gguf(source), saved, heal)
+        result = write_pruned_gguf(source, removed, path, sliced=sliced or (), replaced=replaced)
         print(f"wrote {GGUF_EXPORT_NAME}: {megabytes(result.size_before)} -> {megabytes(result.size_after)} "
-              f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical)")
+              f"({len(result.kept)} of {result.block_count_before} blocks; kept tensors byte-identical"
+              + (f" except the {len(replaced)} healed ffn_down tensors, re-quantized in their own type)" if replaced
+                 else ")"))
 
     return GGUF_EXPORT_NAME, write

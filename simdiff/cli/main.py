@@ -135,7 +135,8 @@ def print_prune(recipe, evaluate: bool = False) -> None:
     from simdiff.core.outputs import add_extras
     from simdiff.workflows.api import prune_recipe
 
-    gguf_source = check_export(recipe.model.name, recipe.export, recipe.selection.slice_config_keys)
+    gguf_source = check_export(recipe.model.name, recipe.export, recipe.selection.slice_config_keys,
+                               recipe.selection.heal)
     settings = recipe.evaluation.check() if evaluate else None  # before any work
 
     def after_save(result, claim) -> None:
@@ -145,7 +146,8 @@ def print_prune(recipe, evaluate: bool = False) -> None:
         print(f"saved to {result.out} (written bytes, config, layer indices and KV-cache decoding verified)")
         extras = []
         if gguf_source is not None:
-            extras.append(gguf_export(gguf_source, result.selection.removed, recipe.selection.slice_config_keys))
+            extras.append(gguf_export(gguf_source, result.selection.removed, result.out, recipe.selection.slice_config_keys,
+                                      result.metadata.get("heal")))
         if settings is not None:
             from simdiff.cli.evaluate import pruned_evaluation
 

@@ -26,7 +26,14 @@ from simdiff.config.flags import (
     names,
     option,
 )
-from simdiff.config.settings import DTYPE_NAMES, EvalSettings, Options, SearchSettings
+from simdiff.config.settings import (
+    DEFAULT_RIDGE,
+    DTYPE_NAMES,
+    HEAL_METHODS,
+    EvalSettings,
+    Options,
+    SearchSettings,
+)
 from simdiff.core.errors import SimdiffError
 
 RECIPE_KEY = "recipe"
@@ -121,6 +128,19 @@ class SelectionSettings:
         help="config keys (comma list) holding one entry per layer besides those simdiff knows (layer_types, "
              "mlp_only_layers, ...): sliced with the layers; an unknown list as long as the layer count is refused",
         flag="--slice-config-key", parse=names, default_factory=list)
+    heal: str = option("none", "linear: replace each removed run of layers by a least-squares linear map of the "
+                               "calibration activations, folded into the MLP output projection of the layer "
+                               "before it (no training, no new parameters; layer 0 is then never removed); "
+                               "none: plain removal", choices=HEAL_METHODS)
+    heal_ridge: float = option(DEFAULT_RIDGE, "--heal linear's ridge, relative to the mean eigenvalue of M^T M "
+                                              "(lambda = ridge * trace(M^T M) / d; 0 = plain least squares)")
+
+    def __post_init__(self) -> None:
+        self.check_heal()
+
+    def check_heal(self) -> None:
+        if not self.heal_ridge >= 0:
+            raise SimdiffError(f"--heal-ridge must be a number >= 0, got {self.heal_ridge}")
 
     def counts_given(self) -> list:
         return (self.num_layers or []) + (self.ratio or [])
@@ -135,6 +155,7 @@ class SelectionSettings:
                 raise SimdiffError(f"--ratio must lie strictly between 0 and 1, got {ratio}")
         if self.keep_first < 0 or self.keep_last < 0:
             raise SimdiffError(f"--keep-first/--keep-last must be >= 0, got {self.keep_first}/{self.keep_last}")
+        self.check_heal()
         return self
 
 

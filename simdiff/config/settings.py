@@ -64,6 +64,8 @@ class Options:
 
 
 OBJECTIVES = ("kl", "ppl")
+HEAL_METHODS = ("none", "linear")  # --heal (simdiff.surgery.heal)
+DEFAULT_RIDGE = 1e-4  # --heal-ridge, relative to the mean eigenvalue of M^T M
 
 
 DEFAULT_POOL = ("simdiff", "block_influence", "angular_block", "mssd", "masd")

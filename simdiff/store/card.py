@@ -109,10 +109,13 @@ def _pruned_body(metadata: dict, given: str, base: str) -> list[str]:
     before = metadata.get("num_layers_original", metadata.get("num_layers_before"))  # removed_layers' numbering
     after = metadata.get("num_layers_after")
     rounds = metadata.get("history") or []
+    heal = metadata.get("heal") or {}
     lines = [
         f"# {Path(base).name} with {len(removed)}{f' of {before}' if before else ''} decoder layers removed",
         "",
-        f"Depth-pruned from `{base}` by simdiff: whole decoder layers were removed, the rest is unchanged.",
+        f"Depth-pruned from `{base}` by simdiff: whole decoder layers were removed, "
+        + ("and the layers before each removed run absorbed a fitted linear map (below)." if heal.get("runs")
+           else "the rest is unchanged."),
         *([f"The input was simdiff's built-in `{given}`: {BUILTIN_BASES[given][2]}."] if given in BUILTIN_BASES
           else []),
         "",
@@ -123,10 +126,25 @@ def _pruned_body(metadata: dict, given: str, base: str) -> list[str]:
         f"- Criterion: `{metadata.get('criterion')}`"
         + (f" (options: {', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""),
     ]
+    if heal.get("runs"):
+        lines.append(heal_line(heal))
     if calibration:
         lines.append(f"- Calibration: {calibration.get('samples')} windows of {calibration.get('seq_len')} tokens "
                      f"from {calibration.get('source')} (validation split), seed {calibration.get('seed')}")
     return lines
+
+
+def heal_line(heal: dict) -> str:
+    """The card's line on ``--heal linear``: which layers' weights were changed."""
+    runs = heal["runs"]
+    changed = [r["folded_into"] for r in runs]
+    saved = [r.get("folded_into_saved_index") for r in runs]
+    projections = sorted({p for r in runs for p in r["projections"]})
+    r2 = ", ".join(f"{r['r2_calibration']:.3f}" for r in runs)
+    return (f"- Healed (`--heal {heal['method']}`, ridge {heal['ridge']:g}): the weights of layers {changed} "
+            f"(original numbering; {saved} in this checkpoint) were changed: their MLP output projections "
+            f"({', '.join(projections)}) absorb a least-squares linear map replacing the removed runs "
+            f"{[r['layers'] for r in runs]} (calibration R^2 {r2})")
 
 
 def write_model_card(folder: Path, metadata: dict) -> None:

@@ -55,6 +55,7 @@ class RemovalRecord:
     # a multi-round recipe: every round's removals in the original model's numbering, and that model's depth
     removed_original: list[int] | None = None
     num_layers_original: int | None = None
+    heal: str = "none"  # a healed prune (--heal linear): apply cannot reproduce its weights
 
     def for_depth(self, num_layers: int, model: str) -> list[int]:
         """The layers to remove from a model of ``num_layers`` layers: the last round's (the model is that
@@ -71,6 +72,8 @@ class RemovalRecord:
         made_on = f" (made on {self.base_model})" if self.base_model else ""
         raise SimdiffError(f"the recipe does not match {model}{made_on}: it records {depths}, the model has "
                            f"{num_layers}")
+
+
 
 
 def load_removal_record(path: str | os.PathLike) -> RemovalRecord:
@@ -103,6 +106,7 @@ def load_removal_record(path: str | os.PathLike) -> RemovalRecord:
             criterion=document.get("criterion"),
             removed_original=[int(i) for i in document["removed_layers"]] if several_rounds else None,
             num_layers_original=int(original) if several_rounds else None,
+            heal=(document.get("heal") or {}).get("method", "none"),
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise SimdiffError(f"recipe {str(file)!r} has malformed layer fields ({exc}); pass the simdiff.json "

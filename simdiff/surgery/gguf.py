@@ -172,6 +172,14 @@ def pruned_metadata(reader, kept: list[int], sliced: Collection[str] = ()) -> li
     return out
 
 
+@dataclass(frozen=True)
+class ReplacedTensor:
+    """A tensor written with new raw data in its original type (a healed weight, :mod:`simdiff.surgery.heal`)."""
+
+    data: object
+    tensor_type: object
+
+
 def renamed_tensors(reader, kept: list[int]) -> list[tuple[str, object]]:
     """``(new name, reader tensor)`` for every kept tensor, in the original order, blocks renumbered."""
     new_index = {old: new for new, old in enumerate(kept)}
@@ -234,24 +242,27 @@ def check_gguf_output(out: str | os.PathLike, overwrite: bool, src: str | os.Pat
 
 def prune_gguf(src: str | os.PathLike, removed: Sequence[int] | None, out: str | os.PathLike,
                overwrite: bool = False, recipe: RemovalRecord | None = None,
-               sliced: Collection[str] = ()) -> GGUFPruneResult:
+               sliced: Collection[str] = (), replaced: dict[str, object] | None = None) -> GGUFPruneResult:
     """Write a copy of the GGUF file ``src`` without the decoder blocks ``removed`` (original numbering) to ``out``.
 
     ``recipe`` (a prune's ``simdiff.json``, :func:`simdiff.surgery.apply.load_removal_record`) supplies ``removed`` when it is
     None, and is refused when it was made on a model of another depth. Kept tensors are byte-identical to the
-    input's; ``out`` appears by one rename when complete (simdiff.core.outputs); ``src`` is only read. ``sliced``:
-    metadata arrays beyond :data:`simdiff.surgery.layers.GGUF_KEYS` holding one entry per block (``--slice-config-key``).
+    input's, except those in ``replaced`` (input name -> new raw data in the tensor's own type: the weights
+    ``--heal linear`` changed); ``out`` appears by one rename when complete (simdiff.core.outputs); ``src`` is only
+    read. ``sliced``: metadata arrays beyond :data:`simdiff.model.config_keys.GGUF_KEYS` holding one entry per
+    block (``--slice-config-key``).
     """
     src = Path(src).expanduser()
     check_gguf_output(out, overwrite, src)
     with atomic_file(out, overwrite, inputs=(src,), suffixes=GGUF_SUFFIXES, flag="--out") as tmp:
-        result = write_pruned_gguf(src, removed, tmp, recipe, sliced)
+        result = write_pruned_gguf(src, removed, tmp, recipe, sliced, replaced)
     out = Path(out).expanduser()
     return replace(result, out=out)
 
 
 def write_pruned_gguf(src: str | os.PathLike, removed: Sequence[int] | None, path: Path,
-                      recipe: RemovalRecord | None = None, sliced: Collection[str] = ()) -> GGUFPruneResult:
+                      recipe: RemovalRecord | None = None, sliced: Collection[str] = (),
+                      replaced: dict[str, object] | None = None) -> GGUFPruneResult:
     """:func:`prune_gguf` into ``path`` itself: the caller stages it (:mod:`simdiff.core.outputs`)."""
     src = Path(src).expanduser()
     reader = open_gguf(src)
@@ -265,7 +276,8 @@ def write_pruned_gguf(src: str | os.PathLike, removed: Sequence[int] | None, pat
     removed = validate_layer_indices(removed, count)
     kept = [i for i in range(count) if i not in removed]
     metadata = pruned_metadata(reader, kept, sliced)
-    tensors = renamed_tensors(reader, kept)
+    tensors = [(name, ReplacedTensor(replaced[t.name], t.tensor_type) if replaced and t.name in replaced else t)
+               for name, t in renamed_tensors(reader, kept)]
     removed_bytes = sum(t.n_bytes for t in reader.tensors
                         if (m := BLOCK_TENSOR.match(t.name)) and int(m.group(1)) not in kept)
     write_gguf(reader, metadata, tensors, path)

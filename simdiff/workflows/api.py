@@ -35,6 +35,7 @@ from simdiff.selection.search import reject_auto, search_kind
 from simdiff.selection.spec import BEST_OF
 from simdiff.store.lineage import compose_rounds, input_metadata
 from simdiff.store.save import provenance, save_model
+from simdiff.surgery.heal import HealRecord, check_healable, heal_layers, preflight
 from simdiff.surgery.layers import remove_layers
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def prune_recipe(recipe: Recipe,
             raise SimdiffError(f"{criterion if kind == BEST_OF else '--alpha auto'} needs the model in memory; "
                                "drop --offload")
     pool = search_pool({kind}, search)
+    check_heal_settings(sel, spec_model)
     check_device(spec_model.device)
     scored = [*FREE_CRITERIA, *(pool if kind is not None else [criterion])]
     check_data_parallel_support(set() if sel.layers is not None else needs_of(scored), spec_model.device_map)
@@ -165,17 +167,20 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     if sel.layers is not None:
         return prune_given_layers(model, tokenizer, recipe, claim, total)
     count = resolve_count(total, num_layers, ratio)
-    check_removable(total, count, sel.keep_first, sel.keep_last)
+    keep_first = heal_keep_first(sel)
+    check_removable(total, count, keep_first, sel.keep_last)
     check_seq_len(model, calibration.seq_len)
+    if sel.heal != "none":  # refuses an architecture it cannot fold into before the scoring
+        preflight(model, calibration_batches(calibration, tokenizer)[:1])
     searched = None
     if kind is None:
         selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
-                                             sel.iterative, sel.keep_first, sel.keep_last,
+                                             sel.iterative, keep_first, sel.keep_last,
                                              offload_device=offload_device,
                                              max_device_bytes=spec_model.max_device_memory)
     else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.selection.search)
         reported = sorted(set(scored), key=list(CRITERIA).index)
-        searcher = make_searcher(model, tokenizer, calibration, search, [count], {kind}, sel.keep_first,
+        searcher = make_searcher(model, tokenizer, calibration, search, [count], {kind}, keep_first,
                                  sel.keep_last, reported=reported)
         choice = choose(criterion, count, options, searcher=searcher)
         searched, selection, options = choice.search, choice.selection, choice.options
@@ -184,13 +189,15 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     log.info("%s removes layers %s of %d", criterion, selection.removed, total)
     if claim is None:  # data parallel: rank 0 saves
         return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
+    healed = heal_for_prune(model, tokenizer, recipe, selection.removed)
     kept = remove_layers(model, selection.removed, sel.slice_config_keys)
     metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
-                              iterative=sel.iterative, keep_first=sel.keep_first, keep_last=sel.keep_last,
+                              iterative=sel.iterative, keep_first=keep_first, keep_last=sel.keep_last,
                               dtype=spec_model.dtype, requested_num_layers=num_layers, requested_ratio=ratio,
                               removed_count=count, model_type=model.config.model_type,
                               architectures=model.config.architectures)
     metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
+    add_heal_record(metadata, healed, kept)
     if searched is not None:
         metadata["alpha_search" if kind == "alpha" else "best_of"] = searched.to_dict()
     saved = save_model(model, tokenizer, claim, metadata)
@@ -204,12 +211,51 @@ def prune_given_layers(model, tokenizer, recipe: Recipe, claim: OutputDir | None
     scores = ScoreResult(Evidence(num_layers=total), Options())
     if claim is None:  # data parallel: rank 0 saves
         return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
+    healed = heal_for_prune(model, tokenizer, recipe, selection.removed)
     kept = remove_layers(model, selection.removed, recipe.selection.slice_config_keys)
-    metadata = prune_metadata(recipe.model.name, selection, scores, kept, total, None, None, dtype=recipe.model.dtype,
-                              model_type=model.config.model_type, architectures=model.config.architectures)
+    calibration = recipe.calibration if healed is not None else None
+    metadata = prune_metadata(recipe.model.name, selection, scores, kept, total, calibration, None,
+                              dtype=recipe.model.dtype, model_type=model.config.model_type,
+                              architectures=model.config.architectures)
     metadata["recipe"] = replace(recipe, overwrite=False).to_dict()
+    add_heal_record(metadata, healed, kept)
     saved = save_model(model, tokenizer, claim, metadata)
     return PruneResult(selection, scores, kept, saved, metadata)
+
+
+def check_heal_settings(sel, spec_model) -> None:
+    """Before loading: what ``--heal`` cannot do (a given run starting at layer 0, layer-wise offload)."""
+    if sel.heal == "none":
+        return
+    if spec_model.offload is not None:
+        raise SimdiffError("--heal linear needs the model in memory; drop --offload")
+    if sel.layers is not None:
+        check_healable(sel.layers, sel.heal)
+
+
+def heal_keep_first(sel) -> int:
+    """The protected leading layers: with ``--heal linear`` layer 0 always stays (nothing precedes it)."""
+    return max(sel.keep_first, 1) if sel.heal != "none" else sel.keep_first
+
+
+def heal_for_prune(model, tokenizer, recipe: Recipe, removed: list[int]) -> HealRecord | None:
+    """Fold the healing maps into ``model`` (before the layers are removed), as ``recipe.selection`` says."""
+    sel = recipe.selection
+    if sel.heal == "none":
+        return None
+    check_seq_len(model, recipe.calibration.seq_len)
+    return heal_layers(model, calibration_batches(recipe.calibration, tokenizer), removed, sel.heal_ridge)
+
+
+def add_heal_record(metadata: dict, healed: HealRecord | None, kept: list[int]) -> None:
+    """``simdiff.json``'s ``heal`` entry (with each changed layer's index in the saved model)."""
+    if healed is None:
+        metadata["heal"] = {"method": "none"}
+        return
+    record = healed.to_dict()
+    for run in record["runs"]:
+        run["folded_into_saved_index"] = kept.index(run["folded_into"])
+    metadata["heal"] = record
 
 
 def prune_metadata(model_name: str, selection: Selection, scores: ScoreResult, kept: list[int], total: int,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from simdiff.config.settings import SearchSettings
+from simdiff.config.settings import DEFAULT_RIDGE, SearchSettings
 from simdiff.core.errors import SimdiffError
 from simdiff.core.outputs import MARKER, OutputDir, claimed_dir
 from simdiff.criteria import Options
@@ -35,6 +35,7 @@ from simdiff.selection.rank import check_removable
 from simdiff.selection.search import Searcher, search_kind
 from simdiff.selection.spec import BEST_OF, CandidateSpec
 from simdiff.store.save import provenance
+from simdiff.surgery.heal import healed_bypass, preflight
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class CompareSetup:
     keep_last: int = 0
     metric: str = "acc"
     search: SearchSettings = field(default_factory=SearchSettings)
+    heal: str = "none"
+    heal_ridge: float = DEFAULT_RIDGE
 
 
 def _check_counts(counts: list[int], total: int) -> list[int]:
@@ -76,6 +79,8 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
         check_seq_len(model, setup.evaluation.seq_len, "--eval-seq-len")
     windows = calibration_windows(tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, cal.data_dir)
     calib_batches = batches(windows, cal.batch_size, cal.skip_first_token)
+    if setup.heal != "none":  # an architecture that cannot take a folded map is refused before the scoring
+        preflight(model, calib_batches[:1])
     criteria = list(dict.fromkeys(s.criterion for s in setup.specs if s.criterion != BEST_OF))
     start = time.perf_counter()
     evidence = gather_evidence(model, calib_batches, needs_of(criteria), block_sizes_for(criteria, counts))
@@ -90,7 +95,8 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     profiles: dict[str, np.ndarray] = {}
     for spec in setup.specs:
         for count in counts:
-            rows.append(_candidate(model, evaluator, evidence, searcher, spec, count, setup, dense, done, profiles))
+            rows.append(_candidate(model, evaluator, evidence, searcher, spec, count, setup, dense, done, profiles,
+                                   calib_batches))
     return {
         "model": model_name,
         "num_layers": total,
@@ -100,6 +106,7 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
                         "windows": int(windows.shape[0]), "seconds": calibration_seconds,
                         "passes": sorted(needs_of(criteria))},
         "search": vars(setup.search) if searcher is not None else None,
+        "heal": {"method": setup.heal, "ridge": setup.heal_ridge},
         "evaluation": {**vars(setup.evaluation), "metric_for_retained": setup.metric},
         "options": vars(setup.options),
         "keep_first": setup.keep_first,
@@ -118,7 +125,7 @@ def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int]) -> Searc
 
 
 def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: CandidateSpec, count: int,
-               setup: CompareSetup, dense: dict, done: dict, profiles: dict) -> dict:
+               setup: CompareSetup, dense: dict, done: dict, profiles: dict, calib_batches: list) -> dict:
     start = time.perf_counter()
     options = spec.options(setup.options)
     row: dict = {"label": spec.label, "criterion": spec.criterion, "count": count}
@@ -136,11 +143,20 @@ def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: Cand
     row["removed_layers"] = selection.removed
     if key in done:
         result, row["same_layers_as"] = done[key]["result"], done[key]["label"]
+        if "heal" in done[key]:
+            row["heal"] = done[key]["heal"]
     else:
-        log.info("%s, %d layers: bypassing %s", spec.label, count, selection.removed)
-        with bypass_layers(model, selection.removed):
-            result = evaluator(f"{spec.label} -{count}")
-        done[key] = {"result": result, "label": f"{spec.label} -{count}"}
+        log.info("%s, %d layers: bypassing %s%s", spec.label, count, selection.removed,
+                 " (healed)" if setup.heal != "none" else "")
+        done[key] = {"label": f"{spec.label} -{count}"}
+        if setup.heal == "none":
+            with bypass_layers(model, selection.removed):
+                result = evaluator(f"{spec.label} -{count}")
+        else:
+            with healed_bypass(model, calib_batches, selection.removed, setup.heal_ridge) as healed:
+                result = evaluator(f"{spec.label} -{count}")
+            row["heal"] = done[key]["heal"] = healed.to_dict()
+        done[key]["result"] = result
     row.update(result)
     row["retained"] = percent_retained(dense, result)
     row["mean_" + setup.metric] = mean_accuracy(result, setup.metric)
