@@ -164,3 +164,16 @@ def test_iterative_reuses_initial_evidence_for_its_first_step(monkeypatch) -> No
     for a, b in zip(reused.steps, fresh.steps):
         np.testing.assert_array_equal(a["importance"], b["importance"])  # NaN (removed layers) compare equal
     assert len(calls) == 2 and all(removed for removed in calls)  # steps 2 and 3 only, with layers bypassed
+
+
+def test_resolve_counts_merges_counts_and_rounds_ratios_like_resolve_count():
+    """compare and `run` of a comparison resolve several counts through the same rule as prune's one count."""
+    from simdiff.selection.rank import resolve_counts
+
+    assert resolve_counts(30, [8, 4, 8]) == [4, 8]
+    assert resolve_counts(26, ratios=[0.25, 0.5]) == [7, 13]  # floor(R * total + 0.5), as prune rounds
+    assert resolve_counts(22, ratios=[0.25]) == [resolve_count(22, ratio=0.25)] == [6]
+    with pytest.raises(SimdiffError, match="model has 6; keep at least one"):
+        resolve_counts(6, [2, 6])
+    with pytest.raises(SimdiffError, match="at least one layer count"):
+        resolve_counts(6)

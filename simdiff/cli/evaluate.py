@@ -199,7 +199,7 @@ def run_comparison_recipe(recipe) -> dict:
     from simdiff.core.outputs import check_output_dir, claim_output_dir
     from simdiff.model.layers import find_decoder_layers
     from simdiff.model.load import load_from_settings
-    from simdiff.selection.rank import resolve_count
+    from simdiff.selection.rank import resolve_counts
     from simdiff.selection.spec import parse_candidates
     from simdiff.workflows.api import heal_keep_first
     from simdiff.workflows.compare import CompareSetup, compare, write_results
@@ -221,7 +221,7 @@ def run_comparison_recipe(recipe) -> dict:
     with claim_output_dir(recipe.out, recipe.overwrite, [spec.name]) as claim:  # claimed before any model work
         model, tokenizer = load_from_settings(spec)
         total = len(find_decoder_layers(model))
-        counts = list(sel.num_layers) if sel.num_layers else [resolve_count(total, ratio=r) for r in sel.ratio or []]
+        counts = resolve_counts(total, sel.num_layers, sel.ratio)
         setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, heal_keep_first(sel),
                              sel.keep_last, settings.metric, recipe.search, sel.heal, sel.heal_ridge)
         document = compare(model, tokenizer, setup, spec.name)

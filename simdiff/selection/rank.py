@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,6 +33,17 @@ def resolve_count(total: int, num_layers: int | None = None, ratio: float | None
     if count >= total:
         raise SimdiffError(f"asked to remove {count} layers but the model has {total}; keep at least one")
     return count
+
+
+def resolve_counts(total: int, num_layers: Sequence[int] | None = None,
+                   ratios: Sequence[float] | None = None) -> list[int]:
+    """Every requested removal count (``--num-layers 4,8`` as given, ``--ratio`` values rounded as
+    :func:`resolve_count` does), each checked against ``total``; sorted, duplicates merged."""
+    counts = [resolve_count(total, num_layers=k) for k in num_layers or []]
+    counts += [resolve_count(total, ratio=r) for r in ratios or []]
+    if not counts:
+        raise SimdiffError("give at least one layer count (--num-layers 4,8 or --ratio 0.25)")
+    return sorted(set(counts))
 
 
 def check_removable(total: int, count: int, keep_first: int = 0, keep_last: int = 0) -> None:

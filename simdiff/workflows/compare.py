@@ -21,7 +21,6 @@ import numpy as np
 from torch import nn
 
 from simdiff.config.settings import DEFAULT_RIDGE, SearchSettings
-from simdiff.core.errors import SimdiffError
 from simdiff.core.outputs import MARKER, OutputDir, claimed_dir
 from simdiff.criteria import Options
 from simdiff.data import batches, calibration_windows
@@ -31,7 +30,7 @@ from simdiff.model.checks import check_seq_len
 from simdiff.model.layers import bypass_layers, find_decoder_layers
 from simdiff.selection.choose import choose, make_searcher
 from simdiff.selection.evidence import block_sizes_for, gather_evidence, importance, needs_of
-from simdiff.selection.rank import check_removable
+from simdiff.selection.rank import check_removable, resolve_counts
 from simdiff.selection.search import Searcher, search_kind
 from simdiff.selection.spec import BEST_OF, CandidateSpec
 from simdiff.store.save import provenance
@@ -59,19 +58,10 @@ class CompareSetup:
     heal_ridge: float = DEFAULT_RIDGE
 
 
-def _check_counts(counts: list[int], total: int) -> list[int]:
-    if not counts:
-        raise SimdiffError("give at least one layer count (--num-layers 4,8 or --ratio 0.25)")
-    for count in counts:
-        if not 1 <= count < total:
-            raise SimdiffError(f"cannot remove {count} of {total} layers; counts must lie in [1, {total - 1}]")
-    return sorted(set(counts))
-
-
 def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = "") -> dict:
     """Evaluate the dense model and every (criterion, count) candidate; returns the results document."""
     total = len(find_decoder_layers(model))
-    counts = _check_counts(setup.counts, total)
+    counts = resolve_counts(total, setup.counts)
     check_removable(total, max(counts), setup.keep_first, setup.keep_last)
     cal = setup.calibration
     check_seq_len(model, cal.seq_len)
