@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from simdiff.cli.describe import describe_compare
 from simdiff.cli.options import (
     add_calibration_options,
     add_command_flags,
@@ -187,7 +188,7 @@ def add_compare_command(subparsers) -> None:
     parser = subparsers.add_parser("compare", help="compare criteria: one calibration pass, every candidate evaluated")
     add_model_options(parser)
     add_compare_parts(parser, DOC_CRITERIA)
-    parser.set_defaults(run=run_compare)
+    parser.set_defaults(run=run_compare, describe=describe_compare)
 
 
 def run_comparison_recipe(recipe) -> dict:

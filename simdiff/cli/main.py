@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from simdiff.cli.apply import add_apply_command
 from simdiff.cli.bench import add_bench_command
+from simdiff.cli.describe import describe_prune, describe_run, describe_score
 from simdiff.cli.evaluate import add_compare_command, add_demo_command, add_eval_command
 from simdiff.cli.options import (
     add_calibration_options,
@@ -41,7 +42,7 @@ def add_score_command(subparsers) -> None:
     add_output_options(parser, only=["overwrite"])
     add_calibration_options(parser)
     add_criterion_options(parser)
-    parser.set_defaults(run=run_score)
+    parser.set_defaults(run=run_score, describe=describe_score)
 
 
 def run_score(args: argparse.Namespace) -> None:
@@ -114,16 +115,6 @@ def run_prune(args: argparse.Namespace) -> None:
     print_prune(recipe_from_args(args))
 
 
-def describe_prune(args: argparse.Namespace) -> str:
-    """The first line of ``simdiff prune``: what it will do (logged before torch loads)."""
-    recipe = recipe_from_args(args)
-    sel = recipe.selection
-    how = f"layers {sel.layers}" if sel.layers is not None else (
-        f"{(sel.num_layers or sel.ratio or ['?'])[0]}{' of the layers' if sel.ratio else ' layers'} by "
-        f"{sel.criterion}")
-    return f"pruning {recipe.model.name}: removing {how}, saving to {recipe.out}"
-
-
 def print_prune(recipe, evaluate: bool = False) -> None:
     """Prune as ``recipe`` says and print what was removed and where it went.
 
@@ -170,7 +161,7 @@ def add_run_command(subparsers) -> None:
     for add in (add_selection_options, add_calibration_options, add_criterion_options, add_search_options):
         add(parser, override=True)
     add_evaluation_options(parser, override=True, exclude=("log_samples",))
-    parser.set_defaults(run=run_recipe)
+    parser.set_defaults(run=run_recipe, describe=describe_run)
 
 
 def run_recipe(args: argparse.Namespace) -> None:
