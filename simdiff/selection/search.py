@@ -1,9 +1,10 @@
 """Choosing layers on held-out calibration text: SimDiff's exact alpha path (``--alpha auto``) and best-of.
 
-**Disjoint windows.** The calibration token stream is split before any window is drawn: its last
-``heldout_samples`` windows' worth of tokens become contiguous, non-overlapping held-out windows, and the
-scoring windows are sampled (seeded) from the tokens before them. No scoring window can reach a held-out
-token. The evaluation text (test split) is never read here.
+**Disjoint windows that represent the text.** The calibration token stream is split before any window is
+drawn: the ``heldout_samples`` held-out windows are contiguous, non-overlapping windows in ``heldout_blocks``
+blocks of consecutive windows spread evenly over the stream (the first at its start, the last at its end),
+and the scoring windows are sampled (seeded) from the gaps between the blocks. No scoring window can reach a
+held-out token. The evaluation text (test split) is never read here.
 
 **Exact alpha path.** SimDiff's importance is ``alpha * S + (1 - alpha) * D`` per layer, with S and D the
 normalised similarity and difference terms, which do not depend on alpha. So the removed set can change
@@ -27,13 +28,17 @@ the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass
 
 **Margin.** The default alpha's set (listed first; for best-of, the set of the given ``--alpha``, or without
 ``simdiff`` in the pool the first pooled criterion's set) is kept unless another candidate beats it by more than
-``margin`` standard errors of the paired, window-by-window difference of the held-out objective (default 2;
+``margin`` standard errors of the paired difference of the held-out objective, over held-out blocks (each
+block's windows averaged first: neighbouring windows are correlated; default 2;
 0 makes the lowest score win). Close sets rank differently on different texts, so leaving the default
 needs evidence, not a difference within noise. Among the candidates that pass, the lowest score wins.
 **Ties** (equal held-out score) go to the candidate listed first: alpha-path sets ordered by the distance
 of their alpha to the default alpha, then the other pooled criteria in pool order. The saved selection is
 exactly the winner: nothing is re-scored afterwards. Every candidate records ``vs_default``, its paired
 difference from the default's set and the standard error.
+
+**Healed.** With a ``healer`` (``--heal linear``) every candidate set is scored after its heal, fitted once per
+distinct set on the scoring windows; the margin rule then picks among healed scores.
 """
 
 from __future__ import annotations
