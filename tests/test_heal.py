@@ -338,6 +338,19 @@ def test_compare_with_heal_evaluates_healed_sets(workspace, tmp_path) -> None:
             assert row["perplexity"][source]["perplexity"] != same[0]["perplexity"][source]["perplexity"]
 
 
+def test_compare_with_heal_searches_on_healed_scores(workspace, tmp_path) -> None:
+    """compare --heal linear with simdiff:alpha=auto: the search's candidates are scored healed and say so."""
+    assert main(["-q", "compare", str(workspace["model"]), "--num-layers", "2", "--criterion", "simdiff:alpha=auto",
+                 "--calib", str(workspace["calib"]), "--samples", "8", "--calib-seq-len", "32", "--heldout-samples",
+                 "4", "--ppl", str(workspace["calib"]), "--eval-seq-len", "32", "--max-tokens", "320", "--heal",
+                 "linear", "--out", str(tmp_path / "healed")]) == 0
+    row = json.loads((tmp_path / "healed" / "results.json").read_text())["rows"][1]
+    search = row["alpha_search"]
+    assert search["healed"] is True and search["heal_fits"] == len(search["candidates"])
+    assert all(c["heal"]["folded_into"] == [a - 1 for a, _ in removed_runs(c["removed"])] for c in search["candidates"])
+    assert row["removed_layers"] == search["removed"] and 0 not in row["removed_layers"]
+
+
 # -- --export gguf with --heal -----------------------------------------------------------------------------
 def test_gguf_export_requantizes_exactly_the_healed_tensors(tmp_path) -> None:
     import gguf

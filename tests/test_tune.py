@@ -28,6 +28,7 @@ from simdiff.selection.search import (
     split_token_stream,
 )
 from simdiff.store.save import METADATA_FILE
+from simdiff.surgery.heal import healed_bypass, removed_runs, search_healer
 from simdiff.workflows.api import Calibration
 
 CALIB = ["--samples", "8", "--calib-seq-len", "64", "--calib-batch-size", "4", "--heldout-samples", "6"]
@@ -78,18 +79,72 @@ def test_cap_keeps_the_default_set_and_an_even_spread():
     assert cap_candidates(candidates, 8) == (candidates, 0)
 
 
-def test_heldout_windows_are_disjoint_from_scoring_windows():
-    ids = torch.arange(5000)  # every token id unique: shared ids would mean shared text
-    scoring, heldout = split_token_stream(ids, samples=40, seq_len=64, seed=3, bos=None, heldout_samples=10)
-    assert scoring.shape == (40, 64) and heldout.shape == (10, 64)
-    assert not set(scoring.flatten().tolist()) & set(heldout.flatten().tolist())
-    assert heldout.flatten().tolist() == list(range(5000 - 640, 5000))  # contiguous tail, non-overlapping
-    with_bos = split_token_stream(ids, samples=4, seq_len=64, seed=3, bos=7777, heldout_samples=2)[1]
-    assert (with_bos[:, 0] == 7777).all() and with_bos[:, 1:].flatten().tolist() == list(range(5000 - 126, 5000))
+def _tokens(windows: torch.Tensor, bos: int | None = None) -> list[list[int]]:
+    return [w[1:].tolist() if bos is not None else w.tolist() for w in windows]
+
+
+@pytest.mark.parametrize("bos", [None, 7777])
+def test_heldout_blocks_are_spread_over_the_stream_and_disjoint_from_scoring_windows(bos):
+    ids = torch.arange(20000)  # every token id unique: shared ids would mean shared text
+    split = split_token_stream(ids, samples=60, seq_len=64, seed=3, bos=bos, heldout_samples=12, heldout_blocks=4)
+    body = 64 - (bos is not None)
+    assert split.scoring.shape == (60, 64) and split.heldout.shape == (12, 64)
+    if bos is not None:
+        assert (split.scoring[:, 0] == bos).all() and (split.heldout[:, 0] == bos).all()
+    held = [t for w in _tokens(split.heldout, bos) for t in w]
+    assert len(set(held)) == len(held) == 12 * body  # non-overlapping held-out windows
+    assert not set(held) & {t for w in _tokens(split.scoring, bos) for t in w}  # never overlapping
+    for w in _tokens(split.scoring, bos):  # each scoring window is a contiguous piece of the text
+        assert w == list(range(w[0], w[0] + body))
+    assert split.blocks == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for j, (start, end) in enumerate(split.spans):  # each block: 3 consecutive windows, contiguous text
+        block = [t for w, b in zip(_tokens(split.heldout, bos), split.blocks) if b == j for t in w]
+        assert block == list(range(start, end)) and end - start == 3 * body
+    assert split.spans[0][0] == 0 and split.spans[-1][1] == 20000  # the first and the last block of the text
+    gaps = [b[0] - a[1] for a, b in zip(split.spans, split.spans[1:])]
+    assert max(gaps) - min(gaps) <= 1  # evenly spread
+    starts = [w[0] for w in _tokens(split.scoring, bos)]
+    in_gap = {next(k for k, (a, b) in enumerate(split.spans) if s < a) for s in starts if s < split.spans[-1][0]}
+    assert in_gap == {1, 2, 3}  # scoring windows come from every gap between held-out blocks
+    record = split.record()
+    assert record["heldout_block_spans"] == split.spans and record["standard_error_unit"] == "blocks"
+    again = split_token_stream(ids, samples=60, seq_len=64, seed=3, bos=bos, heldout_samples=12, heldout_blocks=4)
+    assert torch.equal(again.scoring, split.scoring) and torch.equal(again.heldout, split.heldout)
+    other = split_token_stream(ids, samples=60, seq_len=64, seed=4, bos=bos, heldout_samples=12, heldout_blocks=4)
+    assert not torch.equal(other.scoring, split.scoring) and torch.equal(other.heldout, split.heldout)
+
+
+def test_heldout_split_edges_and_errors():
+    ids = torch.arange(5000)
+    one = split_token_stream(ids, samples=4, seq_len=64, seed=3, bos=None, heldout_samples=10, heldout_blocks=1)
+    assert one.heldout.flatten().tolist() == list(range(5000 - 640, 5000))  # one block: the tail
+    more = split_token_stream(ids, samples=4, seq_len=64, seed=3, bos=None, heldout_samples=3, heldout_blocks=8)
+    assert more.blocks == [0, 1, 2] and more.spans[0][0] == 0 and more.spans[-1][1] == 5000  # at most one a window
     with pytest.raises(SimdiffError, match="too short.*--heldout-samples"):
         split_token_stream(ids[:700], samples=4, seq_len=64, seed=0, bos=None, heldout_samples=10)
+    with pytest.raises(SimdiffError, match="no gap of 64 tokens.*--heldout-blocks"):
+        split_token_stream(ids[:1000], samples=4, seq_len=64, seed=0, bos=None, heldout_samples=12, heldout_blocks=12)
     with pytest.raises(SimdiffError, match="--heldout-samples must be >= 1"):
         split_token_stream(ids, samples=4, seq_len=64, seed=0, bos=None, heldout_samples=0)
+    with pytest.raises(SimdiffError, match="--heldout-blocks must be >= 2"):
+        Calibration(heldout_blocks=1)
+
+
+def test_paired_standard_error_is_taken_over_blocks():
+    """Per-window values grouped by block first: the SE equals numpy's over the block means, not the windows'."""
+    rng = np.random.default_rng(5)
+    blocks = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    a, b = rng.normal(2.0, 0.3, 10), rng.normal(2.1, 0.3, 10)
+    tokens = rng.integers(50, 60, 10).astype(np.float64)
+    objective = HeldoutObjective(tiny_model("llama", 2), [], "kl", blocks=blocks)
+    objective.cache = {(1,): a * tokens, (2,): b * tokens}  # per-window sums of per-token values
+    objective.window_tokens = tokens
+    diffs = a - b
+    means = np.array([diffs[:3].mean(), diffs[3:5].mean(), diffs[5:8].mean(), diffs[8:].mean()])
+    mean, se = objective.paired([1], [2])
+    assert mean == pytest.approx(means.mean(), rel=1e-12)
+    assert se == pytest.approx(np.std(means, ddof=1) / np.sqrt(4), rel=1e-12)
+    assert se != pytest.approx(np.std(diffs, ddof=1) / np.sqrt(10), rel=1e-3)  # not the per-window SE
 
 
 @torch.no_grad()
@@ -139,7 +194,7 @@ def test_heldout_window_values_pair_candidates_window_by_window():
 
 def test_margin_keeps_the_default_set_unless_a_candidate_beats_it_beyond_noise(calib_slice):
     model, tok = tiny_model("llama", 8), tiny_tokenizer()
-    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6, seed=3)  # see the guard
     pool = SearchSettings().pool
     plain = Searcher(model, tok, calibration, SearchSettings(margin=0), [3], pool).search("best-of", 3, Options())
     default_set = plain.candidates[0]
@@ -268,7 +323,7 @@ def test_best_of_without_simdiff_in_the_pool_pools_no_alpha_path(calib_slice):
 def test_best_of_takes_a_numeric_alpha_as_the_margin_reference(calib_slice):
     """--criterion best-of --alpha 0.05: the set simdiff selects at alpha 0.05 is the one kept unless beaten."""
     model, tok = tiny_model("llama", 8), tiny_tokenizer()
-    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6, seed=3)  # see the guard
     pool = SearchSettings().pool
     searcher = Searcher(model, tok, calibration, SearchSettings(margin=1e9), [3], pool)
     options = Options(alpha=0.05, normalize="minmax", diff_scale="absolute")
@@ -279,3 +334,65 @@ def test_best_of_takes_a_numeric_alpha_as_the_margin_reference(calib_slice):
     at_default = choose_one_shot("simdiff", searcher.evidence, 3, replace(options, alpha=0.75)).removed
     assert reference.removed != at_default  # on this model the two alphas select different sets
     assert search.removed == reference.removed  # 1e9 standard errors: nothing replaces it
+
+
+@torch.no_grad()
+def _healed_reference_kl(model, fit, heldout: torch.Tensor, removed: list[int]) -> float:
+    """Mean KL(dense || healed candidate) over all held-out positions, float64: the heal fitted on ``fit`` with
+    simdiff.surgery.heal's own healed_bypass, the dense logits taken before it."""
+    dense = [torch.log_softmax(model(w[None]).logits[0].double(), -1) for w in heldout]
+    with healed_bypass(model, fit, removed):
+        healed = [torch.log_softmax(model(w[None]).logits[0].double(), -1) for w in heldout]
+    return sum(float((p.exp() * (p - q)).sum()) for p, q in zip(dense, healed)) / heldout[:, :].numel()
+
+
+def test_healed_search_scores_each_set_after_its_heal(calib_slice):
+    model, tok = tiny_model("llama", 8), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
+    pool = ["simdiff", "random", "block_influence"]  # two distinct sets on this model (keep_first 1)
+    searcher = Searcher(model, tok, calibration, SearchSettings(margin=0, pool=pool), [3], pool, keep_first=1,
+                        healer=search_healer("linear"))
+    search = searcher.search("best-of", 3, Options(seed=1))
+    assert len(search.candidates) > 1
+    assert search.healed and search.to_dict()["healed"] is True
+    assert search.costs["heal_fits"] == len(search.candidates)  # one fit per distinct set
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left as it was
+    split = split_calibration(tok, calibration)
+    fit = batches(split.scoring, calibration.batch_size)
+    plain = HeldoutObjective(model, batches(split.heldout, 4), "kl").scores([c.removed for c in search.candidates])
+    for candidate, unhealed in zip(search.candidates, plain):
+        assert candidate.score == pytest.approx(_healed_reference_kl(model, fit, split.heldout, candidate.removed),
+                                                rel=1e-4), candidate.removed
+        assert candidate.score != pytest.approx(unhealed, rel=1e-3)  # healed scores are not the plain ones
+        assert candidate.heal["folded_into"] == [a - 1 for a, _ in removed_runs(candidate.removed)]
+    assert search.winner.score == min(c.score for c in search.candidates)  # margin 0: the best healed set
+
+
+def test_prune_heal_best_of_saves_the_margin_rules_pick_among_healed_scores(tmp_path, calib_slice):
+    folder = save_tiny("llama", tmp_path / "tiny", num_layers=8)
+    out = tmp_path / "pruned"
+    assert main(["-q", "prune", str(folder), "--num-layers", "3", "--criterion", "best-of", "--heal", "linear",
+                 "--pool", "simdiff,random,block_influence", "--seed", "1", "--margin", "0.5", "--out", str(out), "--calib", calib_slice, *CALIB]) == 0
+    meta = json.loads((out / METADATA_FILE).read_text())
+    search = meta["best_of"]
+    assert search["healed"] is True and "healed" in search["objective_description"]
+    assert search["heal_fits"] == len(search["candidates"]) > 1
+    assert all(c["heal"]["folded_into"] for c in search["candidates"])
+    default, *others = search["candidates"]
+    beyond = [c for c in others if c["vs_default"][0] < -0.5 * c["vs_default"][1]]
+    winner = min([default, *beyond], key=lambda c: c["score"])
+    assert meta["removed_layers"] == search["removed"] == winner["removed"]
+    assert search["heldout_score"] == winner["score"]
+    assert "scoring windows" in meta["heal"]["fitted_on"]
+    # the saved checkpoint is the model that was scored: its held-out KL against the dense model is the winner's
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    pruned = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    heldout = split_calibration(tiny_tokenizer(), Calibration(calib_slice, samples=8, seq_len=64, seed=1,
+                                                              heldout_samples=6)).heldout
+    with torch.no_grad():
+        p = torch.log_softmax(dense(heldout).logits.double(), -1)
+        q = torch.log_softmax(pruned(heldout).logits.double(), -1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) == pytest.approx(search["heldout_score"], rel=1e-4)

@@ -87,9 +87,13 @@ class Calibration:
     seed: int = option(0, Options.__dataclass_fields__["seed"].metadata["help"])
     data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)
 
-    heldout_samples: int = option(32, "held-out windows (cut from the end of the calibration text, disjoint from the "
-                                      "scoring windows) for --alpha auto and --criterion best-of; at least 2 (the "
-                                      "--margin test needs a paired standard error)")
+    heldout_samples: int = option(32, "held-out windows (cut from the calibration text in --heldout-blocks blocks, "
+                                      "disjoint from the scoring windows) for --alpha auto and --criterion best-of; "
+                                      "at least 2 (the --margin test needs a paired standard error)")
+    heldout_blocks: int = option(8, "contiguous blocks the held-out windows are split into, spread evenly over the "
+                                    "calibration text (first at its start, last at its end; scoring windows come from "
+                                    "the gaps); the --margin standard error is taken over blocks (at most "
+                                    "--heldout-samples blocks)")
     skip_first_token: bool = option(False, "leave position 0 of each window (BOS / attention sink) out of the "
                                            "layer statistics")
 
@@ -100,9 +104,11 @@ class Calibration:
     def check(self) -> Calibration:
         for flag, value, least in (("--samples", self.samples, 1), ("--calib-seq-len", self.seq_len, 2),
                                    ("--calib-batch-size", self.batch_size, 1), ("--seed", self.seed, 0),
-                                   ("--heldout-samples", self.heldout_samples, MIN_HELDOUT)):
+                                   ("--heldout-samples", self.heldout_samples, MIN_HELDOUT),
+                                   ("--heldout-blocks", self.heldout_blocks, MIN_HELDOUT)):
             if value < least:
-                why = " (the --margin test's paired standard error needs two windows)" if least == MIN_HELDOUT else ""
+                unit = "blocks" if flag == "--heldout-blocks" else "windows"
+                why = f" (the --margin test's paired standard error needs two {unit})" if least == MIN_HELDOUT else ""
                 raise SimdiffError(f"{flag} must be >= {least}{why}, got {value}")
         return self
 

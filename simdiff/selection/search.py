@@ -1,9 +1,10 @@
 """Choosing layers on held-out calibration text: SimDiff's exact alpha path (``--alpha auto``) and best-of.
 
-**Disjoint windows.** The calibration token stream is split before any window is drawn: its last
-``heldout_samples`` windows' worth of tokens become contiguous, non-overlapping held-out windows, and the
-scoring windows are sampled (seeded) from the tokens before them. No scoring window can reach a held-out
-token. The evaluation text (test split) is never read here.
+**Disjoint windows that represent the text.** The calibration token stream is split before any window is
+drawn: the ``heldout_samples`` held-out windows are contiguous, non-overlapping windows in ``heldout_blocks``
+blocks of consecutive windows spread evenly over the stream (the first at its start, the last at its end),
+and the scoring windows are sampled (seeded) from the gaps between the blocks. No scoring window can reach a
+held-out token. The evaluation text (test split) is never read here.
 
 **Exact alpha path.** SimDiff's importance is ``alpha * S + (1 - alpha) * D`` per layer, with S and D the
 normalised similarity and difference terms, which do not depend on alpha. So the removed set can change
@@ -27,13 +28,17 @@ the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass
 
 **Margin.** The default alpha's set (listed first; for best-of, the set of the given ``--alpha``, or without
 ``simdiff`` in the pool the first pooled criterion's set) is kept unless another candidate beats it by more than
-``margin`` standard errors of the paired, window-by-window difference of the held-out objective (default 2;
+``margin`` standard errors of the paired difference of the held-out objective, over held-out blocks (each
+block's windows averaged first: neighbouring windows are correlated; default 2;
 0 makes the lowest score win). Close sets rank differently on different texts, so leaving the default
 needs evidence, not a difference within noise. Among the candidates that pass, the lowest score wins.
 **Ties** (equal held-out score) go to the candidate listed first: alpha-path sets ordered by the distance
 of their alpha to the default alpha, then the other pooled criteria in pool order. The saved selection is
 exactly the winner: nothing is re-scored afterwards. Every candidate records ``vs_default``, its paired
 difference from the default's set and the standard error.
+
+**Healed.** With a ``healer`` (``--heal linear``) every candidate set is scored after its heal, fitted once per
+distinct set on the scoring windows; the margin rule then picks among healed scores.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -54,7 +60,7 @@ from simdiff.config.settings import OBJECTIVES, SearchSettings
 from simdiff.core.errors import SimdiffError
 from simdiff.core.progress import progress
 from simdiff.criteria import Evidence, Options
-from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, sample_windows, tokenize_text
+from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, tokenize_text
 from simdiff.data.windows import Batch
 from simdiff.model.layers import bypass_layers
 from simdiff.model.load import model_device
@@ -76,27 +82,78 @@ DEFAULT_ALPHA = Options().alpha
 
 
 # -- disjoint scoring / held-out windows --------------------------------------------------------------------
+@dataclass
+class WindowSplit:
+    """Scoring and held-out windows cut from one token stream, and where the held-out blocks lie in it."""
+
+    scoring: torch.Tensor
+    heldout: torch.Tensor
+    blocks: list[int]  # the held-out block of each held-out window, in order
+    spans: list[list[int]]  # [start, end) token offsets of each held-out block in the stream
+    stream_tokens: int
+
+    def __iter__(self):  # ``scoring, heldout = split`` keeps working
+        return iter((self.scoring, self.heldout))
+
+    def record(self) -> dict:
+        """How the held-out windows were drawn (for ``simdiff.json``)."""
+        return {"heldout_blocks": len(self.spans), "heldout_block_spans": self.spans,
+                "heldout_windows_per_block": np.bincount(self.blocks).tolist(),
+                "calibration_stream_tokens": self.stream_tokens, "standard_error_unit": "blocks"}
+
+
+def heldout_spans(total: int, windows: int, body: int, blocks: int) -> list[tuple[int, int]]:
+    """``(start token, windows)`` of each held-out block: ``min(blocks, windows)`` blocks of consecutive windows,
+    the first at the stream's start, the last at its end and the others evenly between (one block: the end)."""
+    count = max(1, min(blocks, windows))
+    sizes = [len(part) for part in np.array_split(np.arange(windows), count)]
+    free = total - windows * body
+    if count == 1:
+        return [(free, sizes[0])]
+    spans, used = [], 0
+    for j, size in enumerate(sizes):
+        spans.append((used + free * j // (count - 1), size))
+        used += size * body
+    return spans
+
+
 def split_token_stream(ids: torch.Tensor, samples: int, seq_len: int, seed: int, bos: int | None,
-                       heldout_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scoring windows sampled from the head of ``ids``; held-out windows tiling its tail (disjoint)."""
+                       heldout_samples: int, heldout_blocks: int = 1) -> WindowSplit:
+    """Held-out windows in ``heldout_blocks`` contiguous blocks spread over ``ids`` (first block at its start,
+    last at its end); scoring windows sampled (seeded) from the gaps between them, never reaching a held-out
+    token."""
     if heldout_samples < 1:
         raise SimdiffError(f"--heldout-samples must be >= 1, got {heldout_samples}")
+    if heldout_blocks < 1:
+        raise SimdiffError(f"--heldout-blocks must be >= 1, got {heldout_blocks}")
     body = seq_len - (bos is not None)
     held_tokens = heldout_samples * body
     if len(ids) < held_tokens + body + 1:
         raise SimdiffError(f"calibration text too short: {len(ids)} tokens, but {heldout_samples} held-out windows "
                            f"need {held_tokens} and scoring needs {body + 1} more; lower --heldout-samples or "
                            "--calib-seq-len, or use a longer text")
-    scoring = sample_windows(ids[:-held_tokens], samples, seq_len, seed, bos)
-    heldout = contiguous_windows(ids[-held_tokens:], seq_len, bos)
-    return scoring, heldout
+    spans = heldout_spans(len(ids), heldout_samples, body, heldout_blocks)
+    bounds = [(start, start + size * body) for start, size in spans]
+    gaps = [(end, start) for end, start in zip([0] + [e for _, e in bounds], [s for s, _ in bounds] + [len(ids)])]
+    starts = [np.arange(a, b - body + 1) for a, b in gaps if b - a >= body]  # every window start inside a gap
+    if not starts:
+        raise SimdiffError(f"calibration text too short: {len(ids)} tokens leave no gap of {body} tokens between "
+                           f"{len(spans)} held-out blocks for a scoring window; lower --heldout-blocks or "
+                           "--heldout-samples, or use a longer text")
+    valid = np.concatenate(starts)
+    picks = valid[np.random.default_rng(seed).integers(0, len(valid), size=samples)]
+    scoring = torch.stack([ids[s:s + body] for s in picks.tolist()])
+    scoring = scoring if bos is None else torch.cat([torch.full((samples, 1), bos, dtype=ids.dtype), scoring], 1)
+    heldout = torch.cat([contiguous_windows(ids[a:b], seq_len, bos) for a, b in bounds])
+    blocks = [j for j, (_, size) in enumerate(spans) for _ in range(size)]
+    return WindowSplit(scoring, heldout, blocks, [list(b) for b in bounds], len(ids))
 
 
-def split_calibration(tokenizer, calibration) -> tuple[torch.Tensor, torch.Tensor]:
+def split_calibration(tokenizer, calibration) -> WindowSplit:
     """:func:`split_token_stream` on a :class:`simdiff.workflows.api.Calibration`'s text (validation split)."""
     ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
     return split_token_stream(ids, calibration.samples, calibration.seq_len, calibration.seed,
-                              bos_token_id(tokenizer), calibration.heldout_samples)
+                              bos_token_id(tokenizer), calibration.heldout_samples, calibration.heldout_blocks)
 
 
 # -- candidates ----------------------------------------------------------------------------------------------
@@ -110,6 +167,7 @@ class Candidate:
     alpha_range: list[float] | None = None
     score: float = math.nan
     vs_default: list[float] | None = None  # [mean, standard error] of the paired difference with the default's set
+    heal: dict | None = None  # with --heal: the fit its score was taken on (folded-into layers, R^2, seconds)
 
 
 def alpha_breakpoints(similarity: np.ndarray, difference: np.ndarray) -> list[float]:
@@ -168,17 +226,28 @@ def merge_duplicates(candidates: list[Candidate]) -> list[Candidate]:
 
 
 # -- the held-out objective ------------------------------------------------------------------------------------
+Healer = Callable[[list[int]], tuple[object, dict[str, torch.Tensor]]]  # set -> (heal record, folded parameters)
+
+
 class HeldoutObjective:
     """Scores removed sets on held-out windows (lower is better); each distinct set is evaluated once.
 
     Per-window values are kept too (mean KL, or mean NLL, per predicted token of each window), so two sets
-    can be compared paired, window by window (:meth:`paired`).
+    can be compared paired (:meth:`paired`): per held-out block (``blocks``: the block of each window; None,
+    every window its own block). With ``healer``, each set is scored *healed*: the healer fits its maps once
+    (on the scoring windows) and returns the folded parameters, which are swapped in while the set is scored.
     """
 
-    def __init__(self, model: nn.Module, heldout: Sequence[Batch], kind: str = "kl") -> None:
+    def __init__(self, model: nn.Module, heldout: Sequence[Batch], kind: str = "kl",
+                 blocks: Sequence[int] | None = None, healer: Healer | None = None) -> None:
         if kind not in OBJECTIVES:
             raise SimdiffError(f"unknown --objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
         self.model, self.heldout, self.kind = model, list(heldout), kind
+        self.blocks = None if blocks is None else np.asarray(blocks)
+        self.healer = healer
+        self.heals: dict[tuple[int, ...], object] = {}  # set -> heal record (healer only)
+        self.folded: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+        self.heal_seconds = 0.0
         self.cache: dict[tuple[int, ...], np.ndarray] = {}  # set -> per-window summed KL or NLL
         self.window_tokens: np.ndarray | None = None
         self.passes = 0
@@ -192,13 +261,33 @@ class HeldoutObjective:
         """Held-out score of each set (cached), evaluating the new ones batch by batch."""
         new = [list(k) for k in dict.fromkeys(tuple(s) for s in sets) if k not in self.cache]
         if new:
+            self._fit_heals(new)
             start = time.perf_counter()
             totals, self.window_tokens = self._kl(new) if self.kind == "kl" else self._nll(new)
             for removed, per_window in zip(new, totals):
                 self.cache[tuple(removed)] = per_window
+                self.folded.pop(tuple(removed), None)  # scored: its folded weights are no longer needed
             self.passes += len(new) + (self.kind == "kl")
             self.seconds += time.perf_counter() - start
         return [self._aggregate(self.cache[tuple(s)]) for s in sets]
+
+    def _fit_heals(self, sets: list[list[int]]) -> None:
+        """One heal fit per new set (healer only), logged with its cost."""
+        if self.healer is None:
+            return
+        for removed in sets:
+            start = time.perf_counter()
+            record, folded = self.healer(removed)
+            self.heals[tuple(removed)], self.folded[tuple(removed)] = record, folded
+            seconds = time.perf_counter() - start
+            self.heal_seconds += seconds
+            log.info("held-out search: heal fit %d for %s in %.1fs", len(self.heals), removed, seconds)
+
+    @contextmanager
+    def _candidate(self, removed: list[int]) -> Iterator[None]:
+        """``removed`` bypassed and, with a healer, its folded parameters swapped in (restored on exit)."""
+        with _swapped(self.model, self.folded.get(tuple(removed), {})), bypass_layers(self.model, removed):
+            yield
 
     def _aggregate(self, per_window: np.ndarray) -> float:
         mean = float(per_window.sum() / self.window_tokens.sum())
@@ -211,10 +300,11 @@ class HeldoutObjective:
         return self.cache[tuple(removed)] / np.maximum(self.window_tokens, 1)
 
     def paired(self, removed: Sequence[int], reference: Sequence[int]) -> tuple[float, float]:
-        """Mean over held-out windows of (``removed`` − ``reference``) per-token values, and its standard error
-        (both sets scored); negative means ``removed`` is better."""
+        """Mean over held-out blocks of (``removed`` − ``reference``) per-token values (each block the mean of
+        its windows), and its standard error over blocks (both sets scored); negative means ``removed`` is
+        better."""
         with np.errstate(invalid="ignore"):  # inf - inf where both sets broke: NaN, reported as such
-            diffs = self.window_means(removed) - self.window_means(reference)
+            diffs = block_means(self.window_means(removed) - self.window_means(reference), self.blocks)
         if len(diffs) < 2 or not np.isfinite(diffs).all():
             return float(diffs.mean()) if len(diffs) else 0.0, math.inf
         return float(diffs.mean()), standard_error(diffs.tolist())
@@ -224,7 +314,7 @@ class HeldoutObjective:
         nll, tokens = [[] for _ in sets], []
         for batch in progress(self.heldout, desc=f"held-out ppl of {len(sets)} candidates"):
             for k, removed in enumerate(sets):
-                with bypass_layers(self.model, removed):
+                with self._candidate(removed):
                     totals, counts = window_nlls(self.model, [batch], desc=None)
                 nll[k] += totals
             tokens += counts
@@ -239,7 +329,7 @@ class HeldoutObjective:
             dense = torch.log_softmax(self._logits(batch), dim=-1)
             tokens += mask.sum(1).tolist()
             for k, removed in enumerate(sets):
-                with bypass_layers(self.model, removed):
+                with self._candidate(removed):
                     candidate = torch.log_softmax(self._logits(batch), dim=-1)
                 per_token = nn.functional.kl_div(candidate, dense, log_target=True, reduction="none").sum(-1)
                 kl[k] += per_token.double().masked_fill(~mask, 0.0).sum(1).tolist()
@@ -249,9 +339,34 @@ class HeldoutObjective:
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
 
     def describe(self) -> str:
+        healed = " (healed: each set's linear heal fitted on the scoring windows)" if self.healer else ""
         if self.kind == "kl":
-            return "mean KL(dense || candidate) of next-token distributions over held-out tokens (nats)"
-        return "held-out calibration perplexity with the candidate's layers bypassed"
+            return f"mean KL(dense || candidate) of next-token distributions over held-out tokens (nats){healed}"
+        return f"held-out calibration perplexity with the candidate's layers bypassed{healed}"
+
+
+def block_means(values: np.ndarray, blocks: np.ndarray | None) -> np.ndarray:
+    """The mean of ``values`` within each block (``blocks[i]``: the block of ``values[i]``; None: as they are)."""
+    if blocks is None:
+        return values
+    return np.asarray([values[blocks == b].mean() for b in np.unique(blocks)])
+
+
+@contextmanager
+def _swapped(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``model``'s parameters named in ``weights`` replaced by them within the block (copied back on exit)."""
+    if not weights:
+        yield
+        return
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in weights}
+    try:
+        for name, tensor in weights.items():
+            params[name].data.copy_(tensor)
+        yield
+    finally:
+        for name, tensor in saved.items():
+            params[name].data.copy_(tensor)
 
 
 # -- searches --------------------------------------------------------------------------------------------------
@@ -270,6 +385,7 @@ class Search:
     heldout_passes: int
     heldout_seconds: float
     costs: dict = field(default_factory=dict)
+    healed: bool = False
 
     @property
     def removed(self) -> list[int]:
@@ -285,7 +401,7 @@ class Search:
                 "objective": self.objective, "objective_description": self.objective_description,
                 "distinct_candidates": len(self.candidates), "dropped_by_cap": self.dropped_by_cap,
                 "max_candidates": self.cap, "heldout_passes": self.heldout_passes,
-                "heldout_seconds": self.heldout_seconds, **self.costs,
+                "heldout_seconds": self.heldout_seconds, "healed": self.healed, **self.costs,
                 "candidates": [vars(c) for c in self.candidates]}
 
 
@@ -293,12 +409,20 @@ class Searcher:
     """One scoring pass on the scoring windows, then held-out searches for any count (scores cached by set)."""
 
     def __init__(self, model: nn.Module, tokenizer, calibration, settings: SearchSettings, counts: Sequence[int],
-                 criteria: Sequence[str] = ("simdiff",), keep_first: int = 0, keep_last: int = 0) -> None:
+                 criteria: Sequence[str] = ("simdiff",), keep_first: int = 0, keep_last: int = 0,
+                 healer: Callable[[nn.Module, Sequence[Batch], list[int]], tuple] | None = None) -> None:
+        """``healer(model, batches, removed) -> (record, folded parameters)``: score every set healed, the heal
+        fitted on the scoring windows (``simdiff.surgery.heal.fit_healed_weights``)."""
         settings.check()
         self.model, self.settings, self.keep = model, settings, (keep_first, keep_last)
-        scoring, heldout = split_calibration(tokenizer, calibration)
-        self.windows = {"scoring_windows": int(scoring.shape[0]), "heldout_windows": int(heldout.shape[0])}
-        self.objective = HeldoutObjective(model, batches(heldout, calibration.batch_size), settings.objective)
+        split = split_calibration(tokenizer, calibration)
+        scoring, heldout = split.scoring, split.heldout
+        self.windows = {"scoring_windows": int(scoring.shape[0]), "heldout_windows": int(heldout.shape[0]),
+                        **split.record()}
+        self.scoring_batches = batches(scoring, calibration.batch_size)
+        bound = None if healer is None else (lambda removed: healer(model, self.scoring_batches, removed))
+        self.objective = HeldoutObjective(model, batches(heldout, calibration.batch_size), settings.objective,
+                                          split.blocks, bound)
         criteria = list(dict.fromkeys(["simdiff", *criteria]))
         start = time.perf_counter()
         self.evidence = gather_evidence(model, batches(scoring, calibration.batch_size, calibration.skip_first_token),
@@ -322,8 +446,10 @@ class Searcher:
                                             [name]))
         candidates = merge_duplicates(pooled)
         passes, seconds = self.objective.passes, self.objective.seconds
+        fits, heal_seconds = len(self.objective.heals), self.objective.heal_seconds
         for candidate, value in zip(candidates, self.objective.scores([c.removed for c in candidates])):
             candidate.score = value
+            candidate.heal = _heal_summary(self.objective.heals.get(tuple(candidate.removed)))
             log.info("%s removes %s: held-out %s %.5f", " / ".join(candidate.sources), candidate.removed,
                      self.settings.objective, value)
         winner = self._winner(candidates)
@@ -332,9 +458,14 @@ class Searcher:
         costs = {**self.windows, "heldout_tokens": self.objective.tokens,
                  "calibration_passes": evidence_passes(needs_of(self.criteria), self.evidence.num_layers),
                  "calibration_seconds": self.calibration_seconds}
+        healed = self.objective.healer is not None
+        if healed:
+            costs.update(heal_fits=len(self.objective.heals) - fits,
+                         heal_seconds=self.objective.heal_seconds - heal_seconds,
+                         heal_fitted_on="scoring windows (never the held-out ones)")
         return Search(kind, count, winner, candidates, self.settings.objective, self.objective.describe(), dropped,
                       self.settings.max_candidates, self.objective.passes - passes,
-                      self.objective.seconds - seconds, costs)
+                      self.objective.seconds - seconds, costs, healed)
 
     def _winner(self, candidates: list[Candidate]) -> Candidate:
         """The lowest held-out score among the default alpha's set (listed first) and the candidates that beat
@@ -366,6 +497,14 @@ class Searcher:
             steps = [{"importance": importance("simdiff", self.evidence, options).tolist(), "search": "alpha"}]
             return Selection("simdiff", list(search.removed), steps), options
         return Selection(BEST_OF, list(search.removed), [{"search": BEST_OF, "winner": search.winner.sources}]), options
+
+
+def _heal_summary(record) -> dict | None:
+    """A candidate's heal fit, as its record states it (None without healing)."""
+    if record is None:
+        return None
+    return {"folded_into": [r.folded_into for r in record.runs], "ridge": record.ridge,
+            "r2_calibration": [r.r2_calibration for r in record.runs], "seconds": record.seconds}
 
 
 def _finite_or_inf(value: float) -> float:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -354,9 +355,11 @@ class HealRecord:
     seconds: float
     statistics_dtype: str = "float64"
     weights_dtype: str = ""
+    fitted_on: str = "calibration windows"
 
     def to_dict(self) -> dict:
         return {"method": self.method, "ridge": self.ridge, "ridge_lambda": "ridge * trace(M^T M) / d",
+                "fitted_on": self.fitted_on,
                 "targets": self.targets, "runs": [r.to_dict() for r in self.runs], "passes": self.passes,
                 "passes_note": "one calibration pass per removed run, each stopped after the run's last layer"
                                if self.targets == "sequential" else "one calibration pass for all runs",
@@ -507,6 +510,28 @@ def healed_bypass(model: nn.Module, batches: Sequence[Batch], removed: Sequence[
     finally:
         for (index, name), tensor in saved.items():
             decoder.modules[index].get_parameter(name).data.copy_(tensor)
+
+
+def fit_healed_weights(model: nn.Module, batches: Sequence[Batch], removed: Sequence[int],
+                       ridge: float = DEFAULT_RIDGE) -> tuple[HealRecord, dict[str, torch.Tensor]]:
+    """Fit ``removed``'s heal on ``batches`` and return its record (transforms dropped) and the parameters the
+    fold changed, by name; ``model`` is left as it was. The held-out search swaps these in to score a set healed."""
+    decoder = find_decoder_layers(model)
+    names = {id(param): name for name, param in model.named_parameters()}
+    before = {names[id(param)]: param.detach().clone()
+              for a, _ in removed_runs(removed) for param in decoder.modules[a - 1].parameters()}
+    with healed_bypass(model, batches, removed, ridge) as record:
+        params = dict(model.named_parameters())
+        changed = {name: params[name].detach().clone() for name, old in before.items()
+                   if not torch.equal(params[name], old)}
+    for run in record.runs:
+        run.transform = None
+    return record, changed
+
+
+def search_healer(method: str, ridge: float = DEFAULT_RIDGE):
+    """The held-out searcher's ``healer`` for ``--heal`` (None for ``none``): every candidate set scored healed."""
+    return None if method == "none" else partial(fit_healed_weights, ridge=ridge)
 
 
 # -- GGUF export of a healed prune -----------------------------------------------------------------------

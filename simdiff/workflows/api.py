@@ -35,7 +35,7 @@ from simdiff.selection.search import reject_auto, search_kind
 from simdiff.selection.spec import BEST_OF
 from simdiff.store.lineage import compose_rounds, input_metadata
 from simdiff.store.save import provenance, save_model
-from simdiff.surgery.heal import HealRecord, check_healable, heal_layers, preflight
+from simdiff.surgery.heal import HealRecord, check_healable, heal_layers, preflight, search_healer
 from simdiff.surgery.layers import remove_layers
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.selection.search)
         reported = sorted(set(scored), key=list(CRITERIA).index)
         searcher = make_searcher(model, tokenizer, calibration, search, [count], {kind}, keep_first,
-                                 sel.keep_last, reported=reported)
+                                 sel.keep_last, reported=reported, healer=search_healer(sel.heal, sel.heal_ridge))
         choice = choose(criterion, count, options, searcher=searcher)
         searched, selection, options = choice.search, choice.selection, choice.options
         scores = ScoreResult(searcher.evidence, options,
@@ -189,7 +189,8 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     log.info("%s removes layers %s of %d", criterion, selection.removed, total)
     if claim is None:  # data parallel: rank 0 saves
         return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
-    healed = heal_for_prune(model, tokenizer, recipe, selection.removed)
+    healed = heal_for_prune(model, tokenizer, recipe, selection.removed,
+                            searcher.scoring_batches if searched is not None else None)
     kept = remove_layers(model, selection.removed, sel.slice_config_keys)
     metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
                               iterative=sel.iterative, keep_first=keep_first, keep_last=sel.keep_last,
@@ -238,13 +239,20 @@ def heal_keep_first(sel) -> int:
     return max(sel.keep_first, 1) if sel.heal != "none" else sel.keep_first
 
 
-def heal_for_prune(model, tokenizer, recipe: Recipe, removed: list[int]) -> HealRecord | None:
-    """Fold the healing maps into ``model`` (before the layers are removed), as ``recipe.selection`` says."""
+def heal_for_prune(model, tokenizer, recipe: Recipe, removed: list[int],
+                   fit_batches: list | None = None) -> HealRecord | None:
+    """Fold the healing maps into ``model`` (before the layers are removed), as ``recipe.selection`` says;
+    ``fit_batches``: a held-out search's scoring windows (so the saved heal is the one its set was scored with),
+    else the calibration windows."""
     sel = recipe.selection
     if sel.heal == "none":
         return None
     check_seq_len(model, recipe.calibration.seq_len)
-    return heal_layers(model, calibration_batches(recipe.calibration, tokenizer), removed, sel.heal_ridge)
+    if fit_batches is None:
+        return heal_layers(model, calibration_batches(recipe.calibration, tokenizer), removed, sel.heal_ridge)
+    record = heal_layers(model, fit_batches, removed, sel.heal_ridge)
+    record.fitted_on = "the held-out search's scoring windows (as the saved set was scored)"
+    return record
 
 
 def add_heal_record(metadata: dict, healed: HealRecord | None, kept: list[int]) -> None:

@@ -34,7 +34,7 @@ from simdiff.selection.rank import check_removable, resolve_counts
 from simdiff.selection.search import Searcher, search_kind
 from simdiff.selection.spec import BEST_OF, CandidateSpec
 from simdiff.store.save import provenance
-from simdiff.surgery.heal import healed_bypass, preflight
+from simdiff.surgery.heal import healed_bypass, preflight, search_healer
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int]) -> Searc
     """The held-out searcher, when a candidate needs one (simdiff:alpha=auto or best-of)."""
     kinds = {search_kind(s.criterion, s.options(setup.options)) for s in setup.specs}
     return make_searcher(model, tokenizer, setup.calibration, setup.search, counts, kinds, setup.keep_first,
-                         setup.keep_last)
+                         setup.keep_last, healer=search_healer(setup.heal, setup.heal_ridge))
 
 
 def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: CandidateSpec, count: int,
