@@ -14,11 +14,19 @@ Methods (all on the same calibration: the ``Calibration`` default, WikiText-2 va
   (``simdiff prune --alpha auto --objective kl|ppl`` and ``--criterion best-of``); a ``:margin=M`` suffix
   sets ``--margin`` (default: the tool's).
 
-Each distinct set is evaluated by bypassing its layers in the loaded model: perplexity on every ``--ppl``
+A ``+heal`` suffix heals (``--heal linear``, default ridge): ``simdiff+heal`` (any one-shot method) is that
+method's set healed on the calibration windows, as ``simdiff prune --heal linear`` saves it;
+``alpha-auto:kl+heal`` is the search that scores every candidate healed (``--alpha auto --heal linear``), its
+winner healed on the search's scoring windows, as that command saves it. Healed sets are keys ``SET+heal`` and
+``SET+heal@scoring`` in the JSON's ``sets``, each with its heal record.
+
+Each distinct set is evaluated by bypassing its layers in the loaded model (healed first where it says so): perplexity on every ``--ppl``
 source (its first ``--eval-tokens`` tokens, windows of ``--eval-seq-len``, with per-window standard
-errors), then lm-eval tasks (PIQA) on ``--limit`` questions. Methods are selected, then evaluated, in
-``--methods`` order. The JSON is rewritten after every selection and evaluation, so a stopped run keeps what
-it measured, and ``--resume`` adds methods or measurements to it.
+errors), then lm-eval tasks (PIQA) on ``--limit`` questions, set by set (every part of one set before the
+next). Methods are selected, then evaluated, in ``--methods`` order, each in ``--counts`` order. The JSON is
+rewritten after every selection and evaluation, so a stopped run keeps what it measured, and ``--resume`` adds
+methods or measurements to it; ``--reuse OLD.json`` takes the measurements of an earlier curve with the same
+evaluation protocol instead of repeating them.
 
     python benchmarks/pruning_curve.py --counts 2,4,6,8,10,12 --json runs/curve.json \\
         --methods simdiff,block_influence,alpha-auto:kl,alpha-auto:ppl \\
@@ -37,14 +45,16 @@ from pathlib import Path
 
 from simdiff.config.settings import SearchSettings
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Options
-from simdiff.data import batches, calibration_windows
+from simdiff.data import batches, calibration_batches, calibration_windows
 from simdiff.evaluate.suite import EvalSettings, Evaluator
 from simdiff.model import load_model
 from simdiff.model.layers import bypass_layers
 from simdiff.selection.choose import choose, make_searcher
 from simdiff.selection.evidence import block_sizes_for, gather_evidence
+from simdiff.selection.search import split_calibration
 from simdiff.selection.spec import BEST_OF
 from simdiff.store.save import provenance
+from simdiff.surgery.heal import healed_bypass, search_healer
 from simdiff.workflows.api import Calibration
 
 ONE_SHOT = ("simdiff", "block_influence", "angular_block", "taylor", "ppl_skip")
@@ -74,6 +84,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the selections and measurements already in --json; select only the methods it "
                              "lacks and evaluate only what is missing")
+    parser.add_argument("--reuse", default=None,
+                        help="an earlier curve JSON: its measurements of the same sets, on the same sources, "
+                             "token counts, window length and --limit, are copied instead of re-measured")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
@@ -106,10 +119,32 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
+    if args.reuse:
+        reuse_measurements(doc, json.loads(Path(args.reuse).read_text(encoding="utf-8")))
     selected = {s["method"] for s in doc["selections"]}
     todo = [m for m in methods if m not in selected]
     select_methods(model, tokenizer, calibration, options, doc, save, counts, todo, args)
-    evaluate_all(model, tokenizer, doc, args, save, counts, methods, dict(zip(sources, tokens)))
+    evaluate_all(model, tokenizer, calibration, doc, args, save, counts, methods, dict(zip(sources, tokens)))
+
+
+def reuse_measurements(doc: dict, old: dict) -> None:
+    """Copy ``old``'s measurements of plain (unhealed) sets where its protocol matches ``doc``'s: perplexity per
+    source with the same token count and window length, tasks with the same ``limit``."""
+    mine, theirs = doc["evaluation"], old.get("evaluation", {})
+    same_ppl = [s for s in mine["ppl"] if theirs.get("eval_seq_len") == mine["eval_seq_len"]
+                and theirs.get("eval_tokens", {}).get(s) == mine["eval_tokens"][s]]
+    same_tasks = theirs.get("limit") == mine["limit"]
+    for key, entry in old.get("sets", {}).items():
+        if "+heal" in key:
+            continue
+        target = doc["sets"].setdefault(key, {"removed": entry["removed"]})
+        for source in same_ppl:
+            if source in entry.get("perplexity", {}):
+                target.setdefault("perplexity", {}).setdefault(source, entry["perplexity"][source])
+        if same_tasks:
+            for task, scores in entry.get("tasks", {}).items():
+                target.setdefault("tasks", {}).setdefault(task, scores)
+        target.setdefault("reused_from", old.get("created"))
 
 
 def select_methods(model, tokenizer, calibration, options: Options, doc: dict, save, counts: list[int],
@@ -117,12 +152,15 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
     """Append every (method, count) selection of ``methods`` to ``doc``, with the cost of each pass."""
     if not methods:
         return
+    healed_copies = [m for m in methods if m.endswith("+heal") and not m.startswith(("alpha-auto", BEST_OF))]
+    methods = list(dict.fromkeys(m.removesuffix("+heal") if m in healed_copies else m for m in methods))
+    methods = [m for m in methods if m not in {s["method"] for s in doc["selections"]}]
 
     def select(method: str, evidence) -> None:
         criterion = method.split(":")[0]
         for count in counts:
-            doc["selections"].append({"method": method, "count": count,
-                                      "removed": choose(criterion, count, options, evidence).selection.removed})
+            removed = choose(criterion, count, options, evidence).selection.removed
+            doc["selections"].append({"method": method, "count": count, "removed": removed, "set": set_key(removed)})
 
     windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seq_len,
                                   calibration.seed, calibration.data_dir)
@@ -153,18 +191,20 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
             for selection in doc["selections"][-len(counts):]:
                 selection["calibration_seed"] = seed
         save()
-    searches: dict[tuple[str, float | None], list[tuple[str, str]]] = {}
-    for method in methods:  # alpha-auto:OBJECTIVE[:margin=M] and best-of:OBJECTIVE[:margin=M]
+    searches: dict[tuple[str, float | None, bool], list[tuple[str, str]]] = {}
+    for method in methods:  # alpha-auto:OBJECTIVE[:margin=M][+heal] and best-of:OBJECTIVE[:margin=M][+heal]
         kind, _, rest = method.partition(":")
         if kind in ("alpha-auto", BEST_OF):
-            objective, _, margin = rest.partition(":margin=")
-            searches.setdefault((objective, float(margin) if margin else None), []).append(
+            healed = rest.endswith("+heal")
+            objective, _, margin = rest.removesuffix("+heal").partition(":margin=")
+            searches.setdefault((objective, float(margin) if margin else None, healed), []).append(
                 ("alpha" if kind == "alpha-auto" else BEST_OF, method))
-    for (objective, margin), kinds in searches.items():
+    for (objective, margin, healed), kinds in searches.items():
         settings = SearchSettings(objective=objective)
         settings = replace(settings, margin=settings.margin if margin is None else margin)
         start = time.perf_counter()
-        searcher = make_searcher(model, tokenizer, calibration, settings, counts, {BEST_OF})  # the pool
+        searcher = make_searcher(model, tokenizer, calibration, settings, counts, {BEST_OF},  # the pool
+                                 keep_first=int(healed), healer=search_healer("linear") if healed else None)
         if args.one_pass and objective == "kl":
             doc["costs"]["evidence scoring windows"] = searcher.calibration_seconds
             for method in plain:
@@ -172,10 +212,12 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
         for count in counts:
             for kind, method in kinds:
                 search = searcher.search(kind, count, options)
-                doc["selections"].append({"method": method, "count": count, "removed": search.removed,
+                key = set_key(search.removed) + ("+heal@scoring" if healed else "")
+                doc["selections"].append({"method": method, "count": count, "removed": search.removed, "set": key,
                                           "search": {**search.to_dict(), "margin": settings.margin}})
                 save()
-        doc["costs"][f"searches {objective} margin {settings.margin:g}"] = time.perf_counter() - start
+        doc["costs"][f"searches {objective} margin {settings.margin:g}{' healed' if healed else ''}"] = \
+            time.perf_counter() - start
         save()
     skip_windows = windows[: args.skip_samples] if args.skip_samples else windows
     if "ppl_skip" in methods or "ppl_skip:iterative" in methods:
@@ -197,17 +239,48 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
                                           "removed": sorted(order[:count]), "order": order[:count]})
             doc["costs"]["iterative ppl_skip"] = time.perf_counter() - start
             save()
+    for method in healed_copies:  # the base method's sets, healed on the calibration windows as prune does
+        base = method.removesuffix("+heal")
+        for selection in [s for s in doc["selections"] if s["method"] == base]:
+            if 0 in selection["removed"]:
+                raise SystemExit(f"{base} removes layer 0 at {selection['count']} layers: --heal linear keeps it")
+            doc["selections"].append({**selection, "method": method, "set": selection["set"] + "+heal"})
+        save()
 
 
-def evaluate_all(model, tokenizer, doc: dict, args, save, counts: list[int], methods: list[str],
+def evaluate_all(model, tokenizer, calibration, doc: dict, args, save, counts: list[int], methods: list[str],
                  tokens: dict[str, int]) -> None:
-    for source, max_tokens in tokens.items():
-        settings = EvalSettings(ppl=[source], seq_len=args.eval_seq_len, max_tokens=max_tokens, batch_size=4,
-                                data_dir=args.data_dir)
-        evaluate_sets(model, Evaluator(model, tokenizer, settings), doc, "perplexity", save, counts, methods)
+    """Every distinct set (dense first, then ``methods`` in order, each by ``counts`` order), all its missing
+    parts at once: one heal fit per healed set."""
+    evaluators = {("perplexity", source): Evaluator(model, tokenizer, EvalSettings(
+        ppl=[source], seq_len=args.eval_seq_len, max_tokens=max_tokens, batch_size=4, data_dir=args.data_dir))
+        for source, max_tokens in tokens.items()}
     if args.tasks:
-        settings = EvalSettings(ppl=[], tasks=args.tasks.split(","), limit=args.limit, data_dir=args.data_dir)
-        evaluate_sets(model, Evaluator(model, tokenizer, settings), doc, "tasks", save, counts, methods)
+        evaluators[("tasks", args.tasks)] = Evaluator(model, tokenizer, EvalSettings(
+            ppl=[], tasks=args.tasks.split(","), limit=args.limit, data_dir=args.data_dir))
+    fit_windows = {"+heal": lambda: calibration_batches(calibration, tokenizer),
+                   "+heal@scoring": lambda: batches(split_calibration(tokenizer, calibration).scoring,
+                                                    calibration.batch_size)}
+    wanted = ["dense"] + [selection_key(s) for m in methods for c in counts for s in doc["selections"]
+                          if s["count"] == c and s["method"] == m]
+    for key in dict.fromkeys(wanted):
+        removed = [int(x) for x in key.partition("+")[0].split(",")] if key != "dense" else []
+        entry = doc["sets"].setdefault(key, {"removed": removed})
+        missing = [(part, name) for part, name in evaluators if not set(
+            evaluators[(part, name)].settings.ppl if part == "perplexity" else evaluators[(part, name)].settings.tasks)
+            <= set(entry.get(part, {}))]
+        if not missing:
+            continue
+        heal = "+" + key.partition("+")[2] if "+" in key else None
+        with (healed_bypass(model, fit_windows[heal](), removed) if heal else bypass_layers(model, removed)) as record:
+            if heal:
+                entry["heal"] = record.to_dict()
+            for part, name in missing:
+                log.info("%s (%s) of %s", part, name, key)
+                result = evaluators[(part, name)](key)
+                entry.setdefault(part, {}).update(result[part])
+                entry.setdefault("seconds", {})[name] = result["eval_seconds"]
+                save()
 
 
 def set_key(removed: list[int]) -> str:
@@ -215,22 +288,10 @@ def set_key(removed: list[int]) -> str:
     return ",".join(map(str, removed)) or "dense"
 
 
-def evaluate_sets(model, evaluator, doc: dict, part: str, save, counts: list[int], methods: list[str]) -> None:
-    """Evaluate (``part`` of) every distinct removed set of ``methods`` not yet measured: dense first, then
-    method by method in ``methods`` order, each by count order."""
-    wanted = [[]] + [s["removed"] for m in methods for c in counts for s in doc["selections"]
-                     if s["count"] == c and s["method"] == m]
-    for removed in wanted:
-        key = set_key(removed)
-        entry = doc["sets"].setdefault(key, {"removed": removed})
-        if set(evaluator.settings.ppl if part == "perplexity" else evaluator.settings.tasks) <= set(entry.get(part, {})):
-            continue
-        log.info("%s of %s", part, key)
-        with bypass_layers(model, removed):
-            result = evaluator(key)
-        entry.setdefault(part, {}).update(result[part])
-        entry.setdefault("seconds", []).append(result["eval_seconds"])
-        save()
+def selection_key(selection: dict) -> str:
+    """The ``sets`` key a selection was evaluated under: its set, ``+heal`` (healed on the calibration windows)
+    or ``+heal@scoring`` (on a healed search's scoring windows); older JSONs have no ``set``."""
+    return selection.get("set") or set_key(selection["removed"])
 
 
 if __name__ == "__main__":

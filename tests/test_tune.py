@@ -16,7 +16,7 @@ from simdiff.collect.nll import nll_over
 from simdiff.config.settings import SearchSettings
 from simdiff.core.errors import SimdiffError
 from simdiff.criteria import LAYER_STATS, Evidence, Options
-from simdiff.data import batches
+from simdiff.data import batches, calibration_batches
 from simdiff.model.layers import bypass_layers
 from simdiff.selection.evidence import choose_one_shot, gather_evidence
 from simdiff.selection.search import (
@@ -194,11 +194,16 @@ def test_heldout_window_values_pair_candidates_window_by_window():
 
 def test_margin_keeps_the_default_set_unless_a_candidate_beats_it_beyond_noise(calib_slice):
     model, tok = tiny_model("llama", 8), tiny_tokenizer()
-    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6, seed=3)  # see the guard
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6, seed=1)  # see the guard
     pool = SearchSettings().pool
     plain = Searcher(model, tok, calibration, SearchSettings(margin=0), [3], pool).search("best-of", 3, Options())
     default_set = plain.candidates[0]
     assert default_set.alpha == 0.75 and default_set.vs_default == [0.0, 0.0]
+    # the reference is the set plain `prune` saves: SimDiff at alpha 0.75 on all calibration windows
+    prune_evidence = gather_evidence(model, calibration_batches(calibration, tok), {LAYER_STATS})
+    assert default_set.removed == choose_one_shot("simdiff", prune_evidence, 3, Options()).removed
+    scoring_evidence = gather_evidence(model, batches(split_calibration(tok, calibration).scoring, 4), {LAYER_STATS})
+    assert choose_one_shot("simdiff", scoring_evidence, 3, Options()).removed != default_set.removed  # else moot
     assert plain.winner.score == min(c.score for c in plain.candidates)
     assert plain.winner is not default_set  # this seed has a better set than the default's, else the test is moot
     for margin in (0.5, 2.0, 1e9):

@@ -26,8 +26,10 @@ the cost is one dense pass plus one pass per candidate and memory holds one batc
 log-probabilities (about three such tensors at a time; lower ``--calib-batch-size`` for a huge vocabulary), never
 the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass per candidate.
 
-**Margin.** The default alpha's set (listed first; for best-of, the set of the given ``--alpha``, or without
-``simdiff`` in the pool the first pooled criterion's set) is kept unless another candidate beats it by more than
+**Margin.** The reference, listed first, is the set plain ``prune`` saves at the default alpha (for best-of, at
+the given ``--alpha``): SimDiff's selection on all calibration windows, drawn as ``prune`` draws them (one more
+statistics pass; they may overlap held-out tokens, which can only favour the reference). Without ``simdiff`` in
+the pool it is the first pooled criterion's set. It is kept unless another candidate beats it by more than
 ``margin`` standard errors of the paired difference of the held-out objective, over held-out blocks (each
 block's windows averaged first: neighbouring windows are correlated; default 2;
 0 makes the lowest score win). Close sets rank differently on different texts, so leaving the default
@@ -59,8 +61,15 @@ from simdiff.config.flags import is_auto
 from simdiff.config.settings import OBJECTIVES, SearchSettings
 from simdiff.core.errors import SimdiffError
 from simdiff.core.progress import progress
-from simdiff.criteria import Evidence, Options
-from simdiff.data import batches, bos_token_id, contiguous_windows, load_text, tokenize_text
+from simdiff.criteria import LAYER_STATS, Evidence, Options
+from simdiff.data import (
+    batches,
+    bos_token_id,
+    calibration_batches,
+    contiguous_windows,
+    load_text,
+    tokenize_text,
+)
 from simdiff.data.windows import Batch
 from simdiff.model.layers import bypass_layers
 from simdiff.model.load import model_device
@@ -220,6 +229,7 @@ def merge_duplicates(candidates: list[Candidate]) -> list[Candidate]:
         key = tuple(c.removed)
         if key in merged:
             merged[key].sources.extend(c.sources)
+            merged[key].alpha_range = merged[key].alpha_range or c.alpha_range
         else:
             merged[key] = c
     return list(merged.values())
@@ -429,16 +439,20 @@ class Searcher:
                                         needs_of(criteria), block_sizes_for(criteria, counts))
         self.calibration_seconds = time.perf_counter() - start
         self.criteria = criteria
+        start = time.perf_counter()  # the margin's reference: the set plain ``prune`` saves, on its own windows
+        self.reference_evidence = gather_evidence(model, calibration_batches(calibration, tokenizer), {LAYER_STATS})
+        self.reference_seconds = time.perf_counter() - start
 
     def search(self, kind: str, count: int, options: Options) -> Search:
         """``kind="alpha"``: the alpha path only; ``kind="best-of"``: the pool's criteria, ``simdiff`` standing for
-        its alpha path. The --margin reference (listed first) is the set of ``options.alpha`` (a number: the
-        default for --alpha auto, the given --alpha for best-of), or without simdiff the first criterion's set."""
+        its alpha path. The --margin reference (listed first) is the set plain ``prune`` saves at ``options.alpha``
+        (a number: the default for --alpha auto, the given --alpha for best-of), chosen on all calibration windows;
+        without simdiff in the pool, the first criterion's set on the scoring windows."""
         with_path = kind != BEST_OF or "simdiff" in self.settings.pool
         path, dropped = cap_candidates(alpha_path(self.evidence, count, options, *self.keep,
                                                   default_alpha=float(options.alpha)),
                                        self.settings.max_candidates) if with_path else ([], 0)
-        pooled = list(path)
+        pooled = [self._reference(count, options)] + path if with_path else []
         if kind == BEST_OF:
             for name in self.settings.pool:
                 if name != "simdiff":
@@ -457,7 +471,8 @@ class Searcher:
                  " / ".join(winner.sources), self.settings.objective, winner.score, len(candidates))
         costs = {**self.windows, "heldout_tokens": self.objective.tokens,
                  "calibration_passes": evidence_passes(needs_of(self.criteria), self.evidence.num_layers),
-                 "calibration_seconds": self.calibration_seconds}
+                 "calibration_seconds": self.calibration_seconds,
+                 "reference_calibration_passes": 1, "reference_calibration_seconds": self.reference_seconds}
         healed = self.objective.healer is not None
         if healed:
             costs.update(heal_fits=len(self.objective.heals) - fits,
@@ -466,6 +481,16 @@ class Searcher:
         return Search(kind, count, winner, candidates, self.settings.objective, self.objective.describe(), dropped,
                       self.settings.max_candidates, self.objective.passes - passes,
                       self.objective.seconds - seconds, costs, healed)
+
+    def _reference(self, count: int, options: Options) -> Candidate:
+        """The margin's reference: the set plain ``prune`` saves at ``options.alpha`` (the default for
+        ``--alpha auto``), chosen on all calibration windows as ``prune`` draws them, so leaving what a user
+        gets without the search needs held-out evidence. Those windows may overlap held-out tokens, which can
+        only favour this set: the bias is towards keeping it."""
+        removed = choose_one_shot("simdiff", self.reference_evidence, count, options, *self.keep).removed
+        alpha = float(options.alpha)
+        return Candidate(removed, [f"simdiff alpha={alpha:.4f} on the calibration windows (plain prune's set)"],
+                         alpha)
 
     def _winner(self, candidates: list[Candidate]) -> Candidate:
         """The lowest held-out score among the default alpha's set (listed first) and the candidates that beat
