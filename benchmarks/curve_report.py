@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from pruning_curve import set_key
+from pruning_curve import selection_key, set_key
 
 from simdiff.evaluate.suite import percent_retained
 from simdiff.report.comparison import plot_perplexity_vs_removed
@@ -34,7 +34,7 @@ def compare_document(curve: dict, source: str) -> dict:
     rows = [{"label": "dense", "criterion": "dense", "count": 0, "removed_layers": [],
              "perplexity": dense.get("perplexity", {}), "tasks": dense.get("tasks", {})}]
     for selection in curve["selections"]:
-        entry = sets.get(set_key(selection["removed"]), {})
+        entry = sets.get(selection_key(selection), {})
         if source in entry.get("perplexity", {}):
             row = {"label": selection["method"], "criterion": selection["method"].split(":")[0],
                    "count": selection["count"], "removed_layers": selection["removed"],
@@ -89,9 +89,9 @@ def table(curve: dict, rival_method: str = "block_influence") -> str:
              "–"]]
     for count in sorted({s["count"] for s in curve["selections"]}):
         rival = next((s for s in curve["selections"] if s["count"] == count and s["method"] == rival_method), None)
-        rival_ppl = curve["sets"].get(set_key(rival["removed"]), {}).get("perplexity", {}) if rival else {}
+        rival_ppl = curve["sets"].get(selection_key(rival), {}).get("perplexity", {}) if rival else {}
         for selection in (s for s in curve["selections"] if s["count"] == count):
-            entry = curve["sets"].get(set_key(selection["removed"]), {})
+            entry = curve["sets"].get(selection_key(selection), {})
             ppl, scores = entry.get("perplexity", {}), entry.get("tasks", {})
             search = selection.get("search", {})
             rows.append([str(count), selection["method"], ", ".join(map(str, selection["removed"])),
@@ -104,11 +104,15 @@ def table(curve: dict, rival_method: str = "block_influence") -> str:
 
 def search_table(curve: dict) -> str:
     """Every held-out candidate of every search, one row per count and set: who proposed it, its alpha range,
-    its held-out score under each objective with the paired difference from the default alpha's set
+    its held-out score under each objective (healed searches apart) with the paired difference from the
+    search's reference (the default alpha's set; since issue 17 the set plain ``prune`` saves)
     (± SE, in nats per token), and which methods chose it."""
-    objectives = sorted({s["search"]["objective"] for s in curve["selections"] if "search" in s})
+    def label(search: dict) -> str:
+        return search["objective"] + (" healed" if search.get("healed") else "")
+
+    objectives = sorted({label(s["search"]) for s in curve["selections"] if "search" in s})
     header = ["removed", "candidate set", "proposed by", "α range",
-              *(h for o in objectives for h in (f"held-out {o}", f"{o} vs default α (z)")), "chosen by"]
+              *(h for o in objectives for h in (f"held-out {o}", f"{o} vs reference (z)")), "chosen by"]
     table: dict[tuple[int, str], dict] = {}
     for selection in curve["selections"]:
         search = selection.get("search")
@@ -120,7 +124,7 @@ def search_table(curve: dict) -> str:
             row["sources"] += [x.replace("simdiff alpha=", "simdiff α=") for x in c["sources"]
                                if x.replace("simdiff alpha=", "simdiff α=") not in row["sources"]]
             row["range"] = row["range"] or c.get("alpha_range")
-            row["scores"][search["objective"]] = (c["score"], c.get("vs_default"))
+            row["scores"][label(search)] = (c["score"], c.get("vs_default"))
             if c["removed"] == search["removed"] and selection["method"] not in row["chosen"]:
                 row["chosen"].append(selection["method"])
     rows = []
@@ -131,9 +135,49 @@ def search_table(curve: dict) -> str:
             score, vs = row["scores"].get(objective, (None, None))
             cells.append("–" if score is None else f"{score:.4f}")
             z = "" if not vs or not vs[1] else f" ({vs[0] / vs[1]:+.1f})"
-            cells.append("–" if not vs else ("default" if vs == [0.0, 0.0] else f"{vs[0]:+.4f} ± {vs[1]:.4f}{z}"))
+            cells.append("–" if not vs else ("reference" if vs == [0.0, 0.0] else f"{vs[0]:+.4f} ± {vs[1]:.4f}{z}"))
         rows.append([str(count), key.replace(",", ", "), " / ".join(row["sources"]), span, *cells,
                      ", ".join(row["chosen"]) or "–"])
+    return markdown_table(header, rows)
+
+
+def _selection(curve: dict, method: str, count: int) -> dict | None:
+    return next((s for s in curve["selections"] if s["method"] == method and s["count"] == count), None)
+
+
+def _ppl_change(entry: dict, base: dict, source: str) -> str:
+    """``base → entry`` perplexity on ``source`` with the % change and the paired Δ NLL (± SE, * beyond 2 SE)."""
+    new, old = entry.get("perplexity", {}).get(source), base.get("perplexity", {}).get(source)
+    if not new or not old:
+        return "–"
+    change = 100 * (new["perplexity"] / old["perplexity"] - 1)
+    return f"{old['perplexity']:.2f} → {new['perplexity']:.2f} ({change:+.1f}%, {paired(new, old)})"
+
+
+def _acc_change(entry: dict, base: dict, task: str) -> str:
+    new, old = entry.get("tasks", {}).get(task), base.get("tasks", {}).get(task)
+    if not new or not old:
+        return "–"
+    return f"{old['acc']:.3f} → {new['acc']:.3f} ({new['acc'] - old['acc']:+.3f})"
+
+
+def versus_table(curve: dict, pairs: list[tuple[str, str]]) -> str:
+    """Per count and ``(method, base)`` pair: ``base``'s and ``method``'s perplexity on every text with the change
+    and the paired Δ NLL of ``method`` minus ``base`` (same windows), and task accuracy, both sets by name."""
+    sources, tasks = curve["evaluation"]["ppl"], _tasks(curve)
+    header = ["removed", "method vs base", "sets", *(f"{_short(s)}: base → method (change, Δ NLL)" for s in sources),
+              *(f"{t} acc: base → method" for t in tasks)]
+    rows = []
+    for count in sorted({s["count"] for s in curve["selections"]}):
+        for method, base in pairs:
+            mine, theirs = _selection(curve, method, count), _selection(curve, base, count)
+            if not mine or not theirs:
+                continue
+            entry, ref = curve["sets"].get(selection_key(mine), {}), curve["sets"].get(selection_key(theirs), {})
+            names = "same set" if selection_key(mine) == selection_key(theirs) else \
+                f"{selection_key(theirs)} / {selection_key(mine)}"
+            rows.append([str(count), f"{method} vs {base}", names, *(_ppl_change(entry, ref, s) for s in sources),
+                         *(_acc_change(entry, ref, t) for t in tasks)])
     return markdown_table(header, rows)
 
 
@@ -164,6 +208,9 @@ def main() -> None:
     parser.add_argument("json")
     parser.add_argument("--img", default=None, help="PNG prefix: one plot per perplexity source")
     parser.add_argument("--methods", default=None, help="comma-separated methods to show (default: all)")
+    parser.add_argument("--versus", default=None,
+                        help="comma-separated METHOD/BASE pairs: a table of METHOD against BASE at every count, "
+                             "e.g. simdiff+heal/simdiff,alpha-auto:kl/simdiff")
     parser.add_argument("--draws", action="store_true",
                         help="also print the calibration-draw table (methods named METHOD:seed=K)")
     args = parser.parse_args()
@@ -174,6 +221,9 @@ def main() -> None:
     if args.methods:
         keep = args.methods.split(",")
         curve["selections"] = [s for s in curve["selections"] if s["method"] in keep]
+    if args.versus:
+        print(versus_table(curve, [tuple(pair.split("/")) for pair in args.versus.split(",")]))
+        print()
     print(table(curve))
     print()
     print(search_table(curve))

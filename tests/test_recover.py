@@ -57,7 +57,7 @@ def test_loss_decreases_on_repeated_text(repeated_text):
     assert sum(losses[-2:]) / 2 < 0.85 * losses[0]
     assert losses[-1] < math.log(256) - 0.5  # better than a uniform guess: it learnt the text
     heldout = [row["loss"] for row in result.history["heldout"]]
-    assert [row["step"] for row in result.history["heldout"]] == [4, 8, 12, 16]
+    assert [row["step"] for row in result.history["heldout"]] == [0, 4, 8, 12, 16]  # 0: before training
     assert heldout[-1] < heldout[0]
     lrs = [row["lr"] for row in result.history["train"]]
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warm-up, then decay
@@ -131,7 +131,7 @@ def test_cli_recover_saves_a_vanilla_checkpoint(tmp_path, repeated_text, capsys)
     assert meta["removed_layers"] == [3]  # the pruning record is kept
     rec = meta["recovery"]
     assert [r["step"] for r in rec["loss_curve"]] == [1, 2, 3, 4]
-    assert [r["step"] for r in rec["heldout_curve"]] == [2, 4]
+    assert [r["step"] for r in rec["heldout_curve"]] == [0, 2, 4]
     assert rec["settings"]["rank"] == 8 and rec["merged"] is True
     assert 0 < rec["trainable_parameters"] < rec["total_parameters"]
     ppl = rec["perplexity"]

@@ -35,7 +35,7 @@ class RecoverConfig:
                                              "all-linear: every linear layer except the LM head")
     seed: int = option(0, SEED_HELP)
     heldout_windows: int = option(8, "windows at the end of the training text held out for the held-out loss")
-    eval_every: int = option(25, "held-out loss every N steps (0: never)")
+    eval_every: int = option(25, "held-out loss before training and every N steps (0: never)")
     checkpoint_every: int = option(50, "checkpoint every N steps (0: never)")
     keep_checkpoints: int = option(2, "keep only the newest N checkpoints (0: all)")
     data_dir: str | None = option(None, DATA_DIR_HELP, shown=DATA_DIR_SHOWN)

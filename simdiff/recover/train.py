@@ -108,6 +108,8 @@ def train_lora(model: nn.Module, text: TrainingText, config: RecoverConfig, acce
     steps = range(result.start_step, config.steps)
     bar = progress(steps, desc="recover") if accelerator.is_main_process else steps
     started = time.perf_counter()
+    if config.eval_every and len(text.heldout) and result.start_step == 0:  # where training starts from
+        _heldout(accelerator, model, unwrapped, text, config, 0, result.history)
     model.train()
     for step in bar:
         torch.manual_seed(_step_seed(config, step, accelerator.process_index))
