@@ -136,8 +136,9 @@ class SelectionSettings:
         flag="--slice-config-key", parse=names, default_factory=list)
     heal: str = option("none", "linear: replace each removed run of layers by a least-squares linear map of the "
                                "calibration activations, folded into the MLP output projection of the layer "
-                               "before it (no training, no new parameters; layer 0 is then never removed); "
-                               "none: plain removal", choices=HEAL_METHODS)
+                               "before it (no training, no new parameters; layer 0 is then never removed); it "
+                               "adapts the kept layers to the calibration text, so calibrate on text like the "
+                               "model's use; none: plain removal", choices=HEAL_METHODS)
     heal_ridge: float = option(DEFAULT_RIDGE, "--heal linear's ridge, relative to the mean eigenvalue of M^T M "
                                               "(lambda = ridge * trace(M^T M) / d; 0 = plain least squares)")
 

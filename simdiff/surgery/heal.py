@@ -217,6 +217,14 @@ def _branch_of(index: int, name: str, module: nn.Module, hidden: int) -> Branch:
     return Branch(index, name, module, projections)
 
 
+def note_calibration_text(source: str) -> None:
+    """Say, before any fit, that healing adapts the kept layers to the calibration text (measured in
+    docs/recovery.md: fitted on WikiText alone, SmolLM2's Python-text perplexity got worse)."""
+    log.info("--heal linear fits the kept layers to the calibration text (%s); text unlike it can get worse: "
+             "calibrate on text like the model's use (--calib FILE or FOLDER, a mix of domains in one folder)",
+             source)
+
+
 def preflight(model: nn.Module, batches: Sequence[Batch]) -> Branch:
     """Before any scoring: refuse an architecture whose MLP output cannot take a folded map (checked on layer
     0 and the first window; every healed layer is checked again when its run is fitted)."""

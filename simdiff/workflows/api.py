@@ -35,7 +35,14 @@ from simdiff.selection.search import reject_auto, search_kind
 from simdiff.selection.spec import BEST_OF
 from simdiff.store.lineage import compose_rounds, input_metadata
 from simdiff.store.save import provenance, save_model
-from simdiff.surgery.heal import HealRecord, check_healable, heal_layers, preflight, search_healer
+from simdiff.surgery.heal import (
+    HealRecord,
+    check_healable,
+    heal_layers,
+    note_calibration_text,
+    preflight,
+    search_healer,
+)
 from simdiff.surgery.layers import remove_layers
 
 log = logging.getLogger(__name__)
@@ -172,6 +179,7 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     check_seq_len(model, calibration.seq_len)
     if sel.heal != "none":  # refuses an architecture it cannot fold into before the scoring
         preflight(model, calibration_batches(calibration, tokenizer)[:1])
+        note_calibration_text(calibration.source)
     searched = None
     if kind is None:
         selection, scores = select_for_model(model, tokenizer, criterion, count, calibration, options,
@@ -248,6 +256,8 @@ def heal_for_prune(model, tokenizer, recipe: Recipe, removed: list[int],
     if sel.heal == "none":
         return None
     check_seq_len(model, recipe.calibration.seq_len)
+    if sel.layers is not None:
+        note_calibration_text(recipe.calibration.source)
     if fit_batches is None:
         return heal_layers(model, calibration_batches(recipe.calibration, tokenizer), removed, sel.heal_ridge)
     record = heal_layers(model, fit_batches, removed, sel.heal_ridge)

@@ -34,7 +34,7 @@ from simdiff.selection.rank import check_removable, resolve_counts
 from simdiff.selection.search import Searcher, search_kind
 from simdiff.selection.spec import BEST_OF, CandidateSpec
 from simdiff.store.save import provenance
-from simdiff.surgery.heal import healed_bypass, preflight, search_healer
+from simdiff.surgery.heal import healed_bypass, note_calibration_text, preflight, search_healer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     calib_batches = batches(windows, cal.batch_size, cal.skip_first_token)
     if setup.heal != "none":  # an architecture that cannot take a folded map is refused before the scoring
         preflight(model, calib_batches[:1])
+        note_calibration_text(cal.source)
     criteria = list(dict.fromkeys(s.criterion for s in setup.specs if s.criterion != BEST_OF))
     start = time.perf_counter()
     evidence = gather_evidence(model, calib_batches, needs_of(criteria), block_sizes_for(criteria, counts))
