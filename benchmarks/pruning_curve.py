@@ -18,7 +18,8 @@ A ``+heal`` suffix heals (``--heal linear``, default ridge): ``simdiff+heal`` (a
 method's set healed on the calibration windows, as ``simdiff prune --heal linear`` saves it;
 ``alpha-auto:kl+heal`` is the search that scores every candidate healed (``--alpha auto --heal linear``), its
 winner healed on the search's scoring windows, as that command saves it. Healed sets are keys ``SET+heal`` and
-``SET+heal@scoring`` in the JSON's ``sets``, each with its heal record.
+``SET+heal@scoring`` in the JSON's ``sets``, each with its heal record. ``--heal-calib SOURCE`` fits the
+``+heal`` maps on another calibration text (a folder of files mixes domains; use a JSON of its own).
 
 Each distinct set is evaluated by bypassing its layers in the loaded model (healed first where it says so): perplexity on every ``--ppl``
 source (its first ``--eval-tokens`` tokens, windows of ``--eval-seq-len``, with per-window standard
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the selections and measurements already in --json; select only the methods it "
                              "lacks and evaluate only what is missing")
+    parser.add_argument("--heal-calib", default=None,
+                        help="fit the +heal methods' maps on this calibration source instead (same draw: samples, "
+                             "window length, seed); a folder of text files mixes domains")
     parser.add_argument("--reuse", default=None,
                         help="an earlier curve JSON: its measurements of the same sets, on the same sources, "
                              "token counts, window length and --limit, are copied instead of re-measured")
@@ -258,7 +262,9 @@ def evaluate_all(model, tokenizer, calibration, doc: dict, args, save, counts: l
     if args.tasks:
         evaluators[("tasks", args.tasks)] = Evaluator(model, tokenizer, EvalSettings(
             ppl=[], tasks=args.tasks.split(","), limit=args.limit, data_dir=args.data_dir))
-    fit_windows = {"+heal": lambda: calibration_batches(calibration, tokenizer),
+    heal_calibration = replace(calibration, source=args.heal_calib) if args.heal_calib else calibration
+    doc["heal_calibration"] = heal_calibration.source
+    fit_windows = {"+heal": lambda: calibration_batches(heal_calibration, tokenizer),
                    "+heal@scoring": lambda: batches(split_calibration(tokenizer, calibration).scoring,
                                                     calibration.batch_size)}
     wanted = ["dense"] + [selection_key(s) for m in methods for c in counts for s in doc["selections"]
