@@ -35,9 +35,9 @@ class Options:
 
     alpha: float | str = option(0.75, "SimDiff weight of the similarity term (1 - alpha goes to the difference "
                                       "terms); 'auto' evaluates every distinct selection along alpha in [0, 1] on "
-                                      "held-out calibration windows (--objective) and keeps the default's set unless a "
-                                      "candidate beats it by --margin standard errors; with --criterion best-of, "
-                                      "its set is the --margin reference",
+                                      "held-out calibration windows (--objective) and keeps the set plain prune "
+                                      "saves (alpha 0.75) unless a candidate beats it by --margin standard errors; "
+                                      "with --criterion best-of, its set is the --margin reference",
                                 parse=number_or_auto)
     beta: float = option(1.0, "SimDiff weight of MSSD within the difference term (1 - beta goes to MASD)")
     normalize: str = option("rank", "how each SimDiff metric is normalised across layers", choices=NORMALIZER_NAMES)
@@ -79,7 +79,8 @@ class SearchSettings:
                                   "ppl, perplexity", choices=OBJECTIVES)
     max_candidates: int = option(16, "most distinct alpha-path sets evaluated")
     margin: float = option(2.0, "standard errors (paired, over held-out blocks) by which a candidate must beat the "
-                                "default alpha's set to replace it; 0: the lowest held-out score wins")
+                                "set plain prune saves (at the default or given --alpha) to replace it; 0: the "
+                                "lowest held-out score wins")
     pool: list[str] = option(help="criteria best-of pools; simdiff stands for its whole alpha path, and its set at "
                                   "--alpha is the --margin reference (without simdiff: the first criterion's set); "
                                   "ppl_skip and taylor add their passes", parse=names,
