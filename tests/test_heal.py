@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -271,10 +272,13 @@ def test_healed_checkpoint_reloads_generates_and_replays(workspace, tmp_path) ->
     assert all(torch.equal(p, again.get_parameter(n)) for n, p in healed.named_parameters())
 
 
-def test_heal_protects_layer_zero_in_selection(workspace, tmp_path) -> None:
+def test_heal_protects_layer_zero_in_selection(workspace, tmp_path, caplog) -> None:
     out = tmp_path / "sel"
-    assert main(prune_args(workspace, out, "--num-layers", "2", "--criterion", "block_influence",
-                           "--heal", "linear")) == 0
+    with caplog.at_level(logging.INFO, logger="simdiff"):
+        assert main(prune_args(workspace, out, "--num-layers", "2", "--criterion", "block_influence",
+                               "--heal", "linear")) == 0
+    said = [r.getMessage() for r in caplog.records if "fits the kept layers to the calibration text" in r.getMessage()]
+    assert len(said) == 1 and str(workspace["calib"]) in said[0]  # names the text, once, before any fit
     record = json.loads((out / "simdiff.json").read_text())
     assert 0 not in record["removed_layers"] and record["settings"]["keep_first"] == 1
     assert [r["folded_into"] for r in record["heal"]["runs"]] == [a[0] - 1 for a in removed_runs(
