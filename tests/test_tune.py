@@ -209,7 +209,8 @@ def test_margin_keeps_the_default_set_unless_a_candidate_beats_it_beyond_noise(c
     for margin in (0.5, 2.0, 1e9):
         search = Searcher(model, tok, calibration, SearchSettings(margin=margin), [3], pool).search("best-of", 3,
                                                                                                      Options())
-        beyond = [c for c in search.candidates[1:] if c.vs_default[0] < -margin * c.vs_default[1]]
+        beyond = [c for c in search.candidates[1:] if c.vs_default[0] < -margin * c.vs_default[1]
+                  and c.vs_default_nll[0] < -margin * c.vs_default_nll[1]]
         expected = min(beyond, key=lambda c: c.score) if beyond else search.candidates[0]
         assert search.removed == expected.removed, margin
     assert search.removed == default_set.removed  # 1e9 standard errors: nothing can replace it
@@ -277,11 +278,14 @@ def test_search_user_errors(tmp_path, capsys, calib_slice):
     assert not (tmp_path / "x").exists()
 
 
-def _searcher_with_windows(per_window: dict[tuple[int, ...], list[float]], margin: float) -> Searcher:
-    """A Searcher whose held-out objective already holds these per-window KL sums (one token a window)."""
+def _searcher_with_windows(per_window: dict[tuple[int, ...], list[float]], margin: float,
+                           nll: dict[tuple[int, ...], list[float]] | None = None) -> Searcher:
+    """A Searcher whose held-out objective already holds these per-window KL sums (one token a window) and
+    NLL sums (``nll``; default: the KL values)."""
     objective = HeldoutObjective(tiny_model("llama", 2), [], "kl")
     objective.cache = {k: np.asarray(v, dtype=np.float64) for k, v in per_window.items()}
-    objective.window_tokens = np.ones(len(next(iter(per_window.values()))))
+    objective.nll_cache = {k: np.asarray(v, dtype=np.float64) for k, v in (nll or per_window).items()}
+    objective.window_tokens = objective.nll_tokens = np.ones(len(next(iter(per_window.values()))))
     searcher = Searcher.__new__(Searcher)
     searcher.objective, searcher.settings = objective, SearchSettings(margin=margin)
     return searcher
@@ -309,6 +313,42 @@ def test_margin_rule_on_hand_made_window_values():
     assert pick(9, [default, close, far]) == [1, 2]
     windows[default] = [1.0, float("inf"), 3.0, 4.0]  # a broken default set cannot hold its place
     assert pick(2, [default, close]) == [1, 3]
+
+
+def test_margin_needs_held_out_nll_too():
+    """A set far closer to the dense model (KL) that does not predict the held-out text better beyond the
+    margin (NLL) does not replace the reference; one that does both, does."""
+    from simdiff.selection.search import Candidate
+
+    default, far = (1, 2), (2, 3)
+    kl = {default: [1.0, 2.0, 3.0, 4.0], far: [0.5, 1.4, 2.6, 3.3]}  # KL: -0.55 ± 0.0645, 8.5 SE
+    level = {default: [5.0, 5.0, 5.0, 5.0], far: [4.9, 5.1, 4.8, 5.0]}  # NLL: -0.05 ± 0.0645, 0.8 SE
+    better = {default: [5.0, 5.0, 5.0, 5.0], far: [4.5, 4.4, 4.6, 4.3]}  # NLL: -0.55 ± 0.0645
+
+    def pick(nll) -> Candidate:
+        searcher = _searcher_with_windows(kl, 2, nll)
+        candidates = [Candidate(list(k), [str(k)]) for k in (default, far)]
+        for c in candidates:
+            c.score = searcher.objective.scores([c.removed])[0]
+        return searcher._winner(candidates), candidates
+
+    winner, candidates = pick(level)
+    assert winner.removed == [1, 2]
+    assert candidates[1].vs_default == pytest.approx([-0.55, 0.0645497], rel=1e-5)
+    assert candidates[1].vs_default_nll == pytest.approx([-0.05, 0.0645497], rel=1e-5)
+    assert pick(better)[0].removed == [2, 3]
+
+
+def test_kl_objective_reads_the_same_held_out_nll_as_the_ppl_objective():
+    model = tiny_model("llama", 6)
+    windows = torch.randint(4, 256, (5, 20), generator=torch.Generator().manual_seed(3))
+    kl, ppl = HeldoutObjective(model, batches(windows, 2), "kl"), HeldoutObjective(model, batches(windows, 2), "ppl")
+    kl.scores([[1, 2], [4]])
+    ppl.scores([[1, 2], [4]])
+    for removed in ([1, 2], [4]):  # one from the KL pass's log-probabilities, one from window_nlls' own pass
+        assert kl.nll_cache[tuple(removed)] == pytest.approx(ppl.cache[tuple(removed)], rel=1e-5)
+    assert kl.nll_tokens.tolist() == ppl.window_tokens.tolist() == [19.0] * 5
+    assert kl.paired([4], [1, 2], "nll") == pytest.approx(ppl.paired([4], [1, 2]), rel=1e-4)
 
 
 def test_best_of_without_simdiff_in_the_pool_pools_no_alpha_path(calib_slice):

@@ -26,18 +26,21 @@ the cost is one dense pass plus one pass per candidate and memory holds one batc
 log-probabilities (about three such tensors at a time; lower ``--calib-batch-size`` for a huge vocabulary), never
 the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass per candidate.
 
-**Margin.** The reference, listed first, is the set plain ``prune`` saves at the default alpha (for best-of, at
-the given ``--alpha``): SimDiff's selection on all calibration windows, drawn as ``prune`` draws them (one more
-statistics pass; they may overlap held-out tokens, which can only favour the reference). Without ``simdiff`` in
+**Margin, on two measures.** The reference, listed first, is the set plain ``prune`` saves at the default
+alpha (for best-of, at the given ``--alpha``): SimDiff's selection on all calibration windows, drawn as
+``prune`` draws them (one more statistics pass; they may overlap held-out tokens, which can only favour the
+reference). Without ``simdiff`` in
 the pool it is the first pooled criterion's set. It is kept unless another candidate beats it by more than
 ``margin`` standard errors of the paired difference of the held-out objective, over held-out blocks (each
-block's windows averaged first: neighbouring windows are correlated; default 2;
-0 makes the lowest score win). Close sets rank differently on different texts, so leaving the default
+block's windows averaged first: neighbouring windows are correlated; default 2; 0 makes the lowest score
+win), **and** by as many of held-out next-token NLL (for ``kl``, read from the same candidate
+log-probabilities: a set closer to the dense model's distributions that does not predict the text better
+is not taken). Close sets rank differently on different texts, so leaving the default
 needs evidence, not a difference within noise. Among the candidates that pass, the lowest score wins.
 **Ties** (equal held-out score) go to the candidate listed first: alpha-path sets ordered by the distance
 of their alpha to the default alpha, then the other pooled criteria in pool order. The saved selection is
-exactly the winner: nothing is re-scored afterwards. Every candidate records ``vs_default``, its paired
-difference from the default's set and the standard error.
+exactly the winner: nothing is re-scored afterwards. Every candidate records ``vs_default`` and
+``vs_default_nll``, its paired differences from the reference (objective, NLL) with their standard errors.
 
 **Healed.** With a ``healer`` (``--heal linear``) every candidate set is scored after its heal, fitted once per
 distinct set on the scoring windows; the margin rule then picks among healed scores.
@@ -175,7 +178,8 @@ class Candidate:
     alpha: float | None = None
     alpha_range: list[float] | None = None
     score: float = math.nan
-    vs_default: list[float] | None = None  # [mean, standard error] of the paired difference with the default's set
+    vs_default: list[float] | None = None  # [mean, standard error] of the paired difference with the reference
+    vs_default_nll: list[float] | None = None  # the same for held-out NLL per token (kl objective: its second test)
     heal: dict | None = None  # with --heal: the fit its score was taken on (folded-into layers, R^2, seconds)
 
 
@@ -259,7 +263,9 @@ class HeldoutObjective:
         self.folded: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         self.heal_seconds = 0.0
         self.cache: dict[tuple[int, ...], np.ndarray] = {}  # set -> per-window summed KL or NLL
+        self.nll_cache: dict[tuple[int, ...], np.ndarray] = {}  # set -> per-window summed next-token NLL
         self.window_tokens: np.ndarray | None = None
+        self.nll_tokens: np.ndarray | None = None
         self.passes = 0
         self.seconds = 0.0
 
@@ -273,9 +279,14 @@ class HeldoutObjective:
         if new:
             self._fit_heals(new)
             start = time.perf_counter()
-            totals, self.window_tokens = self._kl(new) if self.kind == "kl" else self._nll(new)
-            for removed, per_window in zip(new, totals):
+            if self.kind == "kl":
+                totals, self.window_tokens, nlls, self.nll_tokens = self._kl(new)
+            else:
+                totals, self.window_tokens = self._nll(new)
+                nlls, self.nll_tokens = totals, self.window_tokens
+            for removed, per_window, nll in zip(new, totals, nlls):
                 self.cache[tuple(removed)] = per_window
+                self.nll_cache[tuple(removed)] = nll
                 self.folded.pop(tuple(removed), None)  # scored: its folded weights are no longer needed
             self.passes += len(new) + (self.kind == "kl")
             self.seconds += time.perf_counter() - start
@@ -309,12 +320,17 @@ class HeldoutObjective:
         """Mean KL (``kl``) or mean NLL (``ppl``) per predicted token of each held-out window, for a scored set."""
         return self.cache[tuple(removed)] / np.maximum(self.window_tokens, 1)
 
-    def paired(self, removed: Sequence[int], reference: Sequence[int]) -> tuple[float, float]:
+    def paired(self, removed: Sequence[int], reference: Sequence[int], measure: str = "objective") -> tuple[float, float]:
         """Mean over held-out blocks of (``removed`` − ``reference``) per-token values (each block the mean of
         its windows), and its standard error over blocks (both sets scored); negative means ``removed`` is
-        better."""
+        better. ``measure``: ``objective`` (KL or NLL, as ``kind``) or ``nll`` (next-token NLL, either kind)."""
+        if measure == "nll":
+            def means(key: Sequence[int]) -> np.ndarray:
+                return self.nll_cache[tuple(key)] / np.maximum(self.nll_tokens, 1)
+        else:
+            means = self.window_means
         with np.errstate(invalid="ignore"):  # inf - inf where both sets broke: NaN, reported as such
-            diffs = block_means(self.window_means(removed) - self.window_means(reference), self.blocks)
+            diffs = block_means(means(removed) - means(reference), self.blocks)
         if len(diffs) < 2 or not np.isfinite(diffs).all():
             return float(diffs.mean()) if len(diffs) else 0.0, math.inf
         return float(diffs.mean()), standard_error(diffs.tolist())
@@ -331,19 +347,26 @@ class HeldoutObjective:
         return [np.asarray(v, dtype=np.float64) for v in nll], np.asarray(tokens, dtype=np.float64)
 
     @torch.no_grad()
-    def _kl(self, sets: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray]:
-        kl, tokens = [[] for _ in sets], []
+    def _kl(self, sets: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray], np.ndarray]:
+        """Per-window summed KL and token counts, and (from the same candidate log-probabilities) per-window
+        summed next-token NLL and predicted-token counts, as :func:`~simdiff.collect.nll.window_nlls` has them."""
+        kl, nll, tokens, predicted = [[] for _ in sets], [[] for _ in sets], [], []
         for batch in progress(self.heldout, desc=f"held-out KL of {len(sets)} candidates"):
             batch = batch.to(model_device(self.model))
             mask = batch.attention_mask.bool()
+            next_mask = mask[:, 1:] & mask[:, :-1]
             dense = torch.log_softmax(self._logits(batch), dim=-1)
             tokens += mask.sum(1).tolist()
+            predicted += next_mask.sum(1).tolist()
             for k, removed in enumerate(sets):
                 with self._candidate(removed):
                     candidate = torch.log_softmax(self._logits(batch), dim=-1)
                 per_token = nn.functional.kl_div(candidate, dense, log_target=True, reduction="none").sum(-1)
                 kl[k] += per_token.double().masked_fill(~mask, 0.0).sum(1).tolist()
-        return [np.asarray(v, dtype=np.float64) for v in kl], np.asarray(tokens, dtype=np.float64)
+                picked = -candidate[:, :-1].gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+                nll[k] += picked.double().masked_fill(~next_mask, 0.0).sum(1).tolist()
+        return ([np.asarray(v, dtype=np.float64) for v in kl], np.asarray(tokens, dtype=np.float64),
+                [np.asarray(v, dtype=np.float64) for v in nll], np.asarray(predicted, dtype=np.float64))
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
@@ -493,15 +516,21 @@ class Searcher:
                          alpha)
 
     def _winner(self, candidates: list[Candidate]) -> Candidate:
-        """The lowest held-out score among the default alpha's set (listed first) and the candidates that beat
-        it by more than ``margin`` paired standard errors (all of them when its own score is not finite); ties
-        to the one listed first."""
+        """The lowest held-out score among the reference (listed first) and the candidates that beat it by more
+        than ``margin`` paired standard errors both on the objective and on held-out next-token NLL (the same
+        test twice for ``ppl``; all of them when the reference's own score is not finite); ties to the one
+        listed first."""
         reference = candidates[0]
         for candidate in candidates:
             candidate.vs_default = list(self.objective.paired(candidate.removed, reference.removed))
+            candidate.vs_default_nll = list(self.objective.paired(candidate.removed, reference.removed, "nll"))
         margin = self.settings.margin
+
+        def beats(diff: list[float]) -> bool:
+            return diff[0] < -margin * diff[1]
+
         eligible = [c for c in candidates if c is reference or margin <= 0 or not math.isfinite(reference.score)
-                    or c.vs_default[0] < -margin * c.vs_default[1]]
+                    or (beats(c.vs_default) and beats(c.vs_default_nll))]
         order = {id(c): i for i, c in enumerate(candidates)}
 
         def rank(c: Candidate) -> tuple[float, int]:
@@ -509,9 +538,10 @@ class Searcher:
 
         best, winner = min(candidates, key=rank), min(eligible, key=rank)
         if winner is not best:
-            log.info("%s removes %s with a lower held-out score, but only by %.4g ± %.4g (paired SE), within "
-                     "--margin %g standard errors of the default alpha's set; chose %s", " / ".join(best.sources),
-                     best.removed, -best.vs_default[0], best.vs_default[1], margin, winner.removed)
+            log.info("%s removes %s with a lower held-out score, but it beats the reference by %.4g ± %.4g "
+                     "(paired SE) and its held-out NLL by %.4g ± %.4g: not both beyond --margin %g standard "
+                     "errors; chose %s", " / ".join(best.sources), best.removed, -best.vs_default[0],
+                     best.vs_default[1], -best.vs_default_nll[0], best.vs_default_nll[1], margin, winner.removed)
         return winner
 
     def selection(self, search: Search, options: Options) -> tuple[Selection, Options]:
