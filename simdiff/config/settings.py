@@ -78,9 +78,9 @@ class SearchSettings:
     objective: str = option("kl", "held-out objective: kl, mean KL(dense || pruned) of next-token distributions; "
                                   "ppl, perplexity", choices=OBJECTIVES)
     max_candidates: int = option(16, "most distinct alpha-path sets evaluated")
-    margin: float = option(2.0, "standard errors (paired, over held-out blocks) by which a candidate must beat the "
-                                "set plain prune saves (at the default or given --alpha) to replace it; 0: the "
-                                "lowest held-out score wins")
+    margin: float = option(3.0, "standard errors (paired, over held-out blocks) by which a candidate must beat the "
+                                "set plain prune saves (at the default or given --alpha) to replace it, on the "
+                                "objective and on held-out NLL; 0: the lowest held-out score wins")
     pool: list[str] = option(help="criteria best-of pools; simdiff stands for its whole alpha path, and its set at "
                                   "--alpha is the --margin reference (without simdiff: the first criterion's set); "
                                   "ppl_skip and taylor add their passes", parse=names,

@@ -32,7 +32,7 @@ alpha (for best-of, at the given ``--alpha``): SimDiff's selection on all calibr
 reference). Without ``simdiff`` in
 the pool it is the first pooled criterion's set. It is kept unless another candidate beats it by more than
 ``margin`` standard errors of the paired difference of the held-out objective, over held-out blocks (each
-block's windows averaged first: neighbouring windows are correlated; default 2; 0 makes the lowest score
+block's windows averaged first: neighbouring windows are correlated; default 3; 0 makes the lowest score
 win), **and** by as many of held-out next-token NLL (for ``kl``, read from the same candidate
 log-probabilities: a set closer to the dense model's distributions that does not predict the text better
 is not taken). Close sets rank differently on different texts, so leaving the default
