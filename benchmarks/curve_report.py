@@ -112,7 +112,8 @@ def search_table(curve: dict) -> str:
 
     objectives = sorted({label(s["search"]) for s in curve["selections"] if "search" in s})
     header = ["removed", "candidate set", "proposed by", "α range",
-              *(h for o in objectives for h in (f"held-out {o}", f"{o} vs reference (z)")), "chosen by"]
+              *(h for o in objectives for h in (f"held-out {o}", f"{o} vs reference (z)", "NLL vs reference (z)")),
+              "chosen by"]
     table: dict[tuple[int, str], dict] = {}
     for selection in curve["selections"]:
         search = selection.get("search")
@@ -124,7 +125,8 @@ def search_table(curve: dict) -> str:
             row["sources"] += [x.replace("simdiff alpha=", "simdiff α=") for x in c["sources"]
                                if x.replace("simdiff alpha=", "simdiff α=") not in row["sources"]]
             row["range"] = row["range"] or c.get("alpha_range")
-            row["scores"][label(search)] = (c["score"], c.get("vs_default"))
+            row["scores"][label(search)] = (c["score"], c.get("vs_default"),
+                                            c.get("vs_default_nll") or row["scores"].get(label(search), (0, 0, None))[2])
             if c["removed"] == search["removed"] and selection["method"] not in row["chosen"]:
                 row["chosen"].append(selection["method"])
     rows = []
@@ -132,10 +134,12 @@ def search_table(curve: dict) -> str:
         span = "–" if row["range"] is None else f"{row['range'][0]:.3f}–{row['range'][1]:.3f}"
         cells = []
         for objective in objectives:
-            score, vs = row["scores"].get(objective, (None, None))
+            score, *diffs = row["scores"].get(objective, (None, None, None))
             cells.append("–" if score is None else f"{score:.4f}")
-            z = "" if not vs or not vs[1] else f" ({vs[0] / vs[1]:+.1f})"
-            cells.append("–" if not vs else ("reference" if vs == [0.0, 0.0] else f"{vs[0]:+.4f} ± {vs[1]:.4f}{z}"))
+            for vs in diffs:
+                z = "" if not vs or not vs[1] else f" ({vs[0] / vs[1]:+.1f})"
+                cells.append("–" if not vs else ("reference" if vs == [0.0, 0.0] else
+                                                 f"{vs[0]:+.4f} ± {vs[1]:.4f}{z}"))
         rows.append([str(count), key.replace(",", ", "), " / ".join(row["sources"]), span, *cells,
                      ", ".join(row["chosen"]) or "–"])
     return markdown_table(header, rows)
