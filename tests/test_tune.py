@@ -244,9 +244,12 @@ def test_prune_alpha_auto_saves_exactly_the_winner(tmp_path, calib_slice, object
     assert meta["options"]["alpha"] == search["alpha"]
     scores = [c["score"] for c in search["candidates"]]
     assert len({tuple(c["removed"]) for c in search["candidates"]}) == len(scores)
-    default, *others = search["candidates"]  # the default alpha's set first; others replace it beyond 2 SE only
-    beyond = [c["score"] for c in others if c["vs_default"][0] < -2.0 * c["vs_default"][1]]
+    default, *others = search["candidates"]  # the reference first; others replace it beyond 3 SE on both only
+    beyond = [c["score"] for c in others if c["vs_default"][0] < -3.0 * c["vs_default"][1]
+              and c["vs_default_nll"][0] < -3.0 * c["vs_default_nll"][1]]
     assert search["heldout_score"] == min([default["score"], *beyond])
+    importance = meta["selection_steps"][0]["importance"]  # the recorded importance ranks the saved set lowest
+    assert sorted(range(8), key=lambda i: (importance[i], i))[:3] == sorted(meta["removed_layers"])
     assert search["heldout_passes"] == len(scores) + (objective == "kl")
     assert search["scoring_windows"] == 8 and search["heldout_windows"] == 6
     assert meta["calibration"]["heldout_samples"] == 6 and "valid" in meta["calibration"]["text"]
@@ -441,3 +444,16 @@ def test_prune_heal_best_of_saves_the_margin_rules_pick_among_healed_scores(tmp_
         p = torch.log_softmax(dense(heldout).logits.double(), -1)
         q = torch.log_softmax(pruned(heldout).logits.double(), -1)
     assert float((p.exp() * (p - q)).sum(-1).mean()) == pytest.approx(search["heldout_score"], rel=1e-4)
+
+
+def test_saved_importance_ranks_the_saved_set_lowest_when_the_reference_wins(calib_slice):
+    """The reference comes from the calibration windows' statistics, so its recorded importance must too."""
+    model, tok = tiny_model("llama", 8), tiny_tokenizer()
+    calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6, seed=1)  # scoring != prune
+    searcher = Searcher(model, tok, calibration, SearchSettings(margin=1e9), [3])
+    search = searcher.search("alpha", 3, Options())
+    assert search.winner is search.candidates[0] and search.winner.statistics == "calibration windows"
+    assert choose_one_shot("simdiff", searcher.evidence, 3, Options()).removed != search.removed  # else moot
+    selection, _ = searcher.selection(search, Options())
+    importance = selection.steps[0]["importance"]
+    assert sorted(sorted(range(8), key=lambda i: (importance[i], i))[:3]) == selection.removed == search.removed

@@ -29,8 +29,8 @@ the whole held-out set. ``ppl``: held-out perplexity of each candidate, one pass
 **Margin, on two measures.** The reference, listed first, is the set plain ``prune`` saves at the default
 alpha (for best-of, at the given ``--alpha``): SimDiff's selection on all calibration windows, drawn as
 ``prune`` draws them (one more statistics pass; they may overlap held-out tokens, which can only favour the
-reference). Without ``simdiff`` in
-the pool it is the first pooled criterion's set. It is kept unless another candidate beats it by more than
+reference). Without ``simdiff`` in the pool it is the first pooled criterion's set. It is kept unless another
+candidate beats it by more than
 ``margin`` standard errors of the paired difference of the held-out objective, over held-out blocks (each
 block's windows averaged first: neighbouring windows are correlated; default 3; 0 makes the lowest score
 win), **and** by as many of held-out next-token NLL (for ``kl``, read from the same candidate
@@ -181,6 +181,7 @@ class Candidate:
     vs_default: list[float] | None = None  # [mean, standard error] of the paired difference with the reference
     vs_default_nll: list[float] | None = None  # the same for held-out NLL per token (kl objective: its second test)
     heal: dict | None = None  # with --heal: the fit its score was taken on (folded-into layers, R^2, seconds)
+    statistics: str = "scoring windows"  # the windows whose statistics proposed it ("calibration windows": reference)
 
 
 def alpha_breakpoints(similarity: np.ndarray, difference: np.ndarray) -> list[float]:
@@ -362,9 +363,10 @@ class HeldoutObjective:
                 with self._candidate(removed):
                     candidate = torch.log_softmax(self._logits(batch), dim=-1)
                 per_token = nn.functional.kl_div(candidate, dense, log_target=True, reduction="none").sum(-1)
-                kl[k] += per_token.double().masked_fill(~mask, 0.0).sum(1).tolist()
-                picked = -candidate[:, :-1].gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-                nll[k] += picked.double().masked_fill(~next_mask, 0.0).sum(1).tolist()
+                kl[k] += per_token.double().masked_fill(~mask.to(per_token.device), 0.0).sum(1).tolist()
+                targets = batch.input_ids[:, 1:, None].to(candidate.device)  # logits may sit on the last device
+                picked = -candidate[:, :-1].gather(-1, targets).squeeze(-1)
+                nll[k] += picked.double().masked_fill(~next_mask.to(picked.device), 0.0).sum(1).tolist()
         return ([np.asarray(v, dtype=np.float64) for v in kl], np.asarray(tokens, dtype=np.float64),
                 [np.asarray(v, dtype=np.float64) for v in nll], np.asarray(predicted, dtype=np.float64))
 
@@ -513,7 +515,7 @@ class Searcher:
         removed = choose_one_shot("simdiff", self.reference_evidence, count, options, *self.keep).removed
         alpha = float(options.alpha)
         return Candidate(removed, [f"simdiff alpha={alpha:.4f} on the calibration windows (plain prune's set)"],
-                         alpha)
+                         alpha, statistics="calibration windows")
 
     def _winner(self, candidates: list[Candidate]) -> Candidate:
         """The lowest held-out score among the reference (listed first) and the candidates that beat it by more
@@ -548,8 +550,10 @@ class Searcher:
         """The winner as a :class:`Selection` (exactly its removed set) and the options it implies."""
         if search.alpha is not None:
             options = replace(options, alpha=search.alpha)
-        if search.kind == "alpha":
-            steps = [{"importance": importance("simdiff", self.evidence, options).tolist(), "search": "alpha"}]
+        if search.kind == "alpha":  # the importance that ranks the saved set lowest
+            evidence = self.reference_evidence if search.winner.statistics == "calibration windows" else self.evidence
+            steps = [{"importance": importance("simdiff", evidence, options).tolist(), "search": "alpha",
+                      "statistics": search.winner.statistics}]
             return Selection("simdiff", list(search.removed), steps), options
         return Selection(BEST_OF, list(search.removed), [{"search": BEST_OF, "winner": search.winner.sources}]), options
 
