@@ -42,7 +42,7 @@ def parse_variant(text: str, removed: list[int]) -> tuple[str, float, list[int]]
     return source, float(ridge), healed
 
 
-def evaluate(model, evaluators: dict, name: str) -> dict:
+def evaluate(evaluators: dict, name: str) -> dict:
     return {source: evaluator(name)["perplexity"][source] for source, evaluator in evaluators.items()}
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     doc = {"model": args.model, "removed": removed, "evaluation": {"ppl": args.ppl.split(","),
            "eval_tokens": args.eval_tokens, "eval_seq_len": args.eval_seq_len}, "variants": [], **provenance()}
     with bypass_layers(model, removed):
-        plain = evaluate(model, evaluators, "plain")
+        plain = evaluate(evaluators, "plain")
     doc["plain"] = plain
     for text, (source, ridge, healed) in zip(args.variants, variants):
         original = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -74,7 +74,7 @@ def main() -> None:
             record = heal_layers(model, calibration_batches(replace(Calibration(), source=source), tokenizer),
                                  healed, ridge)
             with bypass_layers(model, removed):
-                result = evaluate(model, evaluators, text)
+                result = evaluate(evaluators, text)
         finally:
             params = dict(model.named_parameters())
             for name, tensor in original.items():

@@ -363,6 +363,7 @@ def test_best_of_without_simdiff_in_the_pool_pools_no_alpha_path(calib_slice):
     sources = [s for c in search.candidates for s in c.sources]
     assert not any(s.startswith("simdiff") for s in sources), sources
     assert search.candidates[0].sources[0] == "block_influence" and search.candidates[0].vs_default == [0.0, 0.0]
+    assert search.costs["reference_calibration_passes"] == 0  # no simdiff reference: no pass for one
     scoring, _ = split_calibration(tok, calibration)
     evidence = gather_evidence(model, batches(scoring, 4), {LAYER_STATS}, [1, 3])
     assert search.candidates[0].removed == choose_one_shot("block_influence", evidence, 3, Options()).removed
@@ -453,6 +454,11 @@ def test_saved_importance_ranks_the_saved_set_lowest_when_the_reference_wins(cal
     searcher = Searcher(model, tok, calibration, SearchSettings(margin=1e9), [3])
     search = searcher.search("alpha", 3, Options())
     assert search.winner is search.candidates[0] and search.winner.statistics == "calibration windows"
+    assert search.costs["reference_calibration_passes"] == 1
+    given = gather_evidence(model, calibration_batches(calibration, tok), {LAYER_STATS})  # a caller's own pass
+    reused = Searcher(model, tok, calibration, SearchSettings(margin=1e9), [3], reference_evidence=given)
+    again = reused.search("alpha", 3, Options())
+    assert again.removed == search.removed and again.costs["reference_calibration_passes"] == 0
     assert choose_one_shot("simdiff", searcher.evidence, 3, Options()).removed != search.removed  # else moot
     selection, _ = searcher.selection(search, Options())
     importance = selection.steps[0]["importance"]

@@ -445,11 +445,16 @@ class Searcher:
 
     def __init__(self, model: nn.Module, tokenizer, calibration, settings: SearchSettings, counts: Sequence[int],
                  criteria: Sequence[str] = ("simdiff",), keep_first: int = 0, keep_last: int = 0,
-                 healer: Callable[[nn.Module, Sequence[Batch], list[int]], tuple] | None = None) -> None:
+                 healer: Callable[[nn.Module, Sequence[Batch], list[int]], tuple] | None = None,
+                 reference_evidence: Evidence | None = None) -> None:
         """``healer(model, batches, removed) -> (record, folded parameters)``: score every set healed, the heal
-        fitted on the scoring windows (``simdiff.surgery.heal.fit_healed_weights``)."""
+        fitted on the scoring windows (``simdiff.surgery.heal.fit_healed_weights``). ``reference_evidence``:
+        layer statistics the caller already gathered on the calibration windows ``prune`` draws (else one
+        pass collects them, the first time a reference is needed)."""
         settings.check()
         self.model, self.settings, self.keep = model, settings, (keep_first, keep_last)
+        self.tokenizer, self.calibration = tokenizer, calibration
+        self._reference_evidence, self.reference_passes, self.reference_seconds = reference_evidence, 0, 0.0
         split = split_calibration(tokenizer, calibration)
         scoring, heldout = split.scoring, split.heldout
         self.windows = {"scoring_windows": int(scoring.shape[0]), "heldout_windows": int(heldout.shape[0]),
@@ -464,9 +469,16 @@ class Searcher:
                                         needs_of(criteria), block_sizes_for(criteria, counts))
         self.calibration_seconds = time.perf_counter() - start
         self.criteria = criteria
-        start = time.perf_counter()  # the margin's reference: the set plain ``prune`` saves, on its own windows
-        self.reference_evidence = gather_evidence(model, calibration_batches(calibration, tokenizer), {LAYER_STATS})
-        self.reference_seconds = time.perf_counter() - start
+
+    @property
+    def reference_evidence(self) -> Evidence:
+        """Layer statistics on the calibration windows as ``prune`` draws them (the margin's reference)."""
+        if self._reference_evidence is None:
+            start = time.perf_counter()
+            self._reference_evidence = gather_evidence(
+                self.model, calibration_batches(self.calibration, self.tokenizer), {LAYER_STATS})
+            self.reference_passes, self.reference_seconds = 1, time.perf_counter() - start
+        return self._reference_evidence
 
     def search(self, kind: str, count: int, options: Options) -> Search:
         """``kind="alpha"``: the alpha path only; ``kind="best-of"``: the pool's criteria, ``simdiff`` standing for
@@ -497,7 +509,8 @@ class Searcher:
         costs = {**self.windows, "heldout_tokens": self.objective.tokens,
                  "calibration_passes": evidence_passes(needs_of(self.criteria), self.evidence.num_layers),
                  "calibration_seconds": self.calibration_seconds,
-                 "reference_calibration_passes": 1, "reference_calibration_seconds": self.reference_seconds}
+                 "reference_calibration_passes": self.reference_passes,
+                 "reference_calibration_seconds": self.reference_seconds}
         healed = self.objective.healer is not None
         if healed:
             costs.update(heal_fits=len(self.objective.heals) - fits,

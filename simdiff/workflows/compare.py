@@ -76,7 +76,7 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     start = time.perf_counter()
     evidence = gather_evidence(model, calib_batches, needs_of(criteria), block_sizes_for(criteria, counts))
     calibration_seconds = time.perf_counter() - start
-    searcher = _searcher(model, tokenizer, setup, counts)
+    searcher = _searcher(model, tokenizer, setup, counts, evidence if "simdiff" in criteria else None)
     evaluator = Evaluator(model, tokenizer, setup.evaluation)
     log.info("evaluating the dense model")
     dense = evaluator("dense")
@@ -108,11 +108,13 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     }
 
 
-def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int]) -> Searcher | None:
-    """The held-out searcher, when a candidate needs one (simdiff:alpha=auto or best-of)."""
+def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int], calibration_evidence=None) -> Searcher | None:
+    """The held-out searcher, when a candidate needs one (simdiff:alpha=auto or best-of); it takes its margin
+    reference from ``calibration_evidence`` (this comparison's own pass) when that holds SimDiff's statistics."""
     kinds = {search_kind(s.criterion, s.options(setup.options)) for s in setup.specs}
     return make_searcher(model, tokenizer, setup.calibration, setup.search, counts, kinds, setup.keep_first,
-                         setup.keep_last, healer=search_healer(setup.heal, setup.heal_ridge))
+                         setup.keep_last, healer=search_healer(setup.heal, setup.heal_ridge),
+                         reference_evidence=calibration_evidence)
 
 
 def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: CandidateSpec, count: int,
