@@ -1,10 +1,11 @@
 """What ``--heal linear`` fits to: one removed set healed on different calibration texts and ridges, every
 variant evaluated on the same texts, paired against the plain (unhealed) prune window by window.
 
-Each variant is ``CALIB@RIDGE[@RUNS]``: ``CALIB`` a calibration source as ``--calib`` takes it (a dataset name,
-a file, or a folder whose text files are read in sorted order: put several domains in one folder to mix them),
-``RIDGE`` the ``--heal-ridge``, ``RUNS`` (optional) the removed layers whose runs are healed (the others are
-removed plainly; default: all). The default calibration draw (32 windows of 256 tokens, seed 0) is used.
+Each variant is ``CALIB@RIDGE[@RUNS][@NxLEN]``: ``CALIB`` a calibration source as ``--calib`` takes it (a
+dataset name, a file, or a folder whose text files are read in sorted order: put several domains in one folder to
+mix them), ``RIDGE`` the ``--heal-ridge``, ``RUNS`` (optional) the removed layers whose runs are healed (the
+others are removed plainly; default: all), ``NxLEN`` (optional) the calibration draw, ``--samples`` windows of
+``--calib-seq-len`` tokens (default: the ``Calibration`` default, 32 x 256, seed 0).
 
     python benchmarks/heal_calibration.py --removed 3,12,13,14,16,17,25,26 \\
         --ppl wikitext2,/usr/share/doc/python3.11/html/_sources/tutorial,wikitext2-tok --eval-tokens 16384 \\
@@ -33,13 +34,19 @@ from simdiff.workflows.api import Calibration
 log = logging.getLogger("heal_calibration")
 
 
-def parse_variant(text: str, removed: list[int]) -> tuple[str, float, list[int]]:
-    """``CALIB@RIDGE[@RUNS]`` -> (calibration source, ridge, healed layers)."""
-    source, ridge, *runs = text.split("@")
+def parse_variant(text: str, removed: list[int]) -> tuple[Calibration, float, list[int]]:
+    """``CALIB@RIDGE[@RUNS][@NxLEN]`` -> (calibration, ridge, healed layers)."""
+    source, ridge, *extra = text.split("@")
+    draws = [part for part in extra if "x" in part]
+    runs = [part for part in extra if "x" not in part]
     healed = [int(x) for x in runs[0].split(",")] if runs else list(removed)
-    if len(runs) > 1 or not set(healed) <= set(removed):
-        raise SystemExit(f"{text}: expected CALIB@RIDGE[@RUNS] with RUNS among --removed {removed}")
-    return source, float(ridge), healed
+    if len(runs) > 1 or len(draws) > 1 or not set(healed) <= set(removed):
+        raise SystemExit(f"{text}: expected CALIB@RIDGE[@RUNS][@NxLEN] with RUNS among --removed {removed}")
+    calibration = Calibration(source=source)
+    if draws:
+        samples, seq_len = (int(x) for x in draws[0].split("x"))
+        calibration = replace(calibration, samples=samples, seq_len=seq_len)
+    return calibration, float(ridge), healed
 
 
 def evaluate(evaluators: dict, name: str) -> dict:
@@ -68,18 +75,18 @@ def main() -> None:
     with bypass_layers(model, removed):
         plain = evaluate(evaluators, "plain")
     doc["plain"] = plain
-    for text, (source, ridge, healed) in zip(args.variants, variants):
+    for text, (calibration, ridge, healed) in zip(args.variants, variants):
         original = {name: p.detach().clone() for name, p in model.named_parameters()}
         try:
-            record = heal_layers(model, calibration_batches(replace(Calibration(), source=source), tokenizer),
-                                 healed, ridge)
+            record = heal_layers(model, calibration_batches(calibration, tokenizer), healed, ridge)
             with bypass_layers(model, removed):
                 result = evaluate(evaluators, text)
         finally:
             params = dict(model.named_parameters())
             for name, tensor in original.items():
                 params[name].data.copy_(tensor)
-        doc["variants"].append({"variant": text, "calibration": source, "ridge": ridge, "healed": healed,
+        doc["variants"].append({"variant": text, "calibration": calibration.source, "ridge": ridge, "healed": healed,
+                                "windows": [calibration.samples, calibration.seq_len],
                                 "heal": record.to_dict(), "perplexity": result})
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     print(report(doc))
@@ -88,14 +95,15 @@ def main() -> None:
 def report(doc: dict) -> str:
     """Markdown: plain, then each variant's perplexity per text with the paired Δ NLL against plain."""
     sources = doc["evaluation"]["ppl"]
-    lines = ["| heal fitted on | ridge | runs healed | " + " | ".join(sources) + " |",
-             "|---|---|---|" + "---|" * len(sources),
-             "| (plain prune) | – | – | " + " | ".join(f"{doc['plain'][s]['perplexity']:.2f}" for s in sources) + " |"]
+    lines = ["| heal fitted on | windows | ridge | runs healed | " + " | ".join(sources) + " |",
+             "|---|---|---|---|" + "---|" * len(sources),
+             "| (plain prune) | – | – | – | " + " | ".join(f"{doc['plain'][s]['perplexity']:.2f}" for s in sources) + " |"]
     for v in doc["variants"]:
         cells = [f"{v['perplexity'][s]['perplexity']:.2f} ({paired(v['perplexity'][s], doc['plain'][s])})"
                  for s in sources]
         runs = "all" if v["healed"] == doc["removed"] else ",".join(map(str, v["healed"]))
-        lines.append(f"| {v['calibration']} | {v['ridge']:g} | {runs} | " + " | ".join(cells) + " |")
+        windows = "x".join(map(str, v.get("windows", [32, 256])))
+        lines.append(f"| {v['calibration']} | {windows} | {v['ridge']:g} | {runs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -15,9 +15,9 @@ Methods (all on the same calibration: the ``Calibration`` default, WikiText-2 va
   sets ``--margin`` (default: the tool's).
 
 A ``+heal`` suffix heals (``--heal linear``, default ridge): ``simdiff+heal`` (any one-shot method) is that
-method's set healed on the calibration windows, as ``simdiff prune --heal linear`` saves it;
+method's set healed on ``--heal-samples`` calibration windows, as ``simdiff prune --heal linear`` saves it;
 ``alpha-auto:kl+heal`` is the search that scores every candidate healed (``--alpha auto --heal linear``), its
-winner healed on the search's scoring windows, as that command saves it. Healed sets are keys ``SET+heal`` and
+winner healed on the search's heal windows (outside the held-out blocks), as that command saves it. Healed sets are keys ``SET+heal`` and
 ``SET+heal@scoring`` in the JSON's ``sets``, each with its heal record. ``--heal-calib SOURCE`` fits the
 ``+heal`` maps on another calibration text (a folder of files mixes domains; use a JSON of its own).
 
@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from simdiff.config.settings import SearchSettings
+from simdiff.config.settings import DEFAULT_HEAL_SAMPLES, SearchSettings
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Options
 from simdiff.data import batches, calibration_batches, calibration_windows
 from simdiff.evaluate.suite import EvalSettings, Evaluator
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--heal-calib", default=None,
                         help="fit the +heal methods' maps on this calibration source instead (same draw: samples, "
                              "window length, seed); a folder of text files mixes domains")
+    parser.add_argument("--heal-samples", type=int, default=DEFAULT_HEAL_SAMPLES,
+                        help="windows (of the calibration's length) every heal is fitted on, as --heal-samples")
     parser.add_argument("--reuse", default=None,
                         help="an earlier curve JSON: its measurements of the same sets, on the same sources, "
                              "token counts, window length and --limit, are copied instead of re-measured")
@@ -208,7 +210,8 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
         settings = replace(settings, margin=settings.margin if margin is None else margin)
         start = time.perf_counter()
         searcher = make_searcher(model, tokenizer, calibration, settings, counts, {BEST_OF},  # the pool
-                                 keep_first=int(healed), healer=search_healer("linear") if healed else None)
+                                 keep_first=int(healed), healer=search_healer("linear") if healed else None,
+                                 heal_samples=args.heal_samples)
         if args.one_pass and objective == "kl":
             doc["costs"]["evidence scoring windows"] = searcher.calibration_seconds
             for method in plain:
@@ -263,9 +266,9 @@ def evaluate_all(model, tokenizer, calibration, doc: dict, args, save, counts: l
         evaluators[("tasks", args.tasks)] = Evaluator(model, tokenizer, EvalSettings(
             ppl=[], tasks=args.tasks.split(","), limit=args.limit, data_dir=args.data_dir))
     heal_calibration = replace(calibration, source=args.heal_calib) if args.heal_calib else calibration
-    doc["heal_calibration"] = heal_calibration.source
-    fit_windows = {"+heal": lambda: calibration_batches(heal_calibration, tokenizer),
-                   "+heal@scoring": lambda: batches(split_calibration(tokenizer, calibration).scoring,
+    doc["heal_calibration"], doc["heal_samples"] = heal_calibration.source, args.heal_samples
+    fit_windows = {"+heal": lambda: calibration_batches(heal_calibration, tokenizer, args.heal_samples),
+                   "+heal@scoring": lambda: batches(split_calibration(tokenizer, calibration, args.heal_samples)[1].scoring,
                                                     calibration.batch_size)}
     wanted = ["dense"] + [selection_key(s) for m in methods for c in counts for s in doc["selections"]
                           if s["count"] == c and s["method"] == m]

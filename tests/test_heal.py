@@ -17,8 +17,11 @@ from transformers import AutoModelForCausalLM
 
 from simdiff.cli.main import main
 from simdiff.collect.hooks import layer_output
+from simdiff.config.recipe import Calibration
 from simdiff.core.errors import SimdiffError
+from simdiff.data import calibration_batches
 from simdiff.data.windows import batches
+from simdiff.model import load_model
 from simdiff.model.layers import bypass_layers, find_decoder_layers
 from simdiff.surgery.heal import check_healable, find_branch, heal_layers, healed_bypass, removed_runs
 from simdiff.surgery.layers import remove_layers
@@ -272,6 +275,24 @@ def test_healed_checkpoint_reloads_generates_and_replays(workspace, tmp_path) ->
     assert all(torch.equal(p, again.get_parameter(n)) for n, p in healed.named_parameters())
 
 
+def test_heal_samples_sets_the_windows_the_maps_are_fitted_on(workspace, tmp_path) -> None:
+    """--heal-samples N: the maps are fitted on N windows drawn like the calibration windows (same text, length
+    and seed), whatever --samples scores on; the saved weights are those heal_layers fits on that draw."""
+    saved = {}
+    for samples in (8, 24):
+        out = tmp_path / f"h{samples}"
+        assert main(prune_args(workspace, out, "--layers", "2,3", "--heal", "linear", "--heal-samples",
+                               str(samples))) == 0
+        heal = json.loads((out / "simdiff.json").read_text())["heal"]
+        assert [r["tokens"] for r in heal["runs"]] == [samples * 32] and "--heal-samples" in heal["fitted_on"]
+        saved[samples] = AutoModelForCausalLM.from_pretrained(out).model.layers[1].mlp.down_proj.weight
+    model, tokenizer = load_model(str(workspace["model"]))
+    calibration = Calibration(source=str(workspace["calib"]), samples=8, seq_len=32)
+    heal_layers(model, calibration_batches(calibration, tokenizer, 24), [2, 3])
+    assert torch.allclose(model.model.layers[1].mlp.down_proj.weight, saved[24], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(saved[8], saved[24], atol=1e-4)
+
+
 def test_heal_protects_layer_zero_in_selection(workspace, tmp_path, caplog) -> None:
     out = tmp_path / "sel"
     with caplog.at_level(logging.INFO, logger="simdiff"):
@@ -296,6 +317,8 @@ def test_cli_refusals(workspace, tmp_path, capsys, monkeypatch) -> None:
          "drop --offload"),
         (prune_args(workspace, tmp_path / "c", "--layers", "2", "--heal", "linear", "--heal-ridge", "-1"),
          "--heal-ridge must be a number >= 0"),
+        (prune_args(workspace, tmp_path / "e", "--layers", "2", "--heal", "linear", "--heal-samples", "0"),
+         "--heal-samples must be at least 1"),
         (["apply", str(workspace["model"]), "--layers", "2", "--heal", "linear", "--out", str(tmp_path / "d")],
          "--layers 2 --heal linear`"),
     ]

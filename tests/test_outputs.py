@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from tiny import save_tiny, write_calibration_text
 
 import simdiff
+import simdiff.workflows.api  # the module whose functions the tests patch (simdiff imports it lazily)
 from simdiff.cli.main import main
 from simdiff.core.errors import SimdiffError
 

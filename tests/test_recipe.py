@@ -14,6 +14,7 @@ import simdiff
 from simdiff.cli.main import build_parser, main
 from simdiff.cli.options import recipe_from_args
 from simdiff.config.recipe import Calibration, load_recipe, recipe_from_dict, recipe_from_settings
+from simdiff.config.settings import DEFAULT_HEAL_SAMPLES
 from simdiff.core.errors import SimdiffError
 from simdiff.store.save import METADATA_FILE
 
@@ -50,6 +51,16 @@ def test_recipe_reads_scalars_lists_and_auto() -> None:
     assert recipe.selection.ratio == [0.25] and recipe.options.alpha == "auto"
     assert recipe.evaluation.tasks == ["piqa"] and recipe.evaluation.ppl == []
     assert recipe_from_dict(recipe.to_dict()) == recipe  # the written form reads back unchanged
+
+
+def test_a_healed_prune_saved_before_heal_samples_replays_its_heal_on_the_calibration_windows() -> None:
+    old = {"model": {"name": "m"}, "selection": {"layers": [2, 3], "heal": "linear"}, "calibration": {"samples": 8}}
+    assert recipe_from_dict({"recipe": old}).selection.heal_samples == 8  # a simdiff.json from before the option
+    assert recipe_from_dict(old).selection.heal_samples == DEFAULT_HEAL_SAMPLES  # a recipe written by hand
+    saved = recipe_from_dict({"recipe": {**old, "selection": {**old["selection"], "heal_samples": 64}}})
+    assert saved.selection.heal_samples == 64
+    plain = {**old, "selection": {"layers": [2, 3]}}
+    assert recipe_from_dict({"recipe": plain}).selection.heal_samples == DEFAULT_HEAL_SAMPLES
 
 
 def test_bad_recipe_file_is_one_line_exit_2(tmp_path, capsys) -> None:

@@ -16,7 +16,7 @@ from simdiff.collect.nll import nll_over
 from simdiff.config.settings import SearchSettings
 from simdiff.core.errors import SimdiffError
 from simdiff.criteria import LAYER_STATS, Evidence, Options
-from simdiff.data import batches, calibration_batches
+from simdiff.data import batches, calibration_batches, load_text, tokenize_text
 from simdiff.model.layers import bypass_layers
 from simdiff.selection.evidence import choose_one_shot, gather_evidence
 from simdiff.selection.search import (
@@ -395,20 +395,37 @@ def _healed_reference_kl(model, fit, heldout: torch.Tensor, removed: list[int]) 
     return sum(float((p.exp() * (p - q)).sum()) for p, q in zip(dense, healed)) / heldout[:, :].numel()
 
 
+def _outside_spans(windows: torch.Tensor, stream: torch.Tensor, spans: list[list[int]]) -> bool:
+    """Whether every window (after BOS) occurs somewhere in ``stream`` without touching a ``[start, end)`` span."""
+    body = windows.shape[1] - 1
+    starts = stream.unfold(0, body, 1)
+    for window in windows[:, 1:]:
+        found = torch.nonzero((starts == window).all(1)).flatten().tolist()
+        if not any(all(s + body <= a or s >= b for a, b in spans) for s in found):
+            return False
+    return True
+
+
 def test_healed_search_scores_each_set_after_its_heal(calib_slice):
     model, tok = tiny_model("llama", 8), tiny_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = Calibration(calib_slice, samples=8, seq_len=64, heldout_samples=6)
     pool = ["simdiff", "random", "block_influence"]  # two distinct sets on this model (keep_first 1)
     searcher = Searcher(model, tok, calibration, SearchSettings(margin=0, pool=pool), [3], pool, keep_first=1,
-                        healer=search_healer("linear"))
+                        healer=search_healer("linear"), heal_samples=12)
     search = searcher.search("best-of", 3, Options(seed=1))
     assert len(search.candidates) > 1
     assert search.healed and search.to_dict()["healed"] is True
     assert search.costs["heal_fits"] == len(search.candidates)  # one fit per distinct set
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left as it was
-    split = split_calibration(tok, calibration)
-    fit = batches(split.scoring, calibration.batch_size)
+    split, heal_split = split_calibration(tok, calibration, 12)  # heals fit on 12 windows from the same gaps
+    assert torch.equal(split.heldout, split_calibration(tok, calibration).heldout)
+    assert heal_split.scoring.shape[0] == 12 and torch.equal(heal_split.heldout, split.heldout)
+    stream = tokenize_text(tok, load_text(calib_slice, "valid"))
+    assert _outside_spans(heal_split.scoring, stream, split.spans)  # never a held-out token
+    assert not _outside_spans(split.heldout[:1], stream, split.spans)  # (the check can fail)
+    assert search.costs["heal_fitted_on"].startswith("12 windows")
+    fit = batches(heal_split.scoring, calibration.batch_size)
     plain = HeldoutObjective(model, batches(split.heldout, 4), "kl").scores([c.removed for c in search.candidates])
     for candidate, unhealed in zip(search.candidates, plain):
         assert candidate.score == pytest.approx(_healed_reference_kl(model, fit, split.heldout, candidate.removed),
@@ -429,11 +446,12 @@ def test_prune_heal_best_of_saves_the_margin_rules_pick_among_healed_scores(tmp_
     assert search["heal_fits"] == len(search["candidates"]) > 1
     assert all(c["heal"]["folded_into"] for c in search["candidates"])
     default, *others = search["candidates"]
-    beyond = [c for c in others if c["vs_default"][0] < -0.5 * c["vs_default"][1]]
+    beyond = [c for c in others if c["vs_default"][0] < -0.5 * c["vs_default"][1]
+              and c["vs_default_nll"][0] < -0.5 * c["vs_default_nll"][1]]  # ahead on held-out KL and NLL
     winner = min([default, *beyond], key=lambda c: c["score"])
     assert meta["removed_layers"] == search["removed"] == winner["removed"]
     assert search["heldout_score"] == winner["score"]
-    assert "scoring windows" in meta["heal"]["fitted_on"]
+    assert "held-out search's heal windows" in meta["heal"]["fitted_on"] and search["heal_windows"] == 256
     # the saved checkpoint is the model that was scored: its held-out KL against the dense model is the winner's
     from transformers import AutoModelForCausalLM
 

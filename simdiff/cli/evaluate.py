@@ -175,7 +175,8 @@ def pruned_evaluation(recipe, settings) -> tuple[str, Callable[[Path], None]]:
 def add_compare_parts(parser: argparse.ArgumentParser, criteria: str, out: str | None = None,
                       evaluation: dict | None = None, calibration: dict | None = None,
                       counts: tuple[str, ...] = ("num_layers", "ratio"), selection: dict | None = None) -> None:
-    add_selection_options(parser, only=["criterion", *counts, "keep_first", "keep_last", "heal", "heal_ridge"],
+    add_selection_options(parser, only=["criterion", *counts, "keep_first", "keep_last", "heal", "heal_ridge",
+                                        "heal_samples"],
                           defaults={"criterion": criteria, **(selection or {})})
     add_output_options(parser, out)
     add_evaluation_options(parser, defaults=evaluation, exclude=("log_samples",))  # eval --json writes samples
@@ -224,7 +225,8 @@ def run_comparison_recipe(recipe) -> dict:
         total = len(find_decoder_layers(model))
         counts = resolve_counts(total, sel.num_layers, sel.ratio)
         setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, heal_keep_first(sel),
-                             sel.keep_last, settings.metric, recipe.search, sel.heal, sel.heal_ridge)
+                             sel.keep_last, settings.metric, recipe.search, sel.heal, sel.heal_ridge,
+                             sel.heal_samples)
         document = compare(model, tokenizer, setup, spec.name)
         document["recipe"] = replace(recipe, overwrite=False).to_dict()
         out = write_results(document, claim)

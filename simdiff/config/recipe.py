@@ -27,6 +27,7 @@ from simdiff.config.flags import (
     option,
 )
 from simdiff.config.settings import (
+    DEFAULT_HEAL_SAMPLES,
     DEFAULT_RIDGE,
     DTYPE_NAMES,
     HEAL_METHODS,
@@ -141,6 +142,9 @@ class SelectionSettings:
                                "model's use; none: plain removal", choices=HEAL_METHODS)
     heal_ridge: float = option(DEFAULT_RIDGE, "--heal linear's ridge, relative to the mean eigenvalue of M^T M "
                                               "(lambda = ridge * trace(M^T M) / d; 0 = plain least squares)")
+    heal_samples: int = option(DEFAULT_HEAL_SAMPLES, "calibration windows (of --calib-seq-len tokens, from the "
+                                                     "--calib text with --seed) --heal linear fits its maps on: a "
+                                                     "d x d map per run needs far more tokens than the scores do")
 
     def __post_init__(self) -> None:
         self.check_heal()
@@ -148,6 +152,8 @@ class SelectionSettings:
     def check_heal(self) -> None:
         if not self.heal_ridge >= 0:
             raise SimdiffError(f"--heal-ridge must be a number >= 0, got {self.heal_ridge}")
+        if self.heal_samples < 1:
+            raise SimdiffError(f"--heal-samples must be at least 1, got {self.heal_samples}")
 
     def counts_given(self) -> list:
         return (self.num_layers or []) + (self.ratio or [])
@@ -330,7 +336,7 @@ def checked_fields(cls: type, data: Any, where: str | None) -> dict:
 def recipe_from_dict(data: Any) -> Recipe:
     """Validate a recipe mapping (as read from YAML/JSON, or a ``simdiff.json`` holding one under 'recipe')."""
     if isinstance(data, dict) and isinstance(data.get(RECIPE_KEY), dict):
-        data = data[RECIPE_KEY]
+        data = _heal_as_saved(data[RECIPE_KEY])
     top = checked_fields(Recipe, data, None)
     kwargs = {}
     for key, value in data.items():
@@ -340,6 +346,16 @@ def recipe_from_dict(data: Any) -> Recipe:
         else:
             kwargs[key] = coerce(top[key], value, key)
     return Recipe(**kwargs)
+
+
+def _heal_as_saved(recipe: dict) -> dict:
+    """A ``simdiff.json`` saved before ``--heal-samples`` existed fitted its heal on the calibration windows:
+    its replay does the same (a recipe written by hand takes the default)."""
+    selection, calibration = recipe.get("selection"), recipe.get("calibration")
+    if not isinstance(selection, dict) or selection.get("heal", "none") == "none" or "heal_samples" in selection:
+        return recipe
+    samples = calibration.get("samples") if isinstance(calibration, dict) else None
+    return {**recipe, "selection": {**selection, "heal_samples": samples or Calibration.samples}}
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -66,6 +66,7 @@ class Options:
 OBJECTIVES = ("kl", "ppl")
 HEAL_METHODS = ("none", "linear")  # --heal (simdiff.surgery.heal)
 DEFAULT_RIDGE = 1e-4  # --heal-ridge, relative to the mean eigenvalue of M^T M
+DEFAULT_HEAL_SAMPLES = 256  # --heal-samples: 65,536 tokens at the default --calib-seq-len (docs/recovery.md)
 
 
 DEFAULT_POOL = ("simdiff", "block_influence", "angular_block", "mssd", "masd")

@@ -36,8 +36,9 @@ __all__ = [
 ]
 
 
-def calibration_batches(calibration, tokenizer) -> list[Batch]:
-    """The calibration windows :class:`~simdiff.config.recipe.Calibration` describes, batched."""
-    windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seq_len,
-                                  calibration.seed, calibration.data_dir)
+def calibration_batches(calibration, tokenizer, samples: int | None = None) -> list[Batch]:
+    """The calibration windows :class:`~simdiff.config.recipe.Calibration` describes, batched; ``samples``
+    draws that many windows instead (same text, length and seed: ``--heal-samples``)."""
+    windows = calibration_windows(tokenizer, calibration.source, samples or calibration.samples,
+                                  calibration.seq_len, calibration.seed, calibration.data_dir)
     return batches(windows, calibration.batch_size, calibration.skip_first_token)

@@ -39,17 +39,17 @@ def search_pool(kinds: set[str | None], settings: SearchSettings) -> tuple[str, 
 def make_searcher(model: nn.Module, tokenizer, calibration, settings: SearchSettings, counts: list[int],
                   kinds: set[str | None], keep_first: int = 0, keep_last: int = 0,
                   reported: Sequence[str] | None = None, healer=None,
-                  reference_evidence: Evidence | None = None) -> Searcher | None:
+                  reference_evidence: Evidence | None = None, heal_samples: int | None = None) -> Searcher | None:
     """The held-out searcher the search ``kinds`` need (None when every candidate is plain); ``reported``:
-    the criteria its evidence is scored for (default: the pool); ``healer``: score every set healed
-    (:class:`~simdiff.selection.search.Searcher`); ``reference_evidence``: statistics already gathered on the
-    calibration windows (spares the searcher that pass)."""
+    the criteria its evidence is scored for (default: the pool); ``healer``: score every set healed, fitted on
+    ``heal_samples`` windows (:class:`~simdiff.selection.search.Searcher`); ``reference_evidence``: statistics
+    already gathered on the calibration windows (spares the searcher that pass)."""
     kinds = set(kinds) - {None}
     if not kinds:
         return None
     pool = search_pool(kinds, settings)
     return Searcher(model, tokenizer, calibration, settings, counts, list(reported) if reported is not None
-                    else pool, keep_first, keep_last, healer, reference_evidence)
+                    else pool, keep_first, keep_last, healer, reference_evidence, heal_samples)
 
 
 def choose(criterion: str, count: int, options: Options, evidence: Evidence | None = None,

@@ -43,7 +43,8 @@ exactly the winner: nothing is re-scored afterwards. Every candidate records ``v
 ``vs_default_nll``, its paired differences from the reference (objective, NLL) with their standard errors.
 
 **Healed.** With a ``healer`` (``--heal linear``) every candidate set is scored after its heal, fitted once per
-distinct set on the scoring windows; the margin rule then picks among healed scores.
+distinct set on ``--heal-samples`` windows drawn like the scoring windows (seeded, from the gaps between the
+held-out blocks); the margin rule then picks among healed scores.
 """
 
 from __future__ import annotations
@@ -161,11 +162,17 @@ def split_token_stream(ids: torch.Tensor, samples: int, seq_len: int, seed: int,
     return WindowSplit(scoring, heldout, blocks, [list(b) for b in bounds], len(ids))
 
 
-def split_calibration(tokenizer, calibration) -> WindowSplit:
-    """:func:`split_token_stream` on a :class:`simdiff.workflows.api.Calibration`'s text (validation split)."""
+def split_calibration(tokenizer, calibration, *more_samples: int) -> WindowSplit | list[WindowSplit]:
+    """:func:`split_token_stream` on a :class:`simdiff.workflows.api.Calibration`'s text (validation split).
+
+    With ``more_samples``, the list of splits for ``calibration.samples`` and then each of those sample counts:
+    the same held-out blocks, scoring windows drawn (with the same seed) from the same gaps, the text read once.
+    """
     ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
-    return split_token_stream(ids, calibration.samples, calibration.seq_len, calibration.seed,
-                              bos_token_id(tokenizer), calibration.heldout_samples, calibration.heldout_blocks)
+    splits = [split_token_stream(ids, samples, calibration.seq_len, calibration.seed, bos_token_id(tokenizer),
+                                 calibration.heldout_samples, calibration.heldout_blocks)
+              for samples in (calibration.samples, *more_samples)]
+    return splits if more_samples else splits[0]
 
 
 # -- candidates ----------------------------------------------------------------------------------------------
@@ -374,7 +381,7 @@ class HeldoutObjective:
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
 
     def describe(self) -> str:
-        healed = " (healed: each set's linear heal fitted on the scoring windows)" if self.healer else ""
+        healed = " (healed: each set's linear heal fitted outside the held-out blocks)" if self.healer else ""
         if self.kind == "kl":
             return f"mean KL(dense || candidate) of next-token distributions over held-out tokens (nats){healed}"
         return f"held-out calibration perplexity with the candidate's layers bypassed{healed}"
@@ -446,21 +453,27 @@ class Searcher:
     def __init__(self, model: nn.Module, tokenizer, calibration, settings: SearchSettings, counts: Sequence[int],
                  criteria: Sequence[str] = ("simdiff",), keep_first: int = 0, keep_last: int = 0,
                  healer: Callable[[nn.Module, Sequence[Batch], list[int]], tuple] | None = None,
-                 reference_evidence: Evidence | None = None) -> None:
+                 reference_evidence: Evidence | None = None, heal_samples: int | None = None) -> None:
         """``healer(model, batches, removed) -> (record, folded parameters)``: score every set healed, the heal
-        fitted on the scoring windows (``simdiff.surgery.heal.fit_healed_weights``). ``reference_evidence``:
-        layer statistics the caller already gathered on the calibration windows ``prune`` draws (else one
-        pass collects them, the first time a reference is needed)."""
+        fitted on ``heal_samples`` windows drawn from the scoring windows' gaps (default: the scoring windows
+        themselves; ``simdiff.surgery.heal.fit_healed_weights``). ``reference_evidence``: layer statistics the
+        caller already gathered on the calibration windows ``prune`` draws (else one pass collects them, the
+        first time a reference is needed)."""
         settings.check()
         self.model, self.settings, self.keep = model, settings, (keep_first, keep_last)
         self.tokenizer, self.calibration = tokenizer, calibration
         self._reference_evidence, self.reference_passes, self.reference_seconds = reference_evidence, 0, 0.0
-        split = split_calibration(tokenizer, calibration)
+        own_heal_draw = [heal_samples] if healer is not None and heal_samples not in (None, calibration.samples) else []
+        splits = split_calibration(tokenizer, calibration, *own_heal_draw)
+        split, heal_split = splits if own_heal_draw else (splits, splits)
         scoring, heldout = split.scoring, split.heldout
         self.windows = {"scoring_windows": int(scoring.shape[0]), "heldout_windows": int(heldout.shape[0]),
                         **split.record()}
         self.scoring_batches = batches(scoring, calibration.batch_size)
-        bound = None if healer is None else (lambda removed: healer(model, self.scoring_batches, removed))
+        self.heal_batches = batches(heal_split.scoring, calibration.batch_size)
+        if healer is not None:
+            self.windows["heal_windows"] = int(heal_split.scoring.shape[0])
+        bound = None if healer is None else (lambda removed: healer(model, self.heal_batches, removed))
         self.objective = HeldoutObjective(model, batches(heldout, calibration.batch_size), settings.objective,
                                           split.blocks, bound)
         criteria = list(dict.fromkeys(["simdiff", *criteria]))
@@ -515,7 +528,8 @@ class Searcher:
         if healed:
             costs.update(heal_fits=len(self.objective.heals) - fits,
                          heal_seconds=self.objective.heal_seconds - heal_seconds,
-                         heal_fitted_on="scoring windows (never the held-out ones)")
+                         heal_fitted_on=f"{self.windows['heal_windows']} windows drawn like the scoring ones, from "
+                                        "the gaps between the held-out blocks (never a held-out token)")
         return Search(kind, count, winner, candidates, self.settings.objective, self.objective.describe(), dropped,
                       self.settings.max_candidates, self.objective.passes - passes,
                       self.objective.seconds - seconds, costs, healed)

@@ -189,7 +189,8 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.selection.search)
         reported = sorted(set(scored), key=list(CRITERIA).index)
         searcher = make_searcher(model, tokenizer, calibration, search, [count], {kind}, keep_first,
-                                 sel.keep_last, reported=reported, healer=search_healer(sel.heal, sel.heal_ridge))
+                                 sel.keep_last, reported=reported, healer=search_healer(sel.heal, sel.heal_ridge),
+                                 heal_samples=sel.heal_samples)
         choice = choose(criterion, count, options, searcher=searcher)
         searched, selection, options = choice.search, choice.selection, choice.options
         scores = ScoreResult(searcher.evidence, options,
@@ -198,7 +199,7 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     if claim is None:  # data parallel: rank 0 saves
         return PruneResult(selection, scores, [i for i in range(total) if i not in selection.removed])
     healed = heal_for_prune(model, tokenizer, recipe, selection.removed,
-                            searcher.scoring_batches if searched is not None else None)
+                            searcher.heal_batches if searched is not None else None)
     kept = remove_layers(model, selection.removed, sel.slice_config_keys)
     metadata = prune_metadata(spec_model.name, selection, scores, kept, total, calibration, options,
                               iterative=sel.iterative, keep_first=keep_first, keep_last=sel.keep_last,
@@ -250,8 +251,8 @@ def heal_keep_first(sel) -> int:
 def heal_for_prune(model, tokenizer, recipe: Recipe, removed: list[int],
                    fit_batches: list | None = None) -> HealRecord | None:
     """Fold the healing maps into ``model`` (before the layers are removed), as ``recipe.selection`` says;
-    ``fit_batches``: a held-out search's scoring windows (so the saved heal is the one its set was scored with),
-    else the calibration windows."""
+    ``fit_batches``: a held-out search's heal windows (so the saved heal is the one its set was scored with),
+    else ``--heal-samples`` windows drawn from the calibration text."""
     sel = recipe.selection
     if sel.heal == "none":
         return None
@@ -259,9 +260,12 @@ def heal_for_prune(model, tokenizer, recipe: Recipe, removed: list[int],
     if sel.layers is not None:
         note_calibration_text(recipe.calibration.source)
     if fit_batches is None:
-        return heal_layers(model, calibration_batches(recipe.calibration, tokenizer), removed, sel.heal_ridge)
+        record = heal_layers(model, calibration_batches(recipe.calibration, tokenizer, sel.heal_samples), removed,
+                             sel.heal_ridge)
+        record.fitted_on = f"{sel.heal_samples} calibration windows (--heal-samples)"
+        return record
     record = heal_layers(model, fit_batches, removed, sel.heal_ridge)
-    record.fitted_on = "the held-out search's scoring windows (as the saved set was scored)"
+    record.fitted_on = "the held-out search's heal windows, outside its held-out blocks (as the saved set was scored)"
     return record
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from simdiff.config.settings import DEFAULT_RIDGE, SearchSettings
+from simdiff.config.settings import DEFAULT_HEAL_SAMPLES, DEFAULT_RIDGE, SearchSettings
 from simdiff.core.outputs import MARKER, OutputDir, claimed_dir
 from simdiff.criteria import Options
-from simdiff.data import batches, calibration_windows
+from simdiff.data import batches, calibration_batches, calibration_windows
 from simdiff.data.text import text_variant
 from simdiff.evaluate.suite import EvalSettings, Evaluator, mean_accuracy, percent_retained
 from simdiff.model.checks import check_seq_len
@@ -56,6 +56,7 @@ class CompareSetup:
     search: SearchSettings = field(default_factory=SearchSettings)
     heal: str = "none"
     heal_ridge: float = DEFAULT_RIDGE
+    heal_samples: int = DEFAULT_HEAL_SAMPLES
 
 
 def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = "") -> dict:
@@ -69,9 +70,11 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
         check_seq_len(model, setup.evaluation.seq_len, "--eval-seq-len")
     windows = calibration_windows(tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, cal.data_dir)
     calib_batches = batches(windows, cal.batch_size, cal.skip_first_token)
+    heal_batches = None
     if setup.heal != "none":  # an architecture that cannot take a folded map is refused before the scoring
         preflight(model, calib_batches[:1])
         note_calibration_text(cal.source)
+        heal_batches = calibration_batches(cal, tokenizer, setup.heal_samples)
     criteria = list(dict.fromkeys(s.criterion for s in setup.specs if s.criterion != BEST_OF))
     start = time.perf_counter()
     evidence = gather_evidence(model, calib_batches, needs_of(criteria), block_sizes_for(criteria, counts))
@@ -87,7 +90,7 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
     for spec in setup.specs:
         for count in counts:
             rows.append(_candidate(model, evaluator, evidence, searcher, spec, count, setup, dense, done, profiles,
-                                   calib_batches))
+                                   heal_batches))
     return {
         "model": model_name,
         "num_layers": total,
@@ -97,7 +100,7 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
                         "windows": int(windows.shape[0]), "seconds": calibration_seconds,
                         "passes": sorted(needs_of(criteria))},
         "search": vars(setup.search) if searcher is not None else None,
-        "heal": {"method": setup.heal, "ridge": setup.heal_ridge},
+        "heal": {"method": setup.heal, "ridge": setup.heal_ridge, "samples": setup.heal_samples},
         "evaluation": {**vars(setup.evaluation), "metric_for_retained": setup.metric},
         "options": vars(setup.options),
         "keep_first": setup.keep_first,
@@ -114,11 +117,11 @@ def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int], calibrat
     kinds = {search_kind(s.criterion, s.options(setup.options)) for s in setup.specs}
     return make_searcher(model, tokenizer, setup.calibration, setup.search, counts, kinds, setup.keep_first,
                          setup.keep_last, healer=search_healer(setup.heal, setup.heal_ridge),
-                         reference_evidence=calibration_evidence)
+                         reference_evidence=calibration_evidence, heal_samples=setup.heal_samples)
 
 
 def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: CandidateSpec, count: int,
-               setup: CompareSetup, dense: dict, done: dict, profiles: dict, calib_batches: list) -> dict:
+               setup: CompareSetup, dense: dict, done: dict, profiles: dict, heal_batches: list | None) -> dict:
     start = time.perf_counter()
     options = spec.options(setup.options)
     row: dict = {"label": spec.label, "criterion": spec.criterion, "count": count}
@@ -146,7 +149,7 @@ def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: Cand
             with bypass_layers(model, selection.removed):
                 result = evaluator(f"{spec.label} -{count}")
         else:
-            with healed_bypass(model, calib_batches, selection.removed, setup.heal_ridge) as healed:
+            with healed_bypass(model, heal_batches, selection.removed, setup.heal_ridge) as healed:
                 result = evaluator(f"{spec.label} -{count}")
             row["heal"] = done[key]["heal"] = healed.to_dict()
         done[key]["result"] = result
