@@ -268,7 +268,7 @@ def evaluate_all(model, tokenizer, calibration, doc: dict, args, save, counts: l
     heal_calibration = replace(calibration, source=args.heal_calib) if args.heal_calib else calibration
     doc["heal_calibration"], doc["heal_samples"] = heal_calibration.source, args.heal_samples
     fit_windows = {"+heal": lambda: calibration_batches(heal_calibration, tokenizer, args.heal_samples),
-                   "+heal@scoring": lambda: batches(split_calibration(tokenizer, calibration, args.heal_samples)[1].scoring,
+                   "+heal@scoring": lambda: batches(split_calibration(tokenizer, calibration, args.heal_samples).scoring,
                                                     calibration.batch_size)}
     wanted = ["dense"] + [selection_key(s) for m in methods for c in counts for s in doc["selections"]
                           if s["count"] == c and s["method"] == m]

@@ -51,8 +51,11 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     text = "\n\n".join(sample(model, tokenizer, args.windows, args.tokens, args.seed))
     partial = out.with_name(out.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(out)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -162,17 +162,17 @@ def split_token_stream(ids: torch.Tensor, samples: int, seq_len: int, seed: int,
     return WindowSplit(scoring, heldout, blocks, [list(b) for b in bounds], len(ids))
 
 
-def split_calibration(tokenizer, calibration, *more_samples: int) -> WindowSplit | list[WindowSplit]:
+def split_calibration(tokenizer, calibration, samples: int | None = None,
+                      ids: torch.Tensor | None = None) -> WindowSplit:
     """:func:`split_token_stream` on a :class:`simdiff.workflows.api.Calibration`'s text (validation split).
 
-    With ``more_samples``, the list of splits for ``calibration.samples`` and then each of those sample counts:
-    the same held-out blocks, scoring windows drawn (with the same seed) from the same gaps, the text read once.
+    ``samples`` draws that many scoring windows instead (same held-out blocks, same gaps, same seed: the heal's
+    draw); ``ids``: the text already tokenised (read once for several draws).
     """
-    ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
-    splits = [split_token_stream(ids, samples, calibration.seq_len, calibration.seed, bos_token_id(tokenizer),
-                                 calibration.heldout_samples, calibration.heldout_blocks)
-              for samples in (calibration.samples, *more_samples)]
-    return splits if more_samples else splits[0]
+    if ids is None:
+        ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
+    return split_token_stream(ids, samples or calibration.samples, calibration.seq_len, calibration.seed,
+                              bos_token_id(tokenizer), calibration.heldout_samples, calibration.heldout_blocks)
 
 
 # -- candidates ----------------------------------------------------------------------------------------------
@@ -463,9 +463,10 @@ class Searcher:
         self.model, self.settings, self.keep = model, settings, (keep_first, keep_last)
         self.tokenizer, self.calibration = tokenizer, calibration
         self._reference_evidence, self.reference_passes, self.reference_seconds = reference_evidence, 0, 0.0
-        own_heal_draw = [heal_samples] if healer is not None and heal_samples not in (None, calibration.samples) else []
-        splits = split_calibration(tokenizer, calibration, *own_heal_draw)
-        split, heal_split = splits if own_heal_draw else (splits, splits)
+        ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
+        split = split_calibration(tokenizer, calibration, ids=ids)
+        own_heal_draw = healer is not None and heal_samples not in (None, calibration.samples)
+        heal_split = split_calibration(tokenizer, calibration, heal_samples, ids) if own_heal_draw else split
         scoring, heldout = split.scoring, split.heldout
         self.windows = {"scoring_windows": int(scoring.shape[0]), "heldout_windows": int(heldout.shape[0]),
                         **split.record()}
