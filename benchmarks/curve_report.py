@@ -185,6 +185,21 @@ def versus_table(curve: dict, pairs: list[tuple[str, str]]) -> str:
     return markdown_table(header, rows)
 
 
+def against_table(curve: dict, other: dict, label: str) -> str:
+    """Every set both curves measured (same key, e.g. the same healed set fitted two ways): ``other``'s and
+    ``curve``'s perplexity per text with the paired Δ NLL (``curve`` minus ``other``, same windows), and tasks."""
+    sources, tasks = curve["evaluation"]["ppl"], _tasks(curve)
+    header = ["set", *(f"{_short(s)}: {label} → this (change, Δ NLL)" for s in sources),
+              *(f"{t} acc: {label} → this" for t in tasks)]
+    rows = []
+    for key, entry in curve["sets"].items():
+        theirs = other.get("sets", {}).get(key)
+        if theirs is None or key == "dense" or "reused_from" in entry:
+            continue
+        rows.append([key, *(_ppl_change(entry, theirs, s) for s in sources), *(_acc_change(entry, theirs, t) for t in tasks)])
+    return markdown_table(header, rows)
+
+
 def draws_table(curve: dict, source: str = "wikitext2") -> str:
     """Per count, each criterion over its calibration draws (``METHOD`` is seed 0, ``METHOD:seed=K`` the
     others): the distinct sets it chose with how often, and the mean perplexity over draws."""
@@ -215,12 +230,19 @@ def main() -> None:
     parser.add_argument("--versus", default=None,
                         help="comma-separated METHOD/BASE pairs: a table of METHOD against BASE at every count, "
                              "e.g. simdiff+heal/simdiff,alpha-auto:kl/simdiff")
+    parser.add_argument("--against", default=None,
+                        help="OTHER.json[:LABEL]: the sets this curve measured itself that OTHER also has, paired "
+                             "(e.g. the same healed sets fitted another way)")
     parser.add_argument("--draws", action="store_true",
                         help="also print the calibration-draw table (methods named METHOD:seed=K)")
     args = parser.parse_args()
     curve = json.loads(Path(args.json).read_text(encoding="utf-8"))
     if args.draws:
         print(draws_table(curve))
+        print()
+    if args.against:
+        path, _, label = args.against.partition(":")
+        print(against_table(curve, json.loads(Path(path).read_text(encoding="utf-8")), label or "other"))
         print()
     if args.methods:
         keep = args.methods.split(",")

@@ -44,7 +44,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from simdiff.config.settings import DEFAULT_HEAL_SAMPLES, SearchSettings
+from simdiff.config.settings import (
+    DEFAULT_HEAL_SAMPLES,
+    DEFAULT_HEAL_WEIGHTING,
+    HEAL_WEIGHTINGS,
+    SearchSettings,
+)
 from simdiff.criteria import LAYER_STATS, SKIP_LOSS, TAYLOR, Options
 from simdiff.data import batches, calibration_batches, calibration_windows
 from simdiff.evaluate.suite import EvalSettings, Evaluator
@@ -90,6 +95,8 @@ def main() -> None:
                              "window length, seed); a folder of text files mixes domains")
     parser.add_argument("--heal-samples", type=int, default=DEFAULT_HEAL_SAMPLES,
                         help="windows (of the calibration's length) every heal is fitted on, as --heal-samples")
+    parser.add_argument("--heal-weighting", default=DEFAULT_HEAL_WEIGHTING, choices=HEAL_WEIGHTINGS,
+                        help="every heal's token weights, as --heal-weighting")
     parser.add_argument("--reuse", default=None,
                         help="an earlier curve JSON: its measurements of the same sets, on the same sources, "
                              "token counts, window length and --limit, are copied instead of re-measured")
@@ -210,7 +217,7 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
         settings = replace(settings, margin=settings.margin if margin is None else margin)
         start = time.perf_counter()
         searcher = make_searcher(model, tokenizer, calibration, settings, counts, {BEST_OF},  # the pool
-                                 keep_first=int(healed), healer=search_healer("linear") if healed else None,
+                                 keep_first=int(healed), healer=search_healer("linear", weighting=args.heal_weighting) if healed else None,
                                  heal_samples=args.heal_samples)
         if args.one_pass and objective == "kl":
             doc["costs"]["evidence scoring windows"] = searcher.calibration_seconds
@@ -267,6 +274,7 @@ def evaluate_all(model, tokenizer, calibration, doc: dict, args, save, counts: l
             ppl=[], tasks=args.tasks.split(","), limit=args.limit, data_dir=args.data_dir))
     heal_calibration = replace(calibration, source=args.heal_calib) if args.heal_calib else calibration
     doc["heal_calibration"], doc["heal_samples"] = heal_calibration.source, args.heal_samples
+    doc["heal_weighting"] = args.heal_weighting
     fit_windows = {"+heal": lambda: calibration_batches(heal_calibration, tokenizer, args.heal_samples),
                    "+heal@scoring": lambda: batches(split_calibration(tokenizer, calibration, args.heal_samples).scoring,
                                                     calibration.batch_size)}
@@ -281,7 +289,8 @@ def evaluate_all(model, tokenizer, calibration, doc: dict, args, save, counts: l
         if not missing:
             continue
         heal = "+" + key.partition("+")[2] if "+" in key else None
-        with (healed_bypass(model, fit_windows[heal](), removed) if heal else bypass_layers(model, removed)) as record:
+        with (healed_bypass(model, fit_windows[heal](), removed, weighting=args.heal_weighting) if heal
+              else bypass_layers(model, removed)) as record:
             if heal:
                 entry["heal"] = record.to_dict()
             for part, name in missing:

@@ -23,7 +23,18 @@ from simdiff.data import calibration_batches
 from simdiff.data.windows import batches
 from simdiff.model import load_model
 from simdiff.model.layers import bypass_layers, find_decoder_layers
-from simdiff.surgery.heal import check_healable, find_branch, heal_layers, healed_bypass, removed_runs
+from simdiff.surgery.heal import (
+    NormalEquations,
+    SplitEquations,
+    check_healable,
+    check_windows,
+    checked_transform,
+    find_branch,
+    heal_layers,
+    healed_bypass,
+    removed_runs,
+    token_weights,
+)
 from simdiff.surgery.layers import remove_layers
 
 FOLDABLE = ["llama", "qwen2", "phi3", "gpt2", "opt", "gpt_neox", "qwen3_moe", "qwen2_moe"]
@@ -69,7 +80,7 @@ def test_folded_model_equals_the_unfolded_map(family, one_thread) -> None:
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     healed = copy.deepcopy(original)
     data = calib_batches()
-    record = heal_layers(healed, data, REMOVED, ridge=1e-3)
+    record = heal_layers(healed, data, REMOVED, ridge=1e-3, check=False)  # the fold, whatever the check says
     assert [r.folded_into for r in record.runs] == [1, 4]
     assert all(r.r2_calibration > r.r2_calibration_unhealed for r in record.runs)
     if family == "qwen2_moe":  # every expert and the shared expert
@@ -100,8 +111,8 @@ def test_folded_model_equals_the_unfolded_map(family, one_thread) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
-def collect(model, data, run: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Independently collected (M, L - Y) rows for ``run`` on ``model`` as it is (numpy float64)."""
+def collect(model, data, run: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Independently collected (M, L - Y, L) rows for ``run`` on ``model`` as it is (numpy float64)."""
     a, b = run
     decoder = find_decoder_layers(model)
     branch = find_branch(model, a - 1, data[0])
@@ -115,19 +126,28 @@ def collect(model, data, run: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     for hook in hooks:
         hook.remove()
     rows = {k: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]).double().numpy() for k, v in seen.items()}
-    return rows["m"], rows["b"] - (rows["p"] - rows["m"])
+    return rows["m"], rows["b"] - (rows["p"] - rows["m"]), rows["b"]
+
+
+def weighted(rows: np.ndarray, residual: np.ndarray, weighting: str) -> np.ndarray:
+    """Rows scaled by sqrt(w_t): relative weights w_t = 1 / ||L_t||^2 turn into dividing each row by ||L_t||."""
+    return rows / np.linalg.norm(residual, axis=1, keepdims=True) if weighting == "relative" else rows
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_transform_is_numpy_least_squares(family, one_thread) -> None:
-    """Dense targets: every run's T equals numpy.linalg.lstsq on independently collected activations, both
-    plain (ridge 0) and with the ridge towards the identity (an augmented least-squares system)."""
+@pytest.mark.parametrize("weighting", ["relative", "uniform"])
+def test_transform_is_numpy_least_squares(family, weighting, one_thread) -> None:
+    """Dense targets: every run's T equals numpy.linalg.lstsq on independently collected activations, each row
+    scaled by 1 / ||L_t|| for relative weights, both plain (ridge 0) and with the ridge towards the identity (an
+    augmented least-squares system); the recorded R^2 is that weighted system's."""
     data = calib_batches()
     original = tiny_model(family)
     for ridge in (0.0, 0.05):
-        record = heal_layers(copy.deepcopy(original), data, REMOVED, ridge=ridge, targets="dense")
+        record = heal_layers(copy.deepcopy(original), data, REMOVED, ridge=ridge, targets="dense",
+                             weighting=weighting, check=False)
         for run in record.runs:
-            m, target = collect(original, data, (run.layers[0], run.layers[-1]))
+            m, raw_target, residual = collect(original, data, (run.layers[0], run.layers[-1]))
+            m, target = weighted(m, residual, weighting), weighted(raw_target, residual, weighting)
             d = m.shape[1]
             lam = ridge * np.trace(m.T @ m) / d
             a = np.vstack([m, np.sqrt(lam) * np.eye(d)])
@@ -135,10 +155,37 @@ def test_transform_is_numpy_least_squares(family, one_thread) -> None:
             expected = np.linalg.lstsq(a, y, rcond=None)[0]
             np.testing.assert_allclose(run.transform.numpy(), expected, rtol=1e-6, atol=1e-6)
             assert run.ridge_lambda == pytest.approx(lam)
-    sequential = heal_layers(copy.deepcopy(original), data, REMOVED, ridge=0.0)
-    m, target = collect(original, data, (2, 3))  # the first run sees the dense model in both modes
-    np.testing.assert_allclose(sequential.runs[0].transform.numpy(), np.linalg.lstsq(m, target, rcond=None)[0],
-                               rtol=1e-6, atol=1e-6)
+            w = weighted(np.ones((len(m), 1)), residual, weighting) ** 2
+            mean = (w * raw_target).sum(0) / w.sum()
+            r2 = 1 - ((target - m @ expected) ** 2).sum() / (w * (raw_target - mean) ** 2).sum()
+            assert run.r2_calibration == pytest.approx(r2, rel=1e-6)  # weighted as the fit
+        assert record.to_dict()["weighting"] == weighting
+    sequential = heal_layers(copy.deepcopy(original), data, REMOVED, ridge=0.0, weighting=weighting, check=False)
+    m, target, residual = collect(original, data, (2, 3))  # the first run sees the dense model in both modes
+    expected = np.linalg.lstsq(weighted(m, residual, weighting), weighted(target, residual, weighting), rcond=None)[0]
+    np.testing.assert_allclose(sequential.runs[0].transform.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_relative_weights_keep_a_huge_token_from_carrying_the_fit(one_thread) -> None:
+    """The attention-sink case: one token whose rows are 1000x the others' and which wants a different map.
+    Uniform least squares follows that token; relative weights (error / ||L_t||^2) follow the many others."""
+    generator = torch.Generator().manual_seed(0)
+    d, n = 8, 400
+    m = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    y = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    common, odd = torch.randn(d, d, generator=generator, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
+    target = m @ common
+    m[0] *= 1000.0
+    target[0] = m[0] @ odd
+    fits = {}
+    for weighting in ("relative", "uniform"):
+        equations = NormalEquations(d, torch.device("cpu"))
+        equations.add(m, target, token_weights(y + target, weighting))
+        fits[weighting] = equations.solve(0.0)[0]
+    rest = slice(1, None)
+    error = {k: float((m[rest] @ t - target[rest]).norm() / target[rest].norm()) for k, t in fits.items()}
+    assert error["relative"] < 0.1  # measured 0.05: the one odd token pulls a little
+    assert error["uniform"] > 0.25  # measured 0.31: its direction gets the odd token's map
 
 
 class LinearLayer(nn.Module):
@@ -192,7 +239,7 @@ def test_healing_brings_the_pruned_model_closer_to_the_dense_one(family, one_thr
     dense = logits(model, data)
     with bypass_layers(model, REMOVED):
         plain = logits(model, data)
-    with healed_bypass(model, data, REMOVED, ridge=1e-3):
+    with healed_bypass(model, data, REMOVED, ridge=1e-3, check=False):  # fitted on these windows, all of them
         healed = logits(model, data)
     assert kl_to(dense, healed) < kl_to(dense, plain)
     torch.testing.assert_close(logits(model, data), dense)  # healed_bypass restored the weights
@@ -389,7 +436,7 @@ def test_gguf_export_requantizes_exactly_the_healed_tensors(tmp_path) -> None:
 
     src = write_tiny_gguf(tmp_path / "tiny.gguf")
     model = load_gguf_model(src)
-    record = heal_layers(model, calib_batches(vocab=64), [2, 3, 5]).to_dict()
+    record = heal_layers(model, calib_batches(vocab=64), [2, 3, 5], check=False).to_dict()
     kept = remove_layers(model, [2, 3, 5])
     for run in record["runs"]:
         run["folded_into_saved_index"] = kept.index(run["folded_into"])
@@ -429,3 +476,62 @@ def test_gguf_types_without_a_quantizer_are_refused() -> None:
     reader.tensors.append(SimpleNamespace(name="blk.3.ffn_down_exps.weight", tensor_type=T.Q4_K))
     with pytest.raises(SimdiffError, match="no quantizer for Q4_K"):
         check_gguf_healable(reader)
+
+
+def test_check_windows_are_every_eighth_or_the_last_one() -> None:
+    assert check_windows(1) == [False]  # nothing to hold out
+    assert check_windows(3) == [False, False, True]
+    assert [i for i, c in enumerate(check_windows(17)) if c] == [7, 15]
+
+
+def _equations(m: torch.Tensor, target: torch.Tensor) -> NormalEquations:
+    equations = NormalEquations(m.shape[1], torch.device("cpu"))
+    equations.add(m, target)
+    return equations
+
+
+def test_a_map_that_fails_its_check_windows_is_not_folded() -> None:
+    """Fit windows where L - Y = M A, check windows where L - Y = M: the fitted A predicts the check tokens worse
+    than the plain prune, so T = I; where the check windows agree (L - Y = M A), T is refitted on all windows."""
+    generator = torch.Generator().manual_seed(0)
+    d = 6
+    a = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    m_fit, m_check = (torch.randn(n, d, generator=generator, dtype=torch.float64) for n in (60, 20))
+    disagreeing = SplitEquations(_equations(m_fit, m_fit @ a), _equations(m_check, m_check))
+    transform, lam, check = checked_transform(disagreeing, ridge=0.0)
+    assert not check["folded"] and check["r2_check"] < check["r2_check_unhealed"] and lam == 0.0
+    torch.testing.assert_close(transform, torch.eye(d, dtype=torch.float64))
+    noise = 0.1 * torch.randn(20, d, generator=generator, dtype=torch.float64)
+    agreeing = SplitEquations(_equations(m_fit, m_fit @ a), _equations(m_check, m_check @ a + noise))
+    transform, _, check = checked_transform(agreeing, ridge=0.0)
+    assert check["folded"] and check["check_tokens"] == 20
+    every = torch.cat([m_fit, m_check])
+    expected = torch.linalg.lstsq(every, torch.cat([m_fit @ a, m_check @ a + noise])).solution
+    torch.testing.assert_close(transform, expected)  # refitted on all 80 tokens, not just the 60
+
+
+def test_a_run_left_unhealed_keeps_its_weights_and_says_so(one_thread, caplog) -> None:
+    """Two windows of 24 tokens for a d = 32 map: fitted on one window, the map cannot predict the other, so
+    the check leaves every run unhealed: no weight changes, ``changed_layers`` empty, a warning per run."""
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="simdiff"):
+        record = heal_layers(model, calib_batches(n=2), REMOVED)
+    assert [r.folded for r in record.runs] == [False, False] and record.to_dict()["changed_layers"] == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert sum("left unhealed" in r.getMessage() for r in caplog.records) == 2
+    assert all(r.check_tokens == 24 and r.r2_check <= r.r2_check_unhealed for r in record.runs)
+
+
+def test_the_card_names_only_the_folded_runs() -> None:
+    from simdiff.store.card import heal_line
+
+    run = {"projections": ["mlp.down_proj"], "r2_calibration": 0.5}
+    heal = {"method": "linear", "ridge": 1e-4, "weighting": "relative",
+            "runs": [{**run, "layers": [3], "folded_into": 2, "folded_into_saved_index": 2, "folded": True},
+                     {**run, "layers": [12, 13], "folded_into": 11, "folded_into_saved_index": 10, "folded": False}]}
+    line = heal_line(heal)
+    assert "layers [2] (original numbering; [2] in this checkpoint)" in line
+    assert "[[12, 13]] were left unhealed" in line and "replacing the removed runs [[3]]" in line
+    heal["runs"][0]["folded"] = False
+    assert heal_line(heal).startswith("- Healing (`--heal linear`, relative token weights) changed no weights")

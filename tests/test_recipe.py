@@ -14,7 +14,7 @@ import simdiff
 from simdiff.cli.main import build_parser, main
 from simdiff.cli.options import recipe_from_args
 from simdiff.config.recipe import Calibration, load_recipe, recipe_from_dict, recipe_from_settings
-from simdiff.config.settings import DEFAULT_HEAL_SAMPLES
+from simdiff.config.settings import DEFAULT_HEAL_SAMPLES, DEFAULT_HEAL_WEIGHTING
 from simdiff.core.errors import SimdiffError
 from simdiff.store.save import METADATA_FILE
 
@@ -61,6 +61,18 @@ def test_a_healed_prune_saved_before_heal_samples_replays_its_heal_on_the_calibr
     assert saved.selection.heal_samples == 64
     plain = {**old, "selection": {"layers": [2, 3]}}
     assert recipe_from_dict({"recipe": plain}).selection.heal_samples == DEFAULT_HEAL_SAMPLES
+
+
+def test_a_healed_prune_saved_before_heal_weighting_replays_plain_least_squares() -> None:
+    old = {"model": {"name": "m"}, "selection": {"layers": [2, 3], "heal": "linear", "heal_samples": 64}}
+    assert recipe_from_dict({"recipe": old}).selection.heal_weighting == "uniform"  # as that simdiff.json was fitted
+    assert recipe_from_dict(old).selection.heal_weighting == DEFAULT_HEAL_WEIGHTING  # a recipe written by hand
+    saved = {**old, "selection": {**old["selection"], "heal_weighting": "relative"}}
+    assert recipe_from_dict({"recipe": saved}).selection.heal_weighting == "relative"
+    assert recipe_from_dict({"recipe": {**old, "selection": {"layers": [2, 3]}}}).selection.heal_weighting == \
+        DEFAULT_HEAL_WEIGHTING  # no heal: nothing to replay
+    with pytest.raises(SimdiffError, match="selection.heal_weighting: 'cosine' is not one of relative, uniform"):
+        recipe_from_dict({**old, "selection": {**old["selection"], "heal_weighting": "cosine"}})
 
 
 def test_bad_recipe_file_is_one_line_exit_2(tmp_path, capsys) -> None:

@@ -176,7 +176,7 @@ def add_compare_parts(parser: argparse.ArgumentParser, criteria: str, out: str |
                       evaluation: dict | None = None, calibration: dict | None = None,
                       counts: tuple[str, ...] = ("num_layers", "ratio"), selection: dict | None = None) -> None:
     add_selection_options(parser, only=["criterion", *counts, "keep_first", "keep_last", "heal", "heal_ridge",
-                                        "heal_samples"],
+                                        "heal_samples", "heal_weighting"],
                           defaults={"criterion": criteria, **(selection or {})})
     add_output_options(parser, out)
     add_evaluation_options(parser, defaults=evaluation, exclude=("log_samples",))  # eval --json writes samples
@@ -226,7 +226,7 @@ def run_comparison_recipe(recipe) -> dict:
         counts = resolve_counts(total, sel.num_layers, sel.ratio)
         setup = CompareSetup(specs, counts, recipe.calibration, recipe.options, settings, heal_keep_first(sel),
                              sel.keep_last, settings.metric, recipe.search, sel.heal, sel.heal_ridge,
-                             sel.heal_samples)
+                             sel.heal_samples, sel.heal_weighting)
         document = compare(model, tokenizer, setup, spec.name)
         document["recipe"] = replace(recipe, overwrite=False).to_dict()
         out = write_results(document, claim)

@@ -28,9 +28,11 @@ from simdiff.config.flags import (
 )
 from simdiff.config.settings import (
     DEFAULT_HEAL_SAMPLES,
+    DEFAULT_HEAL_WEIGHTING,
     DEFAULT_RIDGE,
     DTYPE_NAMES,
     HEAL_METHODS,
+    HEAL_WEIGHTINGS,
     EvalSettings,
     Options,
     SearchSettings,
@@ -140,11 +142,16 @@ class SelectionSettings:
                                "before it (no training, no new parameters; layer 0 is then never removed); it "
                                "adapts the kept layers to the calibration text, so calibrate on text like the "
                                "model's use; none: plain removal", choices=HEAL_METHODS)
-    heal_ridge: float = option(DEFAULT_RIDGE, "--heal linear's ridge, relative to the mean eigenvalue of M^T M "
-                                              "(lambda = ridge * trace(M^T M) / d; 0 = plain least squares)")
+    heal_ridge: float = option(DEFAULT_RIDGE, "--heal linear's ridge, relative to the mean eigenvalue of M^T W M "
+                                              "(lambda = ridge * trace(M^T W M) / d, W the token weights; 0 = "
+                                              "plain least squares)")
     heal_samples: int = option(DEFAULT_HEAL_SAMPLES, "calibration windows (of --calib-seq-len tokens, from the "
                                                      "--calib text with --seed) --heal linear fits its maps on: a "
                                                      "d x d map per run needs far more tokens than the scores do")
+    heal_weighting: str = option(DEFAULT_HEAL_WEIGHTING, "--heal linear's token weights: relative (each token's "
+                                                         "error divided by its residual's squared norm, so the "
+                                                         "attention-sink token does not carry the fit) or uniform "
+                                                         "(plain least squares)", choices=HEAL_WEIGHTINGS)
 
     def __post_init__(self) -> None:
         self.check_heal()
@@ -349,13 +356,17 @@ def recipe_from_dict(data: Any) -> Recipe:
 
 
 def _heal_as_saved(recipe: dict) -> dict:
-    """A ``simdiff.json`` saved before ``--heal-samples`` existed fitted its heal on the calibration windows:
-    its replay does the same (a recipe written by hand takes the default)."""
+    """A ``simdiff.json`` saved before ``--heal-samples`` existed fitted its heal on the calibration windows, and
+    one saved before ``--heal-weighting`` by plain least squares: its replay does the same (a recipe written by
+    hand takes the defaults)."""
     selection, calibration = recipe.get("selection"), recipe.get("calibration")
-    if not isinstance(selection, dict) or selection.get("heal", "none") == "none" or "heal_samples" in selection:
+    if not isinstance(selection, dict) or selection.get("heal", "none") == "none":
         return recipe
-    samples = calibration.get("samples") if isinstance(calibration, dict) else None
-    return {**recipe, "selection": {**selection, "heal_samples": samples or Calibration.samples}}
+    as_saved = {"heal_weighting": "uniform"}
+    if "heal_samples" not in selection:
+        samples = calibration.get("samples") if isinstance(calibration, dict) else None
+        as_saved["heal_samples"] = samples or Calibration.samples
+    return {**recipe, "selection": {**as_saved, **selection}}
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -65,7 +65,9 @@ class Options:
 
 OBJECTIVES = ("kl", "ppl")
 HEAL_METHODS = ("none", "linear")  # --heal (simdiff.surgery.heal)
-DEFAULT_RIDGE = 1e-4  # --heal-ridge, relative to the mean eigenvalue of M^T M
+DEFAULT_RIDGE = 1e-4  # --heal-ridge, relative to the mean eigenvalue of M^T W M
+HEAL_WEIGHTINGS = ("relative", "uniform")  # --heal-weighting: each token's error / ||L_t||^2, or plain least squares
+DEFAULT_HEAL_WEIGHTING = "relative"  # the attention sink would otherwise carry the fit (docs/recovery.md)
 DEFAULT_HEAL_SAMPLES = 256  # --heal-samples: 65,536 tokens at the default --calib-seq-len (docs/recovery.md)
 
 

@@ -590,7 +590,7 @@ def _heal_summary(record) -> dict | None:
     """A candidate's heal fit, as its record states it (None without healing)."""
     if record is None:
         return None
-    return {"folded_into": [r.folded_into for r in record.runs], "ridge": record.ridge,
+    return {"folded_into": [r.folded_into for r in record.runs], "ridge": record.ridge, "weighting": record.weighting,
             "r2_calibration": [r.r2_calibration for r in record.runs], "seconds": record.seconds}
 
 

@@ -135,16 +135,23 @@ def _pruned_body(metadata: dict, given: str, base: str) -> list[str]:
 
 
 def heal_line(heal: dict) -> str:
-    """The card's line on ``--heal linear``: which layers' weights were changed."""
-    runs = heal["runs"]
+    """The card's line on ``--heal linear``: which layers' weights were changed (and which runs the check left
+    unhealed)."""
+    runs = [r for r in heal["runs"] if r.get("folded", True)]
+    unhealed = [r["layers"] for r in heal["runs"] if not r.get("folded", True)]
+    weighting = f", {heal['weighting']} token weights" if "weighting" in heal else ""
+    left = (f"; the removed runs {unhealed} were left unhealed (their maps failed the check on held-out "
+            "calibration windows)") if unhealed else ""
+    if not runs:
+        return f"- Healing (`--heal {heal['method']}`{weighting}) changed no weights{left}"
     changed = [r["folded_into"] for r in runs]
     saved = [r.get("folded_into_saved_index") for r in runs]
     projections = sorted({p for r in runs for p in r["projections"]})
     r2 = ", ".join(f"{r['r2_calibration']:.3f}" for r in runs)
-    return (f"- Healed (`--heal {heal['method']}`, ridge {heal['ridge']:g}): the weights of layers {changed} "
-            f"(original numbering; {saved} in this checkpoint) were changed: their MLP output projections "
+    return (f"- Healed (`--heal {heal['method']}`, ridge {heal['ridge']:g}{weighting}): the weights of layers "
+            f"{changed} (original numbering; {saved} in this checkpoint) were changed: their MLP output projections "
             f"({', '.join(projections)}) absorb a least-squares linear map replacing the removed runs "
-            f"{[r['layers'] for r in runs]} (calibration R^2 {r2})")
+            f"{[r['layers'] for r in runs]} (calibration R^2 {r2}){left}")
 
 
 def write_model_card(folder: Path, metadata: dict) -> None:

@@ -9,9 +9,12 @@ runs layers a..b and reaches L. After pruning, layer b+1 reads p's output instea
 
     Y + M' ~= L   with   M' = M T   (T: d x d),
 
-i.e. T minimises ||M T - (L - Y)||^2 over all non-padding calibration tokens. With G = M^T M and
-C = M^T (L - Y), accumulated in float64, and a ridge that shrinks T towards the identity (the plain prune,
-T = I, is the fallback rather than T = 0, which would delete p's MLP):
+i.e. T minimises sum_t w_t ||m_t T - (l_t - y_t)||^2 over all non-padding calibration tokens t. The weight
+(``weighting``) is ``relative``, w_t = 1 / ||l_t||^2 (each token's error relative to the residual it lands in,
+which the next layers read through a norm; without it the attention-sink token, whose residual is ~150x the
+others' on SmolLM2, carries 99.9% of the fit), or ``uniform``, w_t = 1 (plain least squares). With
+G = M^T W M and C = M^T W (L - Y), accumulated in float64, and a ridge that shrinks T towards the identity (the
+plain prune, T = I, is the fallback rather than T = 0, which would delete p's MLP):
 
     T = (G + lam I)^-1 (C + lam I),   lam = ridge * trace(G) / d.
 
@@ -22,6 +25,12 @@ the shared-expert gate of a MoE), hence M T = sum_k g_k (h_k (T^T W_k)^T + b_k T
 gets W' = T^T W (``nn.Linear``, ``[d, in]``; every expert of a ``[E, d, in]`` expert stack), W' = W T for
 GPT-2's transposed ``Conv1D`` (``[in, d]``), and its bias b' = b T. The checkpoint keeps its architecture and
 parameter count.
+
+Every ``CHECK_EVERY``-th calibration window (the last one where there are fewer) is held out of the fit as a
+check: the map fitted on the other windows must predict L - Y on the check windows better than the plain
+prune (T = I, weighted R^2), else the run is left unhealed (no weight changes) and the log says why: a map
+fitted on too few tokens for its d x d entries does worse than no map. A map that passes is refitted on all
+windows, so the check costs no tokens.
 
 Runs are healed first to last, each fitted on the model with the earlier runs already folded and bypassed
 (one partial calibration pass per run, stopped at layer b); ``targets="dense"`` fits every run against the
@@ -45,7 +54,7 @@ import torch
 from torch import nn
 
 from simdiff.collect.hooks import layer_output, run_decoder
-from simdiff.config.settings import DEFAULT_RIDGE, HEAL_METHODS
+from simdiff.config.settings import DEFAULT_HEAL_WEIGHTING, DEFAULT_RIDGE, HEAL_METHODS, HEAL_WEIGHTINGS
 from simdiff.core.errors import SimdiffError
 from simdiff.core.progress import progress
 from simdiff.data.windows import Batch
@@ -54,6 +63,7 @@ from simdiff.model.layers import bypass_layers, find_decoder_layers
 log = logging.getLogger(__name__)
 
 TARGETS = ("sequential", "dense")
+CHECK_EVERY = 8  # every 8th heal window checks the fit instead of entering it (the map is then refitted on all)
 
 
 class _Stop(Exception):
@@ -236,7 +246,8 @@ def preflight(model: nn.Module, batches: Sequence[Batch]) -> Branch:
 # -- accumulating the normal equations ---------------------------------------------------------------
 @dataclass
 class NormalEquations:
-    """``G = M^T M``, ``C = M^T D`` (D = L - Y) and what R^2 needs, in float64."""
+    """``G = M^T W M``, ``C = M^T W D`` (D = L - Y, W the token weights) and what the weighted R^2 needs, in
+    float64."""
 
     hidden: int
     device: torch.device
@@ -244,6 +255,7 @@ class NormalEquations:
     cross: torch.Tensor = field(init=False)
     target_sum: torch.Tensor = field(init=False)
     target_square: float = 0.0
+    weight_sum: float = 0.0
     tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -252,13 +264,16 @@ class NormalEquations:
         self.cross = torch.zeros(d, d, dtype=torch.float64, device=self.device)
         self.target_sum = torch.zeros(d, dtype=torch.float64, device=self.device)
 
-    def add(self, mlp: torch.Tensor, target: torch.Tensor) -> None:
-        """Add token rows ``mlp`` (M) and ``target`` (L - Y), both ``[N, d]``."""
+    def add(self, mlp: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Add token rows ``mlp`` (M) and ``target`` (L - Y), both ``[N, d]``, with weights ``[N]`` (default 1)."""
         m, t = mlp.double(), target.double()
-        self.gram += m.T @ m
-        self.cross += m.T @ t
-        self.target_sum += t.sum(0)
-        self.target_square += float((t * t).sum())
+        w = torch.ones(m.shape[0], dtype=torch.float64, device=m.device) if weight is None else weight.double()
+        wm = m * w[:, None]
+        self.gram += wm.T @ m
+        self.cross += wm.T @ t
+        self.target_sum += (t * w[:, None]).sum(0)
+        self.target_square += float((w[:, None] * t * t).sum())
+        self.weight_sum += float(w.sum())
         self.tokens += m.shape[0]
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, float]:
@@ -270,11 +285,21 @@ class NormalEquations:
             return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * eye), lam
         return torch.linalg.pinv(self.gram, hermitian=True) @ self.cross, 0.0
 
+    def absorb(self, other: NormalEquations) -> None:
+        """Add ``other``'s tokens to these equations (in place)."""
+        self.gram += other.gram
+        self.cross += other.cross
+        self.target_sum += other.target_sum
+        self.target_square += other.target_square
+        self.weight_sum += other.weight_sum
+        self.tokens += other.tokens
+
     def r2(self, transform: torch.Tensor) -> float:
-        """R^2 of ``M T`` as a prediction of ``L - Y`` over the accumulated tokens."""
+        """R^2 of ``M T`` as a prediction of ``L - Y`` over the accumulated tokens (weighted as the fit)."""
         sse = self.target_square - 2 * float((transform * self.cross).sum()) \
             + float((transform * (self.gram @ transform)).sum())
-        sst = self.target_square - float(self.target_sum @ self.target_sum) / max(self.tokens, 1)
+        sst = self.target_square - float(self.target_sum @ self.target_sum) / self.weight_sum \
+            if self.weight_sum > 0 else 0.0
         return 1.0 - sse / sst if sst > 0 else float("nan")
 
 
@@ -343,6 +368,10 @@ class HealedRun:
     ridge_lambda: float
     r2_calibration: float
     r2_calibration_unhealed: float
+    folded: bool = True
+    check_tokens: int = 0
+    r2_check: float | None = None
+    r2_check_unhealed: float | None = None
     transform: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -361,19 +390,63 @@ class HealRecord:
     runs: list[HealedRun]
     passes: int
     seconds: float
+    weighting: str = DEFAULT_HEAL_WEIGHTING
+    checked: bool = True
     statistics_dtype: str = "float64"
     weights_dtype: str = ""
     fitted_on: str = "calibration windows"
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "ridge": self.ridge, "ridge_lambda": "ridge * trace(M^T M) / d",
+        return {"method": self.method, "ridge": self.ridge, "ridge_lambda": "ridge * trace(M^T W M) / d",
+                "weighting": self.weighting, "weighting_note": WEIGHTING_NOTES[self.weighting],
                 "fitted_on": self.fitted_on,
                 "targets": self.targets, "runs": [r.to_dict() for r in self.runs], "passes": self.passes,
                 "passes_note": "one calibration pass per removed run, each stopped after the run's last layer"
                                if self.targets == "sequential" else "one calibration pass for all runs",
                 "seconds": round(self.seconds, 3), "statistics_dtype": self.statistics_dtype,
                 "weights_dtype": self.weights_dtype,
-                "changed_layers": [r.folded_into for r in self.runs]}
+                "check": f"every {CHECK_EVERY}th window held out of the fit: a map that predicts its tokens worse "
+                         "than the plain prune (r2_check <= r2_check_unhealed) is not folded (folded: false)"
+                         if self.checked else "none: every fitted map folded",
+                "changed_layers": [r.folded_into for r in self.runs if r.folded]}
+
+
+WEIGHTING_NOTES = {"relative": "each token's squared error divided by ||L_t||^2 (its target residual's); R^2 "
+                               "weighted the same way",
+                   "uniform": "plain least squares, every token weighs 1"}
+
+
+def check_weighting(weighting: str) -> None:
+    if weighting not in HEAL_WEIGHTINGS:
+        raise SimdiffError(f"--heal-weighting must be one of {', '.join(HEAL_WEIGHTINGS)}, got {weighting!r}")
+
+
+def token_weights(residual: torch.Tensor, weighting: str) -> torch.Tensor | None:
+    """Per-token weights of the fit from the target residual ``L`` (``[N, d]``): None for uniform."""
+    if weighting == "uniform":
+        return None
+    square = residual.double().pow(2).sum(-1)
+    return 1.0 / square.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+@dataclass
+class SplitEquations:
+    """One run's normal equations on the fit windows and on the check windows."""
+
+    fit: NormalEquations
+    check: NormalEquations
+
+    @classmethod
+    def empty(cls, hidden: int, device: torch.device) -> SplitEquations:
+        return cls(NormalEquations(hidden, device), NormalEquations(hidden, device))
+
+
+def check_windows(count: int) -> list[bool]:
+    """Which of ``count`` windows check the fit: every ``CHECK_EVERY``-th, or the last of fewer (none of 1)."""
+    chosen = [(i + 1) % CHECK_EVERY == 0 for i in range(count)]
+    if count > 1 and not any(chosen):
+        chosen[-1] = True
+    return chosen
 
 
 class _RunCapture:
@@ -402,49 +475,65 @@ class _RunCapture:
                 self.layer_p.register_forward_hook(on_p, with_kwargs=True),
                 self.layer_b.register_forward_hook(on_b, with_kwargs=True)]
 
-    def rows(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(M, L - Y)`` over the batch's non-padding tokens, float64."""
+    def add_rows(self, equations: SplitEquations, mask: torch.Tensor, checks: torch.Tensor, weighting: str) -> None:
+        """Add the batch's tokens to the fit equations, its check windows' (``checks``: ``[B]`` bool) to the
+        check equations."""
+        checks = checks.to(mask.device)[:, None]
+        equations.fit.add(*self.rows(mask * ~checks, weighting))
+        if bool(checks.any()):
+            equations.check.add(*self.rows(mask * checks, weighting))
+
+    def rows(self, mask: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(M, L - Y, weights)`` over the batch's non-padding tokens, float64."""
         keep = mask.reshape(-1).bool()
         flat = {k: v.reshape(-1, v.shape[-1])[keep.to(v.device)].double() for k, v in self.values.items()}
         m = flat["m"]
-        return m, flat["b"] - (flat["p"] - m)
+        return m, flat["b"] - (flat["p"] - m), token_weights(flat["b"], weighting)
 
 
 def _stream(model: nn.Module, batches: Sequence[Batch], captures: list[_RunCapture],
-            equations: list[NormalEquations], desc: str) -> None:
+            equations: list[SplitEquations], desc: str, weighting: str) -> None:
+    checks = torch.tensor(check_windows(sum(int(b.input_ids.shape[0]) for b in batches)))
     handles = [h for c in captures for h in c.hooks()]
+    start = 0
     try:
         for batch in progress(batches, desc=desc):
             for c in captures:
                 c.values.clear()
             with suppress(_Stop):
                 run_decoder(model, batch)
+            size = int(batch.input_ids.shape[0])
             for c, eq in zip(captures, equations):
-                eq.add(*c.rows(batch.attention_mask))
+                c.add_rows(eq, batch.attention_mask, checks[start:start + size], weighting)
+            start += size
     finally:
         for handle in handles:
             handle.remove()
 
 
 def log_memory(runs: list[tuple[int, int]], hidden: int, targets: str) -> None:
-    per_run = 2 * hidden * hidden * 8
+    per_run = 4 * hidden * hidden * 8
     held = per_run * (len(runs) if targets == "dense" else 1)
-    log.info("heal linear: %d run(s) %s, d=%d: two float64 d x d matrices per run (%.1f MB each run, %.1f MB "
-             "held at once)", len(runs), [list(range(a, b + 1)) for a, b in runs], hidden, per_run / 1e6,
-             held / 1e6)
+    log.info("heal linear: %d run(s) %s, d=%d: four float64 d x d matrices per run, fit and check windows (%.1f "
+             "MB each run, %.1f MB held at once)", len(runs), [list(range(a, b + 1)) for a, b in runs], hidden,
+             per_run / 1e6, held / 1e6)
 
 
 @torch.no_grad()
 def heal_layers(model: nn.Module, batches: Sequence[Batch], removed: Sequence[int], ridge: float = DEFAULT_RIDGE,
-                targets: str = "sequential") -> HealRecord:
+                targets: str = "sequential", weighting: str = DEFAULT_HEAL_WEIGHTING, check: bool = True,
+                ) -> HealRecord:
     """Fold a least-squares map for every removed run into its predecessor's MLP output projection, in place.
 
     The removed layers stay in ``model`` (remove or bypass them afterwards); only the folded projections'
     weights change. ``targets``: ``sequential`` (each run fitted with the earlier runs healed and bypassed,
     one partial pass per run) or ``dense`` (all runs fitted against the dense model in one pass).
+    ``weighting``: ``relative`` or ``uniform`` token weights (see the module docstring). ``check=False`` folds
+    every fitted map, checked or not (the windows all enter the fit, as the check-passing maps' refit does).
     """
     if targets not in TARGETS:
         raise SimdiffError(f"heal targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    check_weighting(weighting)
     if ridge < 0:
         raise SimdiffError(f"--heal-ridge must be >= 0, got {ridge}")
     check_healable(removed)
@@ -461,25 +550,25 @@ def heal_layers(model: nn.Module, batches: Sequence[Batch], removed: Sequence[in
     if targets == "dense":
         captures = [_RunCapture(br, decoder.modules[a - 1], decoder.modules[b], stop=False)
                     for (a, b), br in zip(runs, branches)]
-        equations = [NormalEquations(hidden, device) for _ in runs]
-        _stream(model, batches, captures, equations, "heal: dense targets")
+        equations = [SplitEquations.empty(hidden, device) for _ in runs]
+        _stream(model, batches, captures, equations, "heal: dense targets", weighting)
         for (a, b), br, cap, eq in zip(runs, branches, captures, equations):
-            results.append(_solve_and_fold(a, b, br, cap, eq, ridge))
+            results.append(_solve_and_fold(a, b, br, cap, eq, ridge, check))
         passes = 1
     else:
         for k, ((a, b), br) in enumerate(zip(runs, branches)):
             earlier = [i for a2, b2 in runs[:k] for i in range(a2, b2 + 1)]
             capture = _RunCapture(br, decoder.modules[a - 1], decoder.modules[b], stop=True)
-            equation = NormalEquations(hidden, device)
+            equation = SplitEquations.empty(hidden, device)
             with bypass_layers(model, earlier):
-                _stream(model, batches, [capture], [equation], f"heal: run {a}-{b}")
-            results.append(_solve_and_fold(a, b, br, capture, equation, ridge))
+                _stream(model, batches, [capture], [equation], f"heal: run {a}-{b}", weighting)
+            results.append(_solve_and_fold(a, b, br, capture, equation, ridge, check))
         passes = len(runs)
     dtype = str(getattr(branches[0].projections[0].module, branches[0].projections[0].weight).dtype)
-    record = HealRecord("linear", ridge, targets, results, passes, time.perf_counter() - start,
+    record = HealRecord("linear", ridge, targets, results, passes, time.perf_counter() - start, weighting, check,
                         weights_dtype=dtype.replace("torch.", ""))
-    log.info("heal linear: %d run(s) folded into layers %s in %.1fs (%d pass(es)); R^2 %s", len(results),
-             [r.folded_into for r in results], record.seconds, passes,
+    log.info("heal linear: %d of %d run(s) folded into layers %s in %.1fs (%d pass(es)); R^2 %s",
+             sum(r.folded for r in results), len(results), record.to_dict()["changed_layers"], record.seconds, passes,
              ", ".join(f"{r.r2_calibration:.3f} (unhealed {r.r2_calibration_unhealed:.3f})" for r in results))
     return record
 
@@ -490,19 +579,44 @@ def _first_hidden(branch: Branch) -> int:
     return weight.shape[1] if p.kind == "conv1d" else weight.shape[-2]
 
 
-def _solve_and_fold(a: int, b: int, branch: Branch, capture: _RunCapture, equation: NormalEquations,
-                    ridge: float) -> HealedRun:
-    transform, lam = equation.solve(ridge)
-    eye = torch.eye(equation.hidden, dtype=torch.float64, device=transform.device)
+def checked_transform(equations: SplitEquations, ridge: float, check_fit: bool = True,
+                      ) -> tuple[torch.Tensor, float, dict]:
+    """``(T, lam, check)``: the map fitted on the fit windows must beat the plain prune (T = I) on the check
+    windows; then it is refitted on all windows (``equations.fit`` absorbs the check windows), else T = I.
+    ``check_fit=False``: no check, the map fitted on all windows."""
+    eye = torch.eye(equations.fit.hidden, dtype=torch.float64, device=equations.fit.gram.device)
+    check = {"check_tokens": equations.check.tokens, "folded": True}
+    if equations.check.tokens and check_fit:
+        fitted, _ = equations.fit.solve(ridge)
+        check.update(r2_check=equations.check.r2(fitted), r2_check_unhealed=equations.check.r2(eye))
+        check["folded"] = check["r2_check"] > check["r2_check_unhealed"]
+    equations.fit.absorb(equations.check)
+    if not check["folded"]:
+        return eye, 0.0, check
+    transform, lam = equations.fit.solve(ridge)
+    return transform, lam, check
+
+
+def _solve_and_fold(a: int, b: int, branch: Branch, capture: _RunCapture, equations: SplitEquations,
+                    ridge: float, check_fit: bool) -> HealedRun:
+    transform, lam, check = checked_transform(equations, ridge, check_fit)
+    eye = torch.eye(equations.fit.hidden, dtype=torch.float64, device=transform.device)
+    whole = equations.fit
     run = HealedRun(list(range(a, b + 1)), a - 1, branch.name, [p.name for p in branch.projections],
-                    equation.tokens, lam, equation.r2(transform), equation.r2(eye), transform.cpu())
-    fold(branch, transform, capture.probe)
+                    whole.tokens, lam, whole.r2(transform), whole.r2(eye), transform=transform.cpu(), **check)
+    if run.folded:
+        fold(branch, transform, capture.probe)
+    else:
+        log.warning("heal linear: run %s left unhealed: its map, fitted on %d tokens, predicts the %d check tokens "
+                    "worse than the plain prune (R^2 %.3f against %.3f); give more --heal-samples", run.layers,
+                    whole.tokens - run.check_tokens, run.check_tokens, run.r2_check, run.r2_check_unhealed)
     return run
 
 
 @contextmanager
 def healed_bypass(model: nn.Module, batches: Sequence[Batch], removed: Sequence[int], ridge: float = DEFAULT_RIDGE,
-                  targets: str = "sequential") -> Iterator[HealRecord]:
+                  targets: str = "sequential", weighting: str = DEFAULT_HEAL_WEIGHTING, check: bool = True,
+                  ) -> Iterator[HealRecord]:
     """Within the block, ``removed`` are bypassed and healed; the folded weights are restored on exit."""
     runs = removed_runs(removed)
     check_healable(removed)
@@ -512,7 +626,7 @@ def healed_bypass(model: nn.Module, batches: Sequence[Batch], removed: Sequence[
         for name, param in decoder.modules[a - 1].named_parameters():
             saved[(a - 1, name)] = param.detach().clone()
     try:
-        record = heal_layers(model, batches, removed, ridge, targets)
+        record = heal_layers(model, batches, removed, ridge, targets, weighting, check)
         with bypass_layers(model, removed):
             yield record
     finally:
@@ -521,14 +635,15 @@ def healed_bypass(model: nn.Module, batches: Sequence[Batch], removed: Sequence[
 
 
 def fit_healed_weights(model: nn.Module, batches: Sequence[Batch], removed: Sequence[int],
-                       ridge: float = DEFAULT_RIDGE) -> tuple[HealRecord, dict[str, torch.Tensor]]:
+                       ridge: float = DEFAULT_RIDGE, weighting: str = DEFAULT_HEAL_WEIGHTING,
+                       ) -> tuple[HealRecord, dict[str, torch.Tensor]]:
     """Fit ``removed``'s heal on ``batches`` and return its record (transforms dropped) and the parameters the
     fold changed, by name; ``model`` is left as it was. The held-out search swaps these in to score a set healed."""
     decoder = find_decoder_layers(model)
     names = {id(param): name for name, param in model.named_parameters()}
     before = {names[id(param)]: param.detach().clone()
               for a, _ in removed_runs(removed) for param in decoder.modules[a - 1].parameters()}
-    with healed_bypass(model, batches, removed, ridge) as record:
+    with healed_bypass(model, batches, removed, ridge, weighting=weighting) as record:
         params = dict(model.named_parameters())
         changed = {name: params[name].detach().clone() for name, old in before.items()
                    if not torch.equal(params[name], old)}
@@ -537,9 +652,9 @@ def fit_healed_weights(model: nn.Module, batches: Sequence[Batch], removed: Sequ
     return record, changed
 
 
-def search_healer(method: str, ridge: float = DEFAULT_RIDGE):
+def search_healer(method: str, ridge: float = DEFAULT_RIDGE, weighting: str = DEFAULT_HEAL_WEIGHTING):
     """The held-out searcher's ``healer`` for ``--heal`` (None for ``none``): every candidate set scored healed."""
-    return None if method == "none" else partial(fit_healed_weights, ridge=ridge)
+    return None if method == "none" else partial(fit_healed_weights, ridge=ridge, weighting=weighting)
 
 
 # -- GGUF export of a healed prune -----------------------------------------------------------------------
@@ -586,6 +701,8 @@ def healed_gguf_tensors(reader, folder, heal: dict) -> dict[str, object]:
             weights.update({k: shard.get_tensor(k) for k in shard.keys()})  # noqa: SIM118
     out: dict[str, object] = {}
     for run in heal.get("runs", []):
+        if not run.get("folded", True):
+            continue  # left unhealed by the check: its tensors are the input's
         for projection in run["projections"]:
             suffix = f".{run['folded_into_saved_index']}.{projection}.weight"
             keys = [k for k in weights if k.endswith(suffix)]

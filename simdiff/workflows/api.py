@@ -189,7 +189,7 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.selection.search)
         reported = sorted(set(scored), key=list(CRITERIA).index)
         searcher = make_searcher(model, tokenizer, calibration, search, [count], {kind}, keep_first,
-                                 sel.keep_last, reported=reported, healer=search_healer(sel.heal, sel.heal_ridge),
+                                 sel.keep_last, reported=reported, healer=search_healer(sel.heal, sel.heal_ridge, sel.heal_weighting),
                                  heal_samples=sel.heal_samples)
         choice = choose(criterion, count, options, searcher=searcher)
         searched, selection, options = choice.search, choice.selection, choice.options
@@ -261,10 +261,10 @@ def heal_for_prune(model, tokenizer, recipe: Recipe, removed: list[int],
         note_calibration_text(recipe.calibration.source)
     if fit_batches is None:
         record = heal_layers(model, calibration_batches(recipe.calibration, tokenizer, sel.heal_samples), removed,
-                             sel.heal_ridge)
+                             sel.heal_ridge, weighting=sel.heal_weighting)
         record.fitted_on = f"{sel.heal_samples} calibration windows (--heal-samples)"
         return record
-    record = heal_layers(model, fit_batches, removed, sel.heal_ridge)
+    record = heal_layers(model, fit_batches, removed, sel.heal_ridge, weighting=sel.heal_weighting)
     record.fitted_on = "the held-out search's heal windows, outside its held-out blocks (as the saved set was scored)"
     return record
 

@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from simdiff.config.settings import DEFAULT_HEAL_SAMPLES, DEFAULT_RIDGE, SearchSettings
+from simdiff.config.settings import (
+    DEFAULT_HEAL_SAMPLES,
+    DEFAULT_HEAL_WEIGHTING,
+    DEFAULT_RIDGE,
+    SearchSettings,
+)
 from simdiff.core.outputs import MARKER, OutputDir, claimed_dir
 from simdiff.criteria import Options
 from simdiff.data import batches, calibration_batches, calibration_windows
@@ -57,6 +62,7 @@ class CompareSetup:
     heal: str = "none"
     heal_ridge: float = DEFAULT_RIDGE
     heal_samples: int = DEFAULT_HEAL_SAMPLES
+    heal_weighting: str = DEFAULT_HEAL_WEIGHTING
 
 
 def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = "") -> dict:
@@ -100,7 +106,8 @@ def compare(model: nn.Module, tokenizer, setup: CompareSetup, model_name: str = 
                         "windows": int(windows.shape[0]), "seconds": calibration_seconds,
                         "passes": sorted(needs_of(criteria))},
         "search": vars(setup.search) if searcher is not None else None,
-        "heal": {"method": setup.heal, "ridge": setup.heal_ridge, "samples": setup.heal_samples},
+        "heal": {"method": setup.heal, "ridge": setup.heal_ridge, "samples": setup.heal_samples,
+                 "weighting": setup.heal_weighting},
         "evaluation": {**vars(setup.evaluation), "metric_for_retained": setup.metric},
         "options": vars(setup.options),
         "keep_first": setup.keep_first,
@@ -116,7 +123,7 @@ def _searcher(model, tokenizer, setup: CompareSetup, counts: list[int], calibrat
     reference from ``calibration_evidence`` (this comparison's own pass) when that holds SimDiff's statistics."""
     kinds = {search_kind(s.criterion, s.options(setup.options)) for s in setup.specs}
     return make_searcher(model, tokenizer, setup.calibration, setup.search, counts, kinds, setup.keep_first,
-                         setup.keep_last, healer=search_healer(setup.heal, setup.heal_ridge),
+                         setup.keep_last, healer=search_healer(setup.heal, setup.heal_ridge, setup.heal_weighting),
                          reference_evidence=calibration_evidence, heal_samples=setup.heal_samples)
 
 
@@ -149,7 +156,8 @@ def _candidate(model, evaluator, evidence, searcher: Searcher | None, spec: Cand
             with bypass_layers(model, selection.removed):
                 result = evaluator(f"{spec.label} -{count}")
         else:
-            with healed_bypass(model, heal_batches, selection.removed, setup.heal_ridge) as healed:
+            with healed_bypass(model, heal_batches, selection.removed, setup.heal_ridge,
+                               weighting=setup.heal_weighting) as healed:
                 result = evaluator(f"{spec.label} -{count}")
             row["heal"] = done[key]["heal"] = healed.to_dict()
         done[key]["result"] = result
