@@ -162,6 +162,11 @@ def split_token_stream(ids: torch.Tensor, samples: int, seq_len: int, seed: int,
     return WindowSplit(scoring, heldout, blocks, [list(b) for b in bounds], len(ids))
 
 
+def calibration_ids(tokenizer, calibration) -> torch.Tensor:
+    """The token ids of a :class:`simdiff.workflows.api.Calibration`'s text (validation split)."""
+    return tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
+
+
 def split_calibration(tokenizer, calibration, samples: int | None = None,
                       ids: torch.Tensor | None = None) -> WindowSplit:
     """:func:`split_token_stream` on a :class:`simdiff.workflows.api.Calibration`'s text (validation split).
@@ -170,7 +175,7 @@ def split_calibration(tokenizer, calibration, samples: int | None = None,
     draw); ``ids``: the text already tokenised (read once for several draws).
     """
     if ids is None:
-        ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
+        ids = calibration_ids(tokenizer, calibration)
     return split_token_stream(ids, samples or calibration.samples, calibration.seq_len, calibration.seed,
                               bos_token_id(tokenizer), calibration.heldout_samples, calibration.heldout_blocks)
 
@@ -463,7 +468,7 @@ class Searcher:
         self.model, self.settings, self.keep = model, settings, (keep_first, keep_last)
         self.tokenizer, self.calibration = tokenizer, calibration
         self._reference_evidence, self.reference_passes, self.reference_seconds = reference_evidence, 0, 0.0
-        ids = tokenize_text(tokenizer, load_text(calibration.source, split="valid", root=calibration.data_dir))
+        ids = calibration_ids(tokenizer, calibration)
         split = split_calibration(tokenizer, calibration, ids=ids)
         own_heal_draw = healer is not None and heal_samples not in (None, calibration.samples)
         heal_split = split_calibration(tokenizer, calibration, heal_samples, ids) if own_heal_draw else split

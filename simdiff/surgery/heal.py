@@ -476,19 +476,16 @@ class _RunCapture:
                 self.layer_b.register_forward_hook(on_b, with_kwargs=True)]
 
     def add_rows(self, equations: SplitEquations, mask: torch.Tensor, checks: torch.Tensor, weighting: str) -> None:
-        """Add the batch's tokens to the fit equations, its check windows' (``checks``: ``[B]`` bool) to the
-        check equations."""
-        checks = checks.to(mask.device)[:, None]
-        equations.fit.add(*self.rows(mask * ~checks, weighting))
-        if bool(checks.any()):
-            equations.check.add(*self.rows(mask * checks, weighting))
-
-    def rows(self, mask: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(M, L - Y, weights)`` over the batch's non-padding tokens, float64."""
+        """Add the batch's non-padding tokens (float64) to the fit equations, those of its check windows
+        (``checks``: ``[B]`` bool) to the check equations."""
         keep = mask.reshape(-1).bool()
         flat = {k: v.reshape(-1, v.shape[-1])[keep.to(v.device)].double() for k, v in self.values.items()}
-        m = flat["m"]
-        return m, flat["b"] - (flat["p"] - m), token_weights(flat["b"], weighting)
+        m, residual = flat["m"], flat["b"]
+        target, weights = residual - (flat["p"] - m), token_weights(residual, weighting)
+        in_check = checks.to(mask.device)[:, None].expand_as(mask).reshape(-1)[keep].to(m.device)
+        for equation, rows in ((equations.fit, ~in_check), (equations.check, in_check)):
+            if bool(rows.any()):
+                equation.add(m[rows], target[rows], None if weights is None else weights[rows])
 
 
 def _stream(model: nn.Module, batches: Sequence[Batch], captures: list[_RunCapture],

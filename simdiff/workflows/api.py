@@ -189,8 +189,8 @@ def _load_and_prune(recipe: Recipe, claim: OutputDir | None, criterion: str, opt
     else:  # chosen on held-out calibration windows; the saved layers are exactly the winner's (simdiff.selection.search)
         reported = sorted(set(scored), key=list(CRITERIA).index)
         searcher = make_searcher(model, tokenizer, calibration, search, [count], {kind}, keep_first,
-                                 sel.keep_last, reported=reported, healer=search_healer(sel.heal, sel.heal_ridge, sel.heal_weighting),
-                                 heal_samples=sel.heal_samples)
+                                 sel.keep_last, reported=reported, heal_samples=sel.heal_samples,
+                                 healer=search_healer(sel.heal, sel.heal_ridge, sel.heal_weighting))
         choice = choose(criterion, count, options, searcher=searcher)
         searched, selection, options = choice.search, choice.selection, choice.options
         scores = ScoreResult(searcher.evidence, options,
