@@ -6,10 +6,13 @@ Prunes the same layers twice (plain and ``--heal linear``), then LoRA-recovers b
 - the held-out loss curve of both runs (the recover command's held-out windows; step 0 is before training),
 - how many LoRA steps the plain prune needs to reach the healed prune's held-out loss before any training
   (linear interpolation between evaluations),
-- test perplexity (the recover command's before/after measurement) of plain, healed, LoRA and heal + LoRA.
+- test perplexity (the recover command's before/after measurement) of plain, healed, LoRA and heal + LoRA,
+- with ``--tasks``, task accuracy of all four (``simdiff eval --log-samples`` on each saved folder), each change
+  paired question by question (lm-eval's per-question records): does either repair move the task at all?
 
     python benchmarks/heal_lora.py --work /tmp/heal-lora --json heal_lora.json \\
-        --prune "--num-layers 8" --recover "--steps 40 --lr 5e-4 --eval-every 5 --max-tokens 16384 --eval-seq-len 512"
+        --prune "--num-layers 8" --recover "--steps 40 --lr 5e-4 --eval-every 5 --max-tokens 16384 --eval-seq-len 512" \\
+        --tasks piqa --limit 0 --data-dir ../shared/data
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+MODELS = ("plain", "healed", "plain-lora", "healed-lora")
+PAIRS = (("healed", "plain"), ("plain-lora", "plain"), ("healed-lora", "plain"), ("healed-lora", "plain-lora"))
 
 
 def run(command: list[str]) -> float:
@@ -41,6 +47,50 @@ def steps_to_reach(curve: list[dict], target: float) -> float | None:
             share = (before["loss"] - target) / (before["loss"] - after["loss"])
             return before["step"] + share * (after["step"] - before["step"])
     return float(curve[0]["step"]) if curve and curve[0]["loss"] <= target else None
+
+
+def saved(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished simdiff output (its record is written last)."""
+    return (folder / "simdiff.json").is_file()
+
+
+def question_scores(folder: Path, task: str) -> dict[str, list[int]]:
+    """0/1 per question, by lm-eval ``doc_id``, for each accuracy metric (``acc``, ``acc_norm``) the task reports,
+    from the one ``samples_<task>_*.jsonl`` in ``folder``."""
+    files = sorted(folder.glob(f"samples_{task}_*.jsonl"))
+    if len(files) != 1:
+        raise SystemExit(f"expected one samples_{task}_*.jsonl in {folder}, found {len(files)}")
+    records = [json.loads(line) for line in files[0].read_text(encoding="utf-8").splitlines() if line.strip()]
+    records.sort(key=lambda r: r["doc_id"])
+    return {metric: [int(r[metric]) for r in records] for metric in ("acc", "acc_norm") if metric in records[0]}
+
+
+def paired_change(mine: list[int], other: list[int]) -> dict:
+    """Mean accuracy change on the same questions and its paired standard error."""
+    from simdiff.collect.nll import standard_error
+
+    diffs = [float(a - b) for a, b in zip(mine, other, strict=True)]
+    return {"change": sum(diffs) / len(diffs), "se": standard_error(diffs), "questions": len(diffs)}
+
+
+def task_accuracy(work: Path, tasks: list[str], limit: int, data_dir: str | None) -> dict:
+    """Every task's accuracies (``"piqa acc"``, ``"piqa acc_norm"``) on the four saved models, and the paired
+    changes of ``PAIRS``."""
+    out: dict = {}
+    for name in MODELS:
+        folder = work / "evals" / name
+        if not folder.is_dir():
+            run(["eval", str(work / name), "--ppl", "", "--tasks", ",".join(tasks), "--log-samples", "--quiet",
+                 "--json", str(folder / "eval.json"), *(["--limit", str(limit)] if limit else []),
+                 *(["--data-dir", data_dir] if data_dir else [])])
+    for task in tasks:
+        scores = {name: question_scores(work / "evals" / name, task) for name in MODELS}
+        for metric in scores["plain"]:
+            correct = {name: by_metric[metric] for name, by_metric in scores.items()}
+            out[f"{task} {metric}"] = {"acc": {name: sum(c) / len(c) for name, c in correct.items()},
+                                       "paired": {f"{a} vs {b}": paired_change(correct[a], correct[b])
+                                                  for a, b in PAIRS}}
+    return out
 
 
 def summarize(plain: dict, healed: dict) -> dict:
@@ -79,30 +129,44 @@ def report(summary: dict) -> str:
               f"heal: {summary['heal']['passes']} partial calibration passes in {summary['heal']['seconds']:.1f} s; "
               f"LoRA training {summary['train_seconds']['plain']:.0f} s (plain) and "
               f"{summary['train_seconds']['healed']:.0f} s (healed)"]
+    for task, scores in summary.get("tasks", {}).items():
+        lines += ["", f"{task}: " + ", ".join(f"{name} {acc:.3f}" for name, acc in scores["acc"].items())]
+        lines += [f"  {pair}: {p['change']:+.3f} ± {p['se']:.3f}{' *' if abs(p['change']) >= 2 * p['se'] else ''} "
+                  f"({p['questions']} questions)" for pair, p in scores["paired"].items()]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--work", required=True, help="a new folder for the four outputs")
+    parser.add_argument("--work", required=True,
+                        help="a folder for the four outputs; outputs already saved there are kept, not redone")
     parser.add_argument("--prune", default="--num-layers 8", help="extra `simdiff prune` arguments")
     parser.add_argument("--recover", default="--steps 40 --lr 5e-4 --eval-every 5 --max-tokens 16384 "
                                              "--eval-seq-len 512", help="extra `simdiff recover` arguments")
+    parser.add_argument("--tasks", default="", help="lm-eval tasks scored on all four models (default: none)")
+    parser.add_argument("--limit", type=int, default=0, help="questions per task (0: all)")
+    parser.add_argument("--data-dir", default=None, help="as `simdiff eval --data-dir`")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     work = Path(args.work)
     seconds = {}
     for name, heal in (("plain", []), ("healed", ["--heal", "linear"])):
-        seconds[f"prune {name}"] = run(["prune", args.model, *shlex.split(args.prune), *heal,
-                                        "--out", str(work / name)])
+        if not saved(work / name):
+            seconds[f"prune {name}"] = run(["prune", args.model, *shlex.split(args.prune), *heal,
+                                            "--out", str(work / name)])
     for name in ("plain", "healed"):
-        seconds[f"recover {name}"] = run(["recover", str(work / name), *shlex.split(args.recover),
-                                          "--out", str(work / f"{name}-lora")])
+        if not saved(work / f"{name}-lora"):
+            seconds[f"recover {name}"] = run(["recover", str(work / name), *shlex.split(args.recover),
+                                              "--out", str(work / f"{name}-lora")])
     records = {name: json.loads((work / f"{name}-lora" / "simdiff.json").read_text(encoding="utf-8"))
                for name in ("plain", "healed")}
     summary = {**summarize(records["plain"], records["healed"]), "wall_seconds": seconds,
                "commands": {"prune": args.prune, "recover": args.recover}, "model": args.model}
+    if args.tasks:
+        start = time.perf_counter()
+        summary["tasks"] = task_accuracy(work, args.tasks.split(","), args.limit, args.data_dir)
+        seconds["task evaluation"] = time.perf_counter() - start
     Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(report(summary))
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from heal_lora import steps_to_reach, summarize  # noqa: E402
+from heal_lora import paired_change, question_scores, steps_to_reach, summarize  # noqa: E402
 
 
 def _curve(*points: tuple[int, float]) -> list[dict]:
@@ -41,3 +43,23 @@ def test_summary_pairs_the_two_runs():
                                           "tokens": 100, "seq_len": 50}
     assert summary["healed_heldout_loss_before_training"] == 4.4
     assert summary["lora_steps_to_reach_healed_heldout_loss"] == pytest.approx(5 * 0.4 / 0.6)
+
+
+def test_question_scores_reads_lm_eval_records_in_doc_order(tmp_path):
+    records = [{"doc_id": 2, "acc": 1.0, "acc_norm": 0.0}, {"doc_id": 0, "acc": 0.0, "acc_norm": 1.0},
+               {"doc_id": 1, "acc": 1.0, "acc_norm": 1.0}]
+    (tmp_path / "samples_piqa_2026-12-05T06-03-11.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert question_scores(tmp_path, "piqa") == {"acc": [0, 1, 1], "acc_norm": [1, 1, 0]}
+    (tmp_path / "samples_piqa_2026-12-06T00-00-00.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(SystemExit, match="expected one"):  # two evaluations in one folder: which one?
+        question_scores(tmp_path, "piqa")
+
+
+def test_paired_change_is_the_mean_difference_with_its_standard_error():
+    # differences 1, 0, 0, -1, 1: mean 0.2, sample variance 0.7, SE sqrt(0.7 / 5)
+    change = paired_change([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
+    assert change["change"] == pytest.approx(0.2) and change["questions"] == 5
+    assert change["se"] == pytest.approx(math.sqrt(0.7 / 5))
+    with pytest.raises(ValueError):  # different questions cannot be paired
+        paired_change([1, 0], [1, 0, 1])
