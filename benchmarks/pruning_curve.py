@@ -17,8 +17,9 @@ Methods (all on the same calibration: the ``Calibration`` default, WikiText-2 va
 A ``+heal`` suffix heals (``--heal linear``, default ridge): ``simdiff+heal`` (any one-shot method) is that
 method's set healed on ``--heal-samples`` calibration windows, as ``simdiff prune --heal linear`` saves it;
 ``alpha-auto:kl+heal`` is the search that scores every candidate healed (``--alpha auto --heal linear``), its
-winner healed on the search's heal windows (outside the held-out blocks), as that command saves it. Healed sets are keys ``SET+heal`` and
-``SET+heal@scoring`` in the JSON's ``sets``, each with its heal record. ``--heal-calib SOURCE`` fits the
+winner healed on the calibration windows, as that command saves it. Healed sets are keys ``SET+heal`` in the JSON's
+``sets``, each with its heal record (``SET+heal@scoring``, in older curves: the winner healed on the search's own heal
+windows, as ``prune`` saved it before it refitted the chosen set's heal). ``--heal-calib SOURCE`` fits the
 ``+heal`` maps on another calibration text (a folder of files mixes domains; use a JSON of its own).
 
 Each distinct set is evaluated by bypassing its layers in the loaded model (healed first where it says so): perplexity on every ``--ppl``
@@ -226,7 +227,7 @@ def select_methods(model, tokenizer, calibration, options: Options, doc: dict, s
         for count in counts:
             for kind, method in kinds:
                 search = searcher.search(kind, count, options)
-                key = set_key(search.removed) + ("+heal@scoring" if healed else "")
+                key = set_key(search.removed) + ("+heal" if healed else "")
                 doc["selections"].append({"method": method, "count": count, "removed": search.removed, "set": key,
                                           "search": {**search.to_dict(), "margin": settings.margin}})
                 save()

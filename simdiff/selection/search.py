@@ -44,7 +44,9 @@ exactly the winner: nothing is re-scored afterwards. Every candidate records ``v
 
 **Healed.** With a ``healer`` (``--heal linear``) every candidate set is scored after its heal, fitted once per
 distinct set on ``--heal-samples`` windows drawn like the scoring windows (seeded, from the gaps between the
-held-out blocks); the margin rule then picks among healed scores.
+held-out blocks); the margin rule then picks among healed scores. ``prune`` then refits the chosen set's heal
+on its ``--heal-samples`` calibration windows (``simdiff.workflows.api.heal_for_prune``), as ``prune --layers SET
+--heal linear`` would.
 """
 
 from __future__ import annotations
