@@ -73,16 +73,16 @@ def paired_change(mine: list[int], other: list[int]) -> dict:
     return {"change": sum(diffs) / len(diffs), "se": standard_error(diffs), "questions": len(diffs)}
 
 
-def task_accuracy(work: Path, tasks: list[str], limit: int, data_dir: str | None) -> dict:
+def task_accuracy(work: Path, tasks: list[str], limit: int, data_dir: str | None, seconds: dict) -> dict:
     """Every task's accuracies (``"piqa acc"``, ``"piqa acc_norm"``) on the four saved models, and the paired
-    changes of ``PAIRS``."""
+    changes of ``PAIRS``; each evaluation's wall seconds go into ``seconds`` ("kept" where an earlier run's is)."""
     out: dict = {}
     for name in MODELS:
         folder = work / "evals" / name
-        if not folder.is_dir():
-            run(["eval", str(work / name), "--ppl", "", "--tasks", ",".join(tasks), "--log-samples", "--quiet",
-                 "--json", str(folder / "eval.json"), *(["--limit", str(limit)] if limit else []),
-                 *(["--data-dir", data_dir] if data_dir else [])])
+        seconds[f"eval {name}"] = "kept" if folder.is_dir() else run(
+            ["eval", str(work / name), "--ppl", "", "--tasks", ",".join(tasks), "--log-samples", "--quiet",
+             "--json", str(folder / "eval.json"), *(["--limit", str(limit)] if limit else []),
+             *(["--data-dir", data_dir] if data_dir else [])])
     for task in tasks:
         scores = {name: question_scores(work / "evals" / name, task) for name in MODELS}
         for metric in scores["plain"]:
@@ -140,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--work", required=True,
-                        help="a folder for the four outputs; outputs already saved there are kept, not redone")
+                        help="a folder for the four outputs; outputs and task evaluations already saved there are kept, "
+                             "not redone (use a new folder for other --prune, --recover, --tasks or --limit)")
     parser.add_argument("--prune", default="--num-layers 8", help="extra `simdiff prune` arguments")
     parser.add_argument("--recover", default="--steps 40 --lr 5e-4 --eval-every 5 --max-tokens 16384 "
                                              "--eval-seq-len 512", help="extra `simdiff recover` arguments")
@@ -152,21 +153,17 @@ def main() -> None:
     work = Path(args.work)
     seconds = {}
     for name, heal in (("plain", []), ("healed", ["--heal", "linear"])):
-        if not saved(work / name):
-            seconds[f"prune {name}"] = run(["prune", args.model, *shlex.split(args.prune), *heal,
-                                            "--out", str(work / name)])
+        seconds[f"prune {name}"] = "kept" if saved(work / name) else run(
+            ["prune", args.model, *shlex.split(args.prune), *heal, "--out", str(work / name)])
     for name in ("plain", "healed"):
-        if not saved(work / f"{name}-lora"):
-            seconds[f"recover {name}"] = run(["recover", str(work / name), *shlex.split(args.recover),
-                                              "--out", str(work / f"{name}-lora")])
+        seconds[f"recover {name}"] = "kept" if saved(work / f"{name}-lora") else run(
+            ["recover", str(work / name), *shlex.split(args.recover), "--out", str(work / f"{name}-lora")])
     records = {name: json.loads((work / f"{name}-lora" / "simdiff.json").read_text(encoding="utf-8"))
                for name in ("plain", "healed")}
     summary = {**summarize(records["plain"], records["healed"]), "wall_seconds": seconds,
                "commands": {"prune": args.prune, "recover": args.recover}, "model": args.model}
     if args.tasks:
-        start = time.perf_counter()
-        summary["tasks"] = task_accuracy(work, args.tasks.split(","), args.limit, args.data_dir)
-        seconds["task evaluation"] = time.perf_counter() - start
+        summary["tasks"] = task_accuracy(work, args.tasks.split(","), args.limit, args.data_dir, seconds)
     Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(report(summary))
 
